@@ -1,0 +1,216 @@
+"""One readable Transformer for the whole suite, in the spirit of nanoGPT's ``model.py``.
+
+The same :class:`Block` serves a causal decoder (GPT-2, Radford et al. 2019; Llama, Touvron et al.
+2023) and a bidirectional masked-LM encoder (BERT, Devlin et al. 2019): only the attention mask and
+the loss differ.  Shape comments use B batch, T sequence length, C d_model, H heads, Q head dim.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+#: Label value ignored by the loss: padding, and unmasked positions of a masked-LM batch.
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TransformerConfig:
+    vocab_size: int = 256
+    block_size: int = 128  # longest sequence the position table / RoPE cache supports
+    n_layer: int = 2
+    n_head: int = 2
+    n_kv_head: int | None = None  # grouped-query attention (Ainslie et al. 2023); None = n_head
+    d_model: int = 64
+    d_ff: int | None = None  # None: 4·d_model (GELU) or the Llama rule for SwiGLU
+    causal: bool = True  # False: bidirectional encoder for masked-LM
+    norm: str = "layernorm"  # "layernorm" (GPT-2) | "rmsnorm" (Llama)
+    mlp: str = "gelu"  # "gelu" (GPT-2) | "swiglu" (Shazeer 2020, Llama)
+    position: str = "learned"  # "learned" table (GPT-2) | "rope" (Su et al. 2021, Llama)
+    bias: bool = True
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
+        if self.norm not in ("layernorm", "rmsnorm"):
+            raise ValueError(f"norm={self.norm!r}; valid: layernorm, rmsnorm")
+        if self.mlp not in ("gelu", "swiglu"):
+            raise ValueError(f"mlp={self.mlp!r}; valid: gelu, swiglu")
+        if self.position not in ("learned", "rope"):
+            raise ValueError(f"position={self.position!r}; valid: learned, rope")
+        if self.d_ff is None:
+            if self.mlp == "gelu":
+                self.d_ff = 4 * self.d_model
+            else:  # Llama: 2/3 of 4·d, rounded up to a multiple of 256
+                self.d_ff = 256 * math.ceil(int(8 * self.d_model / 3) / 256)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+
+def _norm(cfg: TransformerConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=1e-5)
+    return nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+
+
+def rope_tables(cfg: TransformerConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of rotary embeddings (Su et al. 2021, Eq. 34), each (block_size, Q/2)."""
+    q = cfg.head_dim
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, q, 2, device=device, dtype=torch.float32) / q))
+    angles = torch.outer(torch.arange(cfg.block_size, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) of x (B, H, T, Q) by the position angle."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]  # (B, H, T, Q/2)
+    t = x.shape[-2]
+    c, s = cos[:t].to(x.dtype), sin[:t].to(x.dtype)
+    return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        kv_dim = cfg.n_kv_head * cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, cfg.d_model + 2 * kv_dim, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        cfg = self.cfg
+        b, t, c = x.shape  # (B, T, C)
+        kv_dim = cfg.n_kv_head * cfg.head_dim
+        q, k, v = self.qkv(x).split([c, kv_dim, kv_dim], dim=-1)
+        q = q.view(b, t, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (B, H, T, Q)
+        k = k.view(b, t, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, Q)
+        v = v.view(b, t, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cfg.n_kv_head != cfg.n_head:  # GQA: each K/V head serves n_head/n_kv_head query heads
+            k = k.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
+            v = v.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=cfg.causal and attn_mask is None,
+            dropout_p=cfg.dropout if self.training else 0.0)  # (B, H, T, Q)
+        return self.proj(y.transpose(1, 2).reshape(b, t, c))  # (B, T, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        self.up = nn.Linear(cfg.d_model, cfg.d_ff * (2 if self.swiglu else 1), bias=cfg.bias)
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)  # (B, T, F) or (B, T, 2F)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")  # GPT-2's GELU
+        return self.down(h)  # (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.norm1, self.attn = _norm(cfg), Attention(cfg)
+        self.norm2, self.mlp = _norm(cfg), MLP(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope=None, attn_mask=None):
+        x = x + self.dropout(self.attn(self.norm1(x), rope, attn_mask))
+        return x + self.dropout(self.mlp(self.norm2(x)))
+
+
+class Transformer(nn.Module):
+    """Token embedding → blocks → final norm → LM head (tied to the embedding by default).
+
+    ``forward(idx, targets)`` returns ``(logits, loss)``; the loss is the mean cross-entropy over
+    target positions that are not :data:`IGNORE_INDEX`, which makes the causal LM and masked-LM
+    objectives the same call.  ``loss_sum=True`` returns the *sum* instead, for callers that must
+    normalise by a token count spanning several micro-batches.
+    """
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.position == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = _norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if cfg.position == "rope":
+            cos, sin = rope_tables(cfg)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections by 1/sqrt(2·L) so the residual stream's variance
+        # does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.down.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, matmul_only: bool = False) -> int:
+        """Distinct parameters; ``matmul_only`` drops the position table, which costs no matmul
+        FLOPs (the N of 6N; the tied embedding stays in as the LM head, as in nanoGPT)."""
+        seen, n = set(), 0
+        for p in self.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                n += p.numel()
+        if matmul_only:
+            if self.pos_emb is not None:
+                n -= self.pos_emb.weight.numel()
+            if not self.cfg.tie_embeddings:  # an untied input table is a lookup, not a matmul
+                n -= self.tok_emb.weight.numel()
+        return n
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None, loss_sum: bool = False):
+        b, t = idx.shape  # (B, T)
+        if t > self.cfg.block_size:
+            raise ValueError(f"sequence length {t} exceeds block_size {self.cfg.block_size}")
+        x = self.tok_emb(idx)  # (B, T, C)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(t, device=idx.device))
+        else:
+            rope = (self.rope_cos, self.rope_sin)
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, rope, attn_mask)
+        logits = self.lm_head(self.norm_f(x))  # (B, T, V)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum" if loss_sum else "mean")
+        return logits, loss
