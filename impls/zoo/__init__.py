@@ -10,6 +10,8 @@ import dataclasses
 
 import torch
 
+from ..errors import ConfigError
+
 from .model import IGNORE_INDEX, Block, Transformer, TransformerConfig
 
 _GPT2 = dict(vocab_size=50257, block_size=1024)
@@ -47,11 +49,14 @@ _FIELDS = {f.name for f in dataclasses.fields(TransformerConfig)}
 def config(name: str, **overrides) -> TransformerConfig:
     """The named config with ``overrides`` applied; a bad name or field fails with the valid ones."""
     if name not in CONFIGS:
-        raise ValueError(f"unknown model {name!r}; valid: {', '.join(CONFIGS)}")
+        raise ConfigError(f"unknown model {name!r}; valid: {', '.join(CONFIGS)}")
     bad = sorted(set(overrides) - _FIELDS)
     if bad:
-        raise ValueError(f"unknown model field(s) {', '.join(bad)}; valid: {', '.join(sorted(_FIELDS))}")
-    return TransformerConfig(**{**CONFIGS[name][1], **overrides})
+        raise ConfigError(f"unknown model field(s) {', '.join(bad)}; valid: {', '.join(sorted(_FIELDS))}")
+    try:
+        return TransformerConfig(**{**CONFIGS[name][1], **overrides})
+    except (TypeError, ValueError) as e:  # inconsistent shape, e.g. d_model not divisible by n_head
+        raise ConfigError(f"model {name!r}: {e}") from None
 
 
 def build(name: str, device: str | torch.device | None = None, **overrides) -> Transformer:

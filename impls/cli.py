@@ -1,0 +1,169 @@
+"""``etbench``: the command line.
+
+    etbench run --model nano --data synthetic --steps 200 --out results/runs/nano.json
+    etbench run --nproc 2 ...        # relaunches itself under torchrun (torch.distributed.run)
+    etbench zoo                      # model names and parameter counts
+    etbench peak                     # the MFU denominator on this machine
+    etbench report results/runs -o results/plots
+
+Bad input exits with status 2 and one line on stderr, before any work and without writing files.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from . import train
+from .errors import ConfigError
+
+
+def _value(text: str):
+    """Parse a ``k=v`` value as bool, int, float or string."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _model_args(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise train.RecipeError(f"bad --model-arg {item!r}; expected KEY=VALUE, e.g. block_size=256")
+        out[key] = _value(value)
+    return out
+
+
+def _run_parser(sub) -> None:
+    p = sub.add_parser("run", help="train one recipe and write its record")
+    d = train.Recipe()
+    p.add_argument("--model", default=d.model, help="zoo name (etbench zoo)")
+    p.add_argument("--model-arg", action="append", default=[], metavar="K=V", help="override a model config field")
+    p.add_argument("--data", default=d.data, help="synthetic[:k=v,...] | pycode[:max_bytes=N] | tokens:PATH")
+    p.add_argument("--optimizer", default=d.optimizer)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--schedule", default=d.schedule, help="cosine | constant")
+    p.add_argument("--lr-warmup", type=int, default=d.lr_warmup, metavar="STEPS")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per rank per step")
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--precision", default=d.precision)
+    p.add_argument("--technique", action="append", default=[], metavar="NAME[:K=V,...]")
+    p.add_argument("--seed", type=int, default=d.seed)
+    length = p.add_mutually_exclusive_group(required=True)
+    length.add_argument("--steps", type=int)
+    length.add_argument("--flops-budget", type=float, metavar="FLOPS", help="counted FLOPs, all ranks")
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--eval-batches", type=int, default=d.eval_batches)
+    p.add_argument("--timing-warmup", type=int, default=d.timing_warmup)
+    p.add_argument("--device", default=d.device, help="auto | cpu | cuda")
+    p.add_argument("--nproc", type=int, default=1, help="ranks; > 1 relaunches under torchrun")
+    p.add_argument("--out", help="write the JSON record here (atomically)")
+
+
+def _recipe(args) -> train.Recipe:
+    return train.Recipe(
+        model=args.model, data=args.data, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
+        schedule=args.schedule, lr_warmup=args.lr_warmup, batch_size=args.batch_size, seq_len=args.seq_len,
+        precision=args.precision, techniques=args.technique, seed=args.seed, steps=args.steps,
+        flops_budget=args.flops_budget, eval_every=args.eval_every, eval_batches=args.eval_batches,
+        timing_warmup=args.timing_warmup, device=args.device, model_args=_model_args(args.model_arg))
+
+
+def _relaunch_under_torchrun(argv: list[str], nproc: int) -> int:
+    """Run this same command under ``torch.distributed.run`` with ``nproc`` ranks."""
+    rest, skip = [], False
+    for i, a in enumerate(argv):  # drop --nproc so the children do not relaunch again
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    env = dict(os.environ)
+    # Children must import what this process imports (asv strips PYTHONPATH from benchmarks).
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "impls.cli", *rest]
+    return subprocess.run(cmd, env=env).returncode
+
+
+def _cmd_run(args, argv) -> int:
+    recipe = _recipe(args)
+    if args.nproc < 1:
+        raise train.RecipeError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        train.validate(recipe, world_size=args.nproc)  # fail here, once, before starting ranks
+        return _relaunch_under_torchrun(argv, args.nproc)
+    record = train.run(recipe)
+    if int(os.environ.get("RANK", "0")) == 0:
+        if args.out:
+            train.write_record(record, args.out)
+        print(f"{record['label']}: {record['steps']} steps, val loss {record['final_val_loss']:.4f}, "
+              f"{record['tokens_per_second']:.0f} tok/s, MFU {record['mfu']:.1%}, HFU {record['hfu']:.1%}"
+              + (f" -> {args.out}" if args.out else ""))
+    from . import dist
+
+    dist.shutdown()
+    return 0
+
+
+def _cmd_zoo(args, argv) -> int:
+    from . import zoo
+
+    print(f"{'name':<14} {'params':>15} {'matmul N':>15}  L    d     about")
+    for row in zoo.sizes():
+        print(f"{row['name']:<14} {row['params']:>15,} {row['matmul_params']:>15,}  {row['n_layer']:<4} "
+              f"{row['d_model']:<5} {row['about']}")
+    return 0
+
+
+def _cmd_peak(args, argv) -> int:
+    import torch
+
+    from .dist import resolve_device
+    from .measure import device_name, peak_flops
+
+    device = resolve_device(args.device)
+    dtype = getattr(torch, args.dtype)
+    peak = peak_flops(device, dtype)
+    print(f"{device_name(device)} {args.dtype}: {peak['value'] / 1e9:.1f} GFLOP/s ({peak['source']})")
+    return 0
+
+
+def _cmd_report(args, argv) -> int:
+    from . import report
+
+    return report.main([*args.paths, "-o", args.out])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="etbench", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _run_parser(sub)
+    sub.add_parser("zoo", help="list model names and parameter counts")
+    p = sub.add_parser("peak", help="peak FLOP/s used as the MFU denominator")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p = sub.add_parser("report", help="plots and tables from run records")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("-o", "--out", default="results/plots")
+    args = parser.parse_args(argv)
+    commands = {"run": _cmd_run, "zoo": _cmd_zoo, "peak": _cmd_peak, "report": _cmd_report}
+    try:
+        return commands[args.command](args, argv)
+    except ConfigError as e:  # bad input: one line, status 2; anything else keeps its traceback
+        print(f"etbench: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

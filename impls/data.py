@@ -1,0 +1,446 @@
+"""Built-in token datasets for the suite; nothing here ever downloads.
+
+``load(spec)`` returns a :class:`TokenData` for one of three kinds:
+
+* ``synthetic[:key=value,...]`` -- a generated language: a sparse order-k Markov source
+  (:class:`MarkovSource`) whose exact entropy rate is known, so a trained model's validation loss
+  can be read against a true floor.
+* ``pycode[:max_bytes=N]`` -- byte-level text (vocab 256) of this interpreter's standard-library
+  ``.py`` sources: real text every machine already has.
+* ``tokens:PATH[,dtype=uint16|uint32]`` -- memory-mapped token files in nanoGPT's layout
+  (``train.bin``/``val.bin`` + optional ``meta.json``, or one ``.bin`` split 90/10); see
+  ``datasets/prepare_tokens.py`` to make them and ``datasets/README.md`` for the dataset cards.
+
+Every dataset carries a ``content_hash`` (sha256 of the tokens actually used, train then val) so
+results measured on different corpora never mix silently, and :meth:`TokenData.batch` is a pure
+function of its arguments, so any batch of any run can be reproduced on its own.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from impls.zoo import IGNORE_INDEX
+
+DATA_KINDS: tuple[str, ...] = ("synthetic", "pycode", "tokens")
+
+_SPLITS = {"train": 0, "val": 1}  # split ids fed to the batch RNG
+_HASH_CHUNK = 1 << 24  # bytes hashed per step, so a memory-mapped corpus is never read whole
+
+
+class DataError(ValueError):
+    """A bad dataset spec, option, file or request; the message is one line naming the bad value
+    and the valid choices."""
+
+
+@dataclass
+class TokenData:
+    """A tokenised corpus split into ``train`` and ``val``.
+
+    Both splits are 2-D ``(rows, row_len)`` integer arrays (possibly memory-mapped); a row is a
+    contiguous stretch of text and training windows never cross rows.
+    """
+
+    name: str  # canonical spec: load(name) rebuilds the same data
+    vocab_size: int
+    content_hash: str  # sha256 hex of train bytes followed by val bytes
+    entropy_floor: float | None  # nats/token, exact entropy rate of the source when known
+    train: np.ndarray
+    val: np.ndarray
+
+    def split(self, split: str) -> np.ndarray:
+        if split not in _SPLITS:
+            raise DataError(f"unknown split {split!r}; valid: {', '.join(_SPLITS)}")
+        return self.train if split == "train" else self.val
+
+    def tokens(self, split: str) -> int:
+        """Number of tokens in ``split``."""
+        return int(self.split(split).size)
+
+    def batch(self, split: str, index: int, batch_size: int, seq_len: int, seed: int,
+              shard: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(x, y)``, int64 tensors of shape ``(batch_size, seq_len)`` with ``y`` the
+        next-token targets of ``x``.
+
+        Each sample is a window of ``seq_len + 1`` tokens at a uniformly random row and offset
+        drawn from ``np.random.default_rng([seed, split_id, index, shard])``: the batch is a pure
+        function of the arguments, and data-parallel ranks (``shard``) draw disjoint streams.
+        """
+        data = self.split(split)
+        for arg, value in (("index", index), ("seed", seed), ("shard", shard)):
+            if value < 0:
+                raise DataError(f"batch {arg}={value} must be >= 0")
+        for arg, value in (("batch_size", batch_size), ("seq_len", seq_len)):
+            if value < 1:
+                raise DataError(f"batch {arg}={value} must be >= 1")
+        rows, row_len = data.shape
+        if row_len < seq_len + 1:
+            raise DataError(f"{split} split of {self.name} has rows of {row_len} tokens "
+                            f"({data.size} in all), shorter than seq_len+1={seq_len + 1}")
+        rng = np.random.default_rng([seed, _SPLITS[split], index, shard])
+        row = rng.integers(0, rows, size=batch_size)
+        offset = rng.integers(0, row_len - seq_len, size=batch_size)
+        # Fancy indexing reads only the needed windows, also from a memmap.
+        window = data[row[:, None], offset[:, None] + np.arange(seq_len + 1)]
+        window = torch.from_numpy(window.astype(np.int64))
+        return window[:, :-1], window[:, 1:]
+
+
+def load(spec: str) -> TokenData:
+    """Build the dataset named by ``spec``: ``synthetic[:opts]``, ``pycode[:opts]`` or
+    ``tokens:PATH[,dtype=...]``; raises :class:`DataError` on any bad spec before heavy work."""
+    kind, _, rest = spec.partition(":")
+    if kind == "synthetic":
+        return _load_synthetic(_parse_options(kind, rest, _SYNTHETIC_OPTIONS))
+    if kind == "pycode":
+        return _load_pycode(_parse_options(kind, rest, _PYCODE_OPTIONS))
+    if kind == "tokens":
+        path, _, opts = rest.partition(",")
+        if not path:
+            raise DataError(f"data {spec!r} names no file; use tokens:PATH[,dtype=uint16|uint32]")
+        return _load_tokens(path, _parse_options(kind, opts, _TOKENS_OPTIONS))
+    raise DataError(f"unknown data {kind!r}; valid: synthetic, pycode, tokens:PATH")
+
+
+# ---------------------------------------------------------------------------------------------
+# Spec options: name -> (parser, default, check, what the check requires)
+
+def _positive(x):
+    return x > 0
+
+
+_SYNTHETIC_OPTIONS = {
+    "vocab": (int, 64, lambda x: x >= 2, ">= 2"),
+    "order": (int, 2, _positive, ">= 1"),
+    "support": (int, 4, _positive, ">= 1"),
+    "smoothing": (float, 0.01, lambda x: 0 < x <= 1, "in (0, 1]"),
+    "seed": (int, 0, lambda x: x >= 0, ">= 0"),
+    "train_tokens": (int, 2_000_000, _positive, ">= 1"),
+    "val_tokens": (int, 200_000, _positive, ">= 1"),
+    "row_len": (int, 4096, lambda x: x >= 2, ">= 2"),
+}
+_PYCODE_OPTIONS = {"max_bytes": (int, 8_000_000, lambda x: x >= 2, ">= 2")}
+_TOKENS_OPTIONS = {"dtype": (str, None, lambda x: x in ("uint16", "uint32"), "uint16 or uint32")}
+
+
+def _parse_options(kind: str, text: str, valid: dict) -> dict:
+    """Parse ``key=value,...`` against ``valid``; returns every option, defaults filled in."""
+    options = {key: default for key, (_, default, _, _) in valid.items()}
+    for item in filter(None, text.split(",")):
+        key, eq, raw = item.partition("=")
+        if key not in valid:
+            raise DataError(f"unknown option {key!r} for {kind}; valid: {', '.join(valid)}")
+        parse, _, check, requirement = valid[key]
+        try:
+            value = parse(raw) if eq else None
+        except ValueError:
+            value = None
+        if value is None or not check(value):
+            raise DataError(f"{kind} option {key}={raw!r} is invalid; must be {parse.__name__} "
+                            f"{requirement}")
+        options[key] = value
+    return options
+
+
+def _canonical(kind: str, options: dict) -> str:
+    return kind + ":" + ",".join(f"{k}={v}" for k, v in options.items() if v is not None)
+
+
+def _sha256(*arrays: np.ndarray) -> str:
+    """sha256 of the arrays' bytes in order, streamed so memmaps are read piecewise."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        flat = array.reshape(-1)
+        step = max(1, _HASH_CHUNK // flat.itemsize)
+        for start in range(0, flat.size, step):
+            digest.update(np.ascontiguousarray(flat[start:start + step]).data)
+    return digest.hexdigest()
+
+
+def _token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+# ---------------------------------------------------------------------------------------------
+# synthetic: a sparse order-k Markov source with a known entropy rate
+
+_MAX_TABLE = 1 << 23  # vocab**order * support entries: ~200 MB of tables at most
+_TABLE_STREAM, _TRAIN_STREAM, _VAL_STREAM = 0, 1, 2  # independent RNG streams per seed
+
+
+class MarkovSource:
+    """A sparse order-``k`` Markov source over ``vocab`` symbols.
+
+    Each context (the last ``order`` symbols) allows ``support`` next symbols, drawn uniformly
+    without replacement, with weights ``w ~ Dirichlet(1, ..., 1)``; the table is then mixed with
+    the uniform distribution, ``P(c|ctx) = (1 - smoothing) w_c + smoothing / vocab``, which makes
+    the chain over contexts irreducible and aperiodic, so its stationary distribution ``pi`` is
+    unique and the entropy rate is ``H = sum_ctx pi(ctx) H(P(.|ctx))`` (Cover & Thomas 2006,
+    Thm 4.2.4).  The table depends only on the constructor arguments.
+
+    A context ``(a_1, ..., a_k)`` (oldest first) is the base-``vocab`` integer
+    ``a_1 vocab^(k-1) + ... + a_k``; emitting ``c`` moves it to ``(ctx * vocab) % vocab^k + c``.
+    """
+
+    def __init__(self, vocab: int, order: int, support: int, smoothing: float, seed: int):
+        self.vocab, self.order, self.support, self.smoothing = vocab, order, support, smoothing
+        self.n_contexts = n = vocab ** order
+        rng = np.random.default_rng([seed, _TABLE_STREAM])
+        self.next_symbols = _distinct_choices(rng, n, vocab, support)  # (n, support)
+        self.weights = rng.dirichlet(np.ones(support), size=n)  # (n, support)
+        self.successors = ((np.arange(n) * vocab) % n)[:, None] + self.next_symbols
+        self.stationary = self._stationary()
+        self.entropy_rate = float(self.stationary @ self._context_entropy())
+
+    def probs(self, contexts: np.ndarray) -> np.ndarray:
+        """Dense next-symbol distributions ``(len(contexts), vocab)`` for integer contexts."""
+        contexts = np.asarray(contexts)
+        p = np.full((contexts.size, self.vocab), self.smoothing / self.vocab)
+        rows = np.arange(contexts.size)[:, None]
+        p[rows, self.next_symbols[contexts]] += (1 - self.smoothing) * self.weights[contexts]
+        return p
+
+    def contexts(self, tokens: np.ndarray) -> np.ndarray:
+        """Integer context of every position ``t >= order - 1`` of each row of ``tokens``: the
+        context that predicts ``tokens[:, t + 1]``.  Shape ``(rows, row_len - order + 1)``."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        span = tokens.shape[1] - self.order + 1
+        ctx = np.zeros((tokens.shape[0], span), dtype=np.int64)
+        for i in range(self.order):
+            ctx = ctx * self.vocab + tokens[:, i:i + span]
+        return ctx
+
+    def step(self, dist: np.ndarray) -> np.ndarray:
+        """One step of the context chain: the row vector ``dist @ P``, without forming ``P``."""
+        s, v = self.smoothing, self.vocab
+        sparse = (1 - s) * dist[:, None] * self.weights
+        out = np.bincount(self.successors.ravel(), weights=sparse.ravel(),
+                          minlength=self.n_contexts)
+        # The uniform part reaches suffix*vocab + c for every c, whatever the oldest symbol was:
+        # sum the mass over the oldest symbol, then spread it evenly over the new last symbol.
+        suffix_mass = dist.reshape(v, -1).sum(axis=0)
+        out += np.repeat(suffix_mass * (s / v), v)
+        return out
+
+    def sample(self, rows: int, row_len: int, rng: np.random.Generator) -> np.ndarray:
+        """``rows`` independent stationary chains of ``row_len`` symbols, vectorised over rows.
+
+        Each row starts from a context drawn from ``pi``, so every position is distributed as the
+        stationary process (no burn-in).  One uniform ``u`` per symbol: ``u < smoothing`` picks a
+        uniform symbol ``floor(u / smoothing * vocab)``, otherwise ``u`` is located in the
+        cumulative support weights, giving exactly ``P(c|ctx)``.
+        """
+        k, v, s = self.order, self.vocab, self.smoothing
+        ctx = rng.choice(self.n_contexts, size=rows, p=self.stationary)
+        out = np.empty((row_len, rows), dtype=_token_dtype(v))  # time-major: contiguous steps
+        for i in range(k):
+            out[i] = ctx // v ** (k - 1 - i) % v
+        thresholds = s + (1 - s) * np.cumsum(self.weights, axis=1)
+        u = rng.random((row_len - k, rows))
+        uniform = np.minimum((u * (v / s)).astype(np.int64), v - 1)
+        for t in range(row_len - k):
+            j = (thresholds[ctx] <= u[t, :, None]).sum(axis=1)
+            np.minimum(j, self.support - 1, out=j)  # rounding can leave the last threshold < 1
+            symbol = np.where(u[t] < s, uniform[t], self.next_symbols[ctx, j])
+            out[t + k] = symbol
+            ctx = (ctx * v) % self.n_contexts + symbol
+        return np.ascontiguousarray(out.T)
+
+    def _stationary(self, tol: float = 1e-14, max_iter: int = 200_000) -> np.ndarray:
+        # Power iteration: the smoothing makes P primitive, so dist @ P^n -> pi from any start.
+        dist = np.full(self.n_contexts, 1.0 / self.n_contexts)
+        for _ in range(max_iter):
+            new = self.step(dist)
+            new /= new.sum()  # keep rounding from drifting the total mass
+            change = np.abs(new - dist).sum()
+            dist = new
+            if change < tol:
+                return dist
+        raise DataError(f"synthetic stationary distribution did not converge in {max_iter} "
+                        f"iterations (smoothing={self.smoothing}, support={self.support}); "
+                        f"raise smoothing or support")
+
+    def _context_entropy(self) -> np.ndarray:
+        """``H(P(.|ctx))`` in nats for every context."""
+        s, v = self.smoothing, self.vocab
+        p = (1 - s) * self.weights + s / v
+        entropy = -(p * np.log(p)).sum(axis=1)
+        off_support = v - self.support  # symbols reachable only through the smoothing
+        if off_support:
+            entropy -= off_support * (s / v) * np.log(s / v)
+        return entropy
+
+
+def _distinct_choices(rng: np.random.Generator, n: int, vocab: int, k: int) -> np.ndarray:
+    """``n`` uniformly random ``k``-subsets of ``range(vocab)``, shape ``(n, k)``.
+
+    Floyd's algorithm (Bentley & Floyd 1987, "A sample of brilliance"), vectorised over rows:
+    O(n k^2) work whatever the vocabulary size, unlike shuffling all ``vocab`` symbols per row.
+    """
+    chosen = np.empty((n, k), dtype=np.int64)
+    for i, j in enumerate(range(vocab - k, vocab)):
+        t = rng.integers(0, j + 1, size=n)
+        taken = (chosen[:, :i] == t[:, None]).any(axis=1)
+        chosen[:, i] = np.where(taken, j, t)
+    return chosen
+
+
+def _split_rows(tokens: int, row_len: int) -> tuple[int, int]:
+    """(rows, row_len) holding at least ``tokens`` tokens; a short split is one shorter row."""
+    row_len = min(row_len, tokens)
+    return -(-tokens // row_len), row_len
+
+
+def _load_synthetic(opt: dict) -> TokenData:
+    vocab, order, support = opt["vocab"], opt["order"], opt["support"]
+    if support > vocab:
+        raise DataError(f"synthetic option support={support} exceeds vocab={vocab}")
+    if vocab ** order * support > _MAX_TABLE:
+        raise DataError(f"synthetic table vocab**order*support={vocab ** order * support} "
+                        f"exceeds {_MAX_TABLE}; lower vocab, order or support")
+    for split in ("train", "val"):
+        if min(opt["row_len"], opt[f"{split}_tokens"]) <= order:
+            raise DataError(f"synthetic {split} rows must be longer than order={order}; raise "
+                            f"row_len and {split}_tokens")
+    source = MarkovSource(vocab, order, support, opt["smoothing"], opt["seed"])
+    train = source.sample(*_split_rows(opt["train_tokens"], opt["row_len"]),
+                          np.random.default_rng([opt["seed"], _TRAIN_STREAM]))
+    val = source.sample(*_split_rows(opt["val_tokens"], opt["row_len"]),
+                        np.random.default_rng([opt["seed"], _VAL_STREAM]))
+    return TokenData(name=_canonical("synthetic", opt), vocab_size=vocab,
+                     content_hash=_sha256(train, val), entropy_floor=source.entropy_rate,
+                     train=train, val=val)
+
+
+def synthetic_source(spec: str = "synthetic") -> MarkovSource:
+    """The :class:`MarkovSource` behind a ``synthetic`` spec (for oracle scoring and tests)."""
+    kind, _, rest = spec.partition(":")
+    if kind != "synthetic":
+        raise DataError(f"synthetic_source needs a synthetic spec, got {kind!r}")
+    opt = _parse_options(kind, rest, _SYNTHETIC_OPTIONS)
+    return MarkovSource(opt["vocab"], opt["order"], opt["support"], opt["smoothing"], opt["seed"])
+
+
+# ---------------------------------------------------------------------------------------------
+# pycode: the standard library's own Python sources, byte level
+
+_PYCODE_SKIP_DIRS = frozenset({"site-packages", "test", "tests", "idlelib"})
+_VAL_FRACTION = 0.1
+
+
+def pycode_files(root: Path | None = None) -> list[Path]:
+    """Standard-library ``.py`` files in sorted relative-path order, skipping third-party
+    (``site-packages``), test-suite and IDLE directories."""
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in _PYCODE_SKIP_DIRS]
+        files += [Path(dirpath, f).relative_to(root) for f in filenames if f.endswith(".py")]
+    return [root / f for f in sorted(files, key=Path.as_posix)]
+
+
+def _load_pycode(opt: dict) -> TokenData:
+    # Reading ~8 MB of sources takes well under a second, so there is no on-disk cache.
+    cap = opt["max_bytes"]
+    parts, size = [], 0
+    for path in pycode_files():
+        if size >= cap:
+            break
+        data = path.read_bytes()[:cap - size]  # the last file is cut so the total is exactly cap
+        parts.append(data)
+        size += len(data)
+    if size < 2:
+        raise DataError(f"pycode found no Python sources under {sysconfig.get_paths()['stdlib']}")
+    text = np.frombuffer(b"".join(parts), dtype=np.uint8)
+    cut = int(text.size * (1 - _VAL_FRACTION))
+    return TokenData(name=_canonical("pycode", opt), vocab_size=256, content_hash=_sha256(text),
+                     entropy_floor=None, train=text[None, :cut], val=text[None, cut:])
+
+
+# ---------------------------------------------------------------------------------------------
+# tokens:PATH -- nanoGPT-layout token files, memory-mapped
+
+def _load_tokens(path: str, opt: dict) -> TokenData:
+    root = Path(path).expanduser().resolve()
+    meta = {}
+    if root.is_dir():
+        files = [root / "train.bin", root / "val.bin"]
+        if (root / "meta.json").exists():
+            try:
+                meta = json.loads((root / "meta.json").read_text())
+            except (OSError, ValueError) as e:
+                raise DataError(f"unreadable {root / 'meta.json'}: {e}") from None
+    else:
+        files = [root]
+    dtype = opt["dtype"] or meta.get("dtype", "uint16")
+    if dtype not in ("uint16", "uint32"):
+        raise DataError(f"{root / 'meta.json'} dtype {dtype!r} is invalid; valid: uint16, uint32")
+    if opt["dtype"] and "dtype" in meta and meta["dtype"] != opt["dtype"]:
+        raise DataError(f"dtype={opt['dtype']} contradicts meta.json dtype {meta['dtype']!r} "
+                        f"in {root}")
+    dtype = np.dtype(dtype)
+    arrays = [_memmap(f, dtype) for f in files]
+    if len(arrays) == 1:  # one file: the last 10% by position is validation
+        cut = int(arrays[0].size * (1 - _VAL_FRACTION))
+        arrays = [arrays[0][:cut], arrays[0][cut:]]
+    train, val = (a.reshape(1, -1) for a in arrays)
+    content_hash = _sha256(train, val)
+    top = max(int(a.max()) for a in (train, val) if a.size)
+    vocab_size = int(meta.get("vocab_size", top + 1))
+    if top >= vocab_size:
+        raise DataError(f"token {top} in {root} is outside meta.json vocab_size={vocab_size}")
+    return TokenData(name=f"tokens:{root},dtype={dtype.name}", vocab_size=vocab_size,
+                     content_hash=content_hash, entropy_floor=None, train=train, val=val)
+
+
+def _memmap(path: Path, dtype: np.dtype) -> np.ndarray:
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise DataError(f"token file {path} is missing or unreadable ({e.strerror}); expected a "
+                        f".bin file or a directory with train.bin and val.bin") from None
+    if size == 0 or size % dtype.itemsize:
+        raise DataError(f"token file {path} has {size} bytes, not a positive multiple of "
+                        f"{dtype.itemsize} ({dtype.name}); valid dtypes: uint16, uint32")
+    try:
+        return np.memmap(path, dtype=dtype, mode="r")
+    except OSError as e:
+        raise DataError(f"token file {path} is unreadable ({e.strerror})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Masked-LM inputs
+
+def mask_for_mlm(x: torch.Tensor, vocab_size: int, mask_token_id: int, rate: float,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking (Devlin et al. 2019, §3.1) of a ``(B, T)`` batch.
+
+    Each row gets exactly ``max(1, round(rate * T))`` chosen positions, as in BERT's
+    ``create_pretraining_data.py`` (a fixed count keeps the number of loss terms per batch
+    constant and guarantees at least one per row).  Of the chosen positions 80% become
+    ``mask_token_id``, 10% a random token in ``[0, vocab_size)`` and 10% stay unchanged.
+    Returns ``(inputs, targets)``: targets hold the original tokens at chosen positions and
+    ``IGNORE_INDEX`` elsewhere.
+    """
+    if not 0 < rate <= 1:
+        raise DataError(f"mask rate={rate} must be in (0, 1]")
+    batch, length = x.shape
+    n_chosen = max(1, round(rate * length))
+    # The n smallest of iid uniforms per row are a uniformly random n-subset of positions.
+    keys = torch.rand(x.shape, generator=generator, device=x.device)
+    chosen = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+    chosen.scatter_(1, keys.topk(n_chosen, dim=1, largest=False).indices, True)
+    action = torch.rand(x.shape, generator=generator, device=x.device)
+    random_tokens = torch.randint(0, vocab_size, x.shape, generator=generator, device=x.device,
+                                  dtype=x.dtype)
+    inputs = torch.where(chosen & (action < 0.8), torch.full_like(x, mask_token_id), x)
+    inputs = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_tokens, inputs)
+    targets = torch.where(chosen, x, torch.full_like(x, IGNORE_INDEX))
+    return inputs, targets

@@ -1,0 +1,68 @@
+"""Rank, world size and device from the ``torchrun`` environment.
+
+Every run goes through this, so a single process and ``torchrun --nproc_per_node N`` share one
+code path: gloo on CPUs, NCCL on GPUs, one GPU per local rank.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import ConfigError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_mean(self, value: float) -> float:
+        """Mean of a scalar over ranks (identity on one rank)."""
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.item() / self.world_size
+
+    def barrier(self):
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def resolve_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
+    if preference not in DEVICES:
+        raise ConfigError(f"unknown device {preference!r}; valid: {', '.join(DEVICES)}")
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but torch.cuda.is_available() is False; valid here: auto, cpu")
+    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank)
+
+
+def init(device: str = "auto") -> DistContext:
+    """Join the process group that ``torchrun`` describes in the environment (if any)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return DistContext(rank, local_rank, world_size, dev)
+
+
+def shutdown():
+    if dist.is_initialized():
+        dist.destroy_process_group()

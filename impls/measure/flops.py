@@ -1,0 +1,59 @@
+"""FLOPs: counted (hardware) and analytic (model).
+
+*Counted* FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` over one eager training
+step, so they include whatever the step really executes: recomputation from activation
+checkpointing counts, which makes them the numerator of HFU.  *Model* FLOPs are the analytic
+6N + 12·L·H·Q·T per token of PaLM (Chowdhery et al. 2022, App. B), which ignore recomputation:
+the numerator of MFU (Korthikanti et al. 2022 make the same split).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.utils.flop_counter import (FlopCounterMode, register_flop_formula, sdpa_backward_flop_count,
+                                      sdpa_flop_count)
+
+_aten = torch.ops.aten
+
+
+# torch 2.13 registers formulas for the CUDA SDPA kernels only; without these two, attention
+# FLOPs on a CPU silently count as zero.
+@register_flop_formula(_aten._scaled_dot_product_flash_attention_for_cpu, get_raw=True)
+def _sdpa_cpu_flop(query, key, value, *args, out_val=None, **kwargs) -> int:
+    return sdpa_flop_count(query.shape, key.shape, value.shape)
+
+
+@register_flop_formula(_aten._scaled_dot_product_flash_attention_for_cpu_backward, get_raw=True)
+def _sdpa_cpu_backward_flop(grad_out, query, key, value, *args, out_val=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
+
+
+def count_flops(fn: Callable[[], object]) -> tuple[int, dict[str, int]]:
+    """Run ``fn`` eagerly under FlopCounterMode; return total FLOPs and FLOPs per aten op.
+
+    Compiled code is invisible to the counter (dynamo steps aside under a dispatch mode), so
+    callers count an eager step.
+    """
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    per_op = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
+    return int(counter.get_total_flops()), per_op
+
+
+def model_flops_per_token(matmul_params: int, n_layer: int, n_head: int, head_dim: int, seq_len: int) -> int:
+    """Training (forward + backward) model FLOPs per token: 6N + 12·L·H·Q·T (PaLM, App. B).
+
+    N counts the parameters that take part in matmuls (the tied embedding as LM head, not the
+    position table); the attention term uses the full T×T score matrix, like the SDPA FLOP
+    formula, so the two agree for causal attention too.
+    """
+    return 6 * matmul_params + 12 * n_layer * n_head * head_dim * seq_len
+
+
+def model_flops_per_step(model, batch_size: int, seq_len: int) -> int:
+    """Analytic training FLOPs of one step of ``batch_size`` sequences of ``seq_len`` tokens."""
+    cfg = model.cfg
+    per_token = model_flops_per_token(model.num_params(matmul_only=True), cfg.n_layer, cfg.n_head,
+                                      cfg.head_dim, seq_len)
+    return per_token * batch_size * seq_len
