@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from impls.errors import ConfigError
 from impls.zoo import IGNORE_INDEX
 
 DATA_KINDS: tuple[str, ...] = ("synthetic", "pycode", "tokens")
@@ -35,9 +36,10 @@ _SPLITS = {"train": 0, "val": 1}  # split ids fed to the batch RNG
 _HASH_CHUNK = 1 << 24  # bytes hashed per step, so a memory-mapped corpus is never read whole
 
 
-class DataError(ValueError):
+class DataError(ConfigError):
     """A bad dataset spec, option, file or request; the message is one line naming the bad value
-    and the valid choices."""
+    and the valid choices.  A :class:`~impls.errors.ConfigError` (so a ``ValueError``), which the
+    CLI reports as one line before any work starts."""
 
 
 @dataclass
@@ -55,14 +57,14 @@ class TokenData:
     train: np.ndarray
     val: np.ndarray
 
-    def split(self, split: str) -> np.ndarray:
+    def _split(self, split: str) -> np.ndarray:
         if split not in _SPLITS:
             raise DataError(f"unknown split {split!r}; valid: {', '.join(_SPLITS)}")
         return self.train if split == "train" else self.val
 
     def tokens(self, split: str) -> int:
         """Number of tokens in ``split``."""
-        return int(self.split(split).size)
+        return int(self._split(split).size)
 
     def batch(self, split: str, index: int, batch_size: int, seq_len: int, seed: int,
               shard: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,9 +73,9 @@ class TokenData:
 
         Each sample is a window of ``seq_len + 1`` tokens at a uniformly random row and offset
         drawn from ``np.random.default_rng([seed, split_id, index, shard])``: the batch is a pure
-        function of the arguments, and data-parallel ranks (``shard``) draw disjoint streams.
+        function of the arguments, and each data-parallel rank (``shard``) draws its own stream.
         """
-        data = self.split(split)
+        data = self._split(split)
         for arg, value in (("index", index), ("seed", seed), ("shard", shard)):
             if value < 0:
                 raise DataError(f"batch {arg}={value} must be >= 0")
@@ -112,21 +114,17 @@ def load(spec: str) -> TokenData:
 # ---------------------------------------------------------------------------------------------
 # Spec options: name -> (parser, default, check, what the check requires)
 
-def _positive(x):
-    return x > 0
-
-
 _SYNTHETIC_OPTIONS = {
-    "vocab": (int, 64, lambda x: x >= 2, ">= 2"),
-    "order": (int, 2, _positive, ">= 1"),
-    "support": (int, 4, _positive, ">= 1"),
-    "smoothing": (float, 0.01, lambda x: 0 < x <= 1, "in (0, 1]"),
-    "seed": (int, 0, lambda x: x >= 0, ">= 0"),
-    "train_tokens": (int, 2_000_000, _positive, ">= 1"),
-    "val_tokens": (int, 200_000, _positive, ">= 1"),
-    "row_len": (int, 4096, lambda x: x >= 2, ">= 2"),
+    "vocab": (int, 64, lambda x: x >= 2, "an integer >= 2"),
+    "order": (int, 2, lambda x: x >= 1, "an integer >= 1"),
+    "support": (int, 4, lambda x: x >= 1, "an integer >= 1"),
+    "smoothing": (float, 0.01, lambda x: 0 < x <= 1, "a number in (0, 1]"),
+    "seed": (int, 0, lambda x: x >= 0, "an integer >= 0"),
+    "train_tokens": (int, 2_000_000, lambda x: x >= 1, "an integer >= 1"),
+    "val_tokens": (int, 200_000, lambda x: x >= 1, "an integer >= 1"),
+    "row_len": (int, 4096, lambda x: x >= 2, "an integer >= 2"),
 }
-_PYCODE_OPTIONS = {"max_bytes": (int, 8_000_000, lambda x: x >= 2, ">= 2")}
+_PYCODE_OPTIONS = {"max_bytes": (int, 8_000_000, lambda x: x >= 2, "an integer >= 2")}
 _TOKENS_OPTIONS = {"dtype": (str, None, lambda x: x in ("uint16", "uint32"), "uint16 or uint32")}
 
 
@@ -143,8 +141,7 @@ def _parse_options(kind: str, text: str, valid: dict) -> dict:
         except ValueError:
             value = None
         if value is None or not check(value):
-            raise DataError(f"{kind} option {key}={raw!r} is invalid; must be {parse.__name__} "
-                            f"{requirement}")
+            raise DataError(f"{kind} option {key}={raw!r} is invalid; must be {requirement}")
         options[key] = value
     return options
 
@@ -153,15 +150,18 @@ def _canonical(kind: str, options: dict) -> str:
     return kind + ":" + ",".join(f"{k}={v}" for k, v in options.items() if v is not None)
 
 
-def _sha256(*arrays: np.ndarray) -> str:
-    """sha256 of the arrays' bytes in order, streamed so memmaps are read piecewise."""
-    digest = hashlib.sha256()
+def _scan(*arrays: np.ndarray) -> tuple[str, int]:
+    """(sha256 hex of the arrays' bytes in order, largest token), in one pass over chunks so a
+    memory-mapped corpus is read once and never held whole in RAM."""
+    digest, top = hashlib.sha256(), -1
     for array in arrays:
         flat = array.reshape(-1)
-        step = max(1, _HASH_CHUNK // flat.itemsize)
+        step = _HASH_CHUNK // flat.itemsize
         for start in range(0, flat.size, step):
-            digest.update(np.ascontiguousarray(flat[start:start + step]).data)
-    return digest.hexdigest()
+            chunk = np.ascontiguousarray(flat[start:start + step])
+            digest.update(chunk.data)
+            top = max(top, int(chunk.max()))
+    return digest.hexdigest(), top
 
 
 def _token_dtype(vocab_size: int) -> np.dtype:
@@ -171,15 +171,18 @@ def _token_dtype(vocab_size: int) -> np.dtype:
 # ---------------------------------------------------------------------------------------------
 # synthetic: a sparse order-k Markov source with a known entropy rate
 
-_MAX_TABLE = 1 << 23  # vocab**order * support entries: ~200 MB of tables at most
+_MAX_TABLE = 1 << 23  # vocab**order * support table entries: ~300 MB of tables at most
 _TABLE_STREAM, _TRAIN_STREAM, _VAL_STREAM = 0, 1, 2  # independent RNG streams per seed
 
 
 class MarkovSource:
     """A sparse order-``k`` Markov source over ``vocab`` symbols.
 
-    Each context (the last ``order`` symbols) allows ``support`` next symbols, drawn uniformly
-    without replacement, with weights ``w ~ Dirichlet(1, ..., 1)``; the table is then mixed with
+    The ``support`` symbols allowed next depend on the last symbol only (drawn uniformly without
+    replacement per symbol), while their weights ``w ~ Dirichlet(0.5, ..., 0.5)`` depend on the
+    whole context.  That gives the loss curve stages a benchmark can see: a model soon learns the
+    order-1 support (loss near ``log(support)``), and only a model that uses the full context gets
+    down to the floor (about 0.4 nats lower at the defaults).  The table is then mixed with
     the uniform distribution, ``P(c|ctx) = (1 - smoothing) w_c + smoothing / vocab``, which makes
     the chain over contexts irreducible and aperiodic, so its stationary distribution ``pi`` is
     unique and the entropy rate is ``H = sum_ctx pi(ctx) H(P(.|ctx))`` (Cover & Thomas 2006,
@@ -193,8 +196,9 @@ class MarkovSource:
         self.vocab, self.order, self.support, self.smoothing = vocab, order, support, smoothing
         self.n_contexts = n = vocab ** order
         rng = np.random.default_rng([seed, _TABLE_STREAM])
-        self.next_symbols = _distinct_choices(rng, n, vocab, support)  # (n, support)
-        self.weights = rng.dirichlet(np.ones(support), size=n)  # (n, support)
+        by_last_symbol = _distinct_choices(rng, vocab, vocab, support)  # (vocab, support)
+        self.next_symbols = by_last_symbol[np.arange(n) % vocab]  # (n, support)
+        self.weights = rng.dirichlet(np.full(support, 0.5), size=n)  # (n, support)
         self.successors = ((np.arange(n) * vocab) % n)[:, None] + self.next_symbols
         self.stationary = self._stationary()
         self.entropy_rate = float(self.stationary @ self._context_entropy())
@@ -243,13 +247,13 @@ class MarkovSource:
         for i in range(k):
             out[i] = ctx // v ** (k - 1 - i) % v
         thresholds = s + (1 - s) * np.cumsum(self.weights, axis=1)
-        u = rng.random((row_len - k, rows))
-        uniform = np.minimum((u * (v / s)).astype(np.int64), v - 1)
-        for t in range(row_len - k):
-            j = (thresholds[ctx] <= u[t, :, None]).sum(axis=1)
+        for t in range(k, row_len):
+            u = rng.random(rows)  # drawn per step: memory stays at the output's size
+            j = (thresholds[ctx] <= u[:, None]).sum(axis=1)
             np.minimum(j, self.support - 1, out=j)  # rounding can leave the last threshold < 1
-            symbol = np.where(u[t] < s, uniform[t], self.next_symbols[ctx, j])
-            out[t + k] = symbol
+            uniform = np.minimum((u * (v / s)).astype(np.int64), v - 1)
+            symbol = np.where(u < s, uniform, self.next_symbols[ctx, j])
+            out[t] = symbol
             ctx = (ctx * v) % self.n_contexts + symbol
         return np.ascontiguousarray(out.T)
 
@@ -298,25 +302,14 @@ def _split_rows(tokens: int, row_len: int) -> tuple[int, int]:
     return -(-tokens // row_len), row_len
 
 
-def _load_synthetic(opt: dict) -> TokenData:
+def _synthetic_source(opt: dict) -> MarkovSource:
     vocab, order, support = opt["vocab"], opt["order"], opt["support"]
     if support > vocab:
         raise DataError(f"synthetic option support={support} exceeds vocab={vocab}")
     if vocab ** order * support > _MAX_TABLE:
         raise DataError(f"synthetic table vocab**order*support={vocab ** order * support} "
                         f"exceeds {_MAX_TABLE}; lower vocab, order or support")
-    for split in ("train", "val"):
-        if min(opt["row_len"], opt[f"{split}_tokens"]) <= order:
-            raise DataError(f"synthetic {split} rows must be longer than order={order}; raise "
-                            f"row_len and {split}_tokens")
-    source = MarkovSource(vocab, order, support, opt["smoothing"], opt["seed"])
-    train = source.sample(*_split_rows(opt["train_tokens"], opt["row_len"]),
-                          np.random.default_rng([opt["seed"], _TRAIN_STREAM]))
-    val = source.sample(*_split_rows(opt["val_tokens"], opt["row_len"]),
-                        np.random.default_rng([opt["seed"], _VAL_STREAM]))
-    return TokenData(name=_canonical("synthetic", opt), vocab_size=vocab,
-                     content_hash=_sha256(train, val), entropy_floor=source.entropy_rate,
-                     train=train, val=val)
+    return MarkovSource(vocab, order, support, opt["smoothing"], opt["seed"])
 
 
 def synthetic_source(spec: str = "synthetic") -> MarkovSource:
@@ -324,8 +317,22 @@ def synthetic_source(spec: str = "synthetic") -> MarkovSource:
     kind, _, rest = spec.partition(":")
     if kind != "synthetic":
         raise DataError(f"synthetic_source needs a synthetic spec, got {kind!r}")
-    opt = _parse_options(kind, rest, _SYNTHETIC_OPTIONS)
-    return MarkovSource(opt["vocab"], opt["order"], opt["support"], opt["smoothing"], opt["seed"])
+    return _synthetic_source(_parse_options(kind, rest, _SYNTHETIC_OPTIONS))
+
+
+def _load_synthetic(opt: dict) -> TokenData:
+    for split in ("train", "val"):
+        if min(opt["row_len"], opt[f"{split}_tokens"]) <= opt["order"]:
+            raise DataError(f"synthetic {split} rows must be longer than order={opt['order']}; "
+                            f"raise row_len and {split}_tokens")
+    source = _synthetic_source(opt)
+    train = source.sample(*_split_rows(opt["train_tokens"], opt["row_len"]),
+                          np.random.default_rng([opt["seed"], _TRAIN_STREAM]))
+    val = source.sample(*_split_rows(opt["val_tokens"], opt["row_len"]),
+                        np.random.default_rng([opt["seed"], _VAL_STREAM]))
+    return TokenData(name=_canonical("synthetic", opt), vocab_size=opt["vocab"],
+                     content_hash=_scan(train, val)[0], entropy_floor=source.entropy_rate,
+                     train=train, val=val)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,10 +342,10 @@ _PYCODE_SKIP_DIRS = frozenset({"site-packages", "test", "tests", "idlelib"})
 _VAL_FRACTION = 0.1
 
 
-def pycode_files(root: Path | None = None) -> list[Path]:
-    """Standard-library ``.py`` files in sorted relative-path order, skipping third-party
-    (``site-packages``), test-suite and IDLE directories."""
-    root = Path(root or sysconfig.get_paths()["stdlib"])
+def pycode_files() -> list[Path]:
+    """This interpreter's standard-library ``.py`` files in sorted relative-path order, skipping
+    third-party (``site-packages``), test-suite and IDLE directories."""
+    root = Path(sysconfig.get_paths()["stdlib"])
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in _PYCODE_SKIP_DIRS]
@@ -360,7 +367,7 @@ def _load_pycode(opt: dict) -> TokenData:
         raise DataError(f"pycode found no Python sources under {sysconfig.get_paths()['stdlib']}")
     text = np.frombuffer(b"".join(parts), dtype=np.uint8)
     cut = int(text.size * (1 - _VAL_FRACTION))
-    return TokenData(name=_canonical("pycode", opt), vocab_size=256, content_hash=_sha256(text),
+    return TokenData(name=_canonical("pycode", opt), vocab_size=256, content_hash=_scan(text)[0],
                      entropy_floor=None, train=text[None, :cut], val=text[None, cut:])
 
 
@@ -369,35 +376,45 @@ def _load_pycode(opt: dict) -> TokenData:
 
 def _load_tokens(path: str, opt: dict) -> TokenData:
     root = Path(path).expanduser().resolve()
-    meta = {}
     if root.is_dir():
-        files = [root / "train.bin", root / "val.bin"]
-        if (root / "meta.json").exists():
-            try:
-                meta = json.loads((root / "meta.json").read_text())
-            except (OSError, ValueError) as e:
-                raise DataError(f"unreadable {root / 'meta.json'}: {e}") from None
+        files, meta = [root / "train.bin", root / "val.bin"], _read_meta(root / "meta.json")
     else:
-        files = [root]
-    dtype = opt["dtype"] or meta.get("dtype", "uint16")
-    if dtype not in ("uint16", "uint32"):
-        raise DataError(f"{root / 'meta.json'} dtype {dtype!r} is invalid; valid: uint16, uint32")
-    if opt["dtype"] and "dtype" in meta and meta["dtype"] != opt["dtype"]:
-        raise DataError(f"dtype={opt['dtype']} contradicts meta.json dtype {meta['dtype']!r} "
-                        f"in {root}")
-    dtype = np.dtype(dtype)
+        files, meta = [root], {}
+    if opt["dtype"] and meta.get("dtype", opt["dtype"]) != opt["dtype"]:
+        raise DataError(f"dtype={opt['dtype']} contradicts dtype={meta['dtype']} in "
+                        f"{root / 'meta.json'}")
+    dtype = np.dtype(opt["dtype"] or meta.get("dtype", "uint16"))
     arrays = [_memmap(f, dtype) for f in files]
     if len(arrays) == 1:  # one file: the last 10% by position is validation
         cut = int(arrays[0].size * (1 - _VAL_FRACTION))
         arrays = [arrays[0][:cut], arrays[0][cut:]]
-    train, val = (a.reshape(1, -1) for a in arrays)
-    content_hash = _sha256(train, val)
-    top = max(int(a.max()) for a in (train, val) if a.size)
-    vocab_size = int(meta.get("vocab_size", top + 1))
+    train, val = (a.reshape(1, -1) for a in arrays)  # 1-row views: no copy of the memmap
+    content_hash, top = _scan(train, val)
+    vocab_size = meta.get("vocab_size", top + 1)
     if top >= vocab_size:
-        raise DataError(f"token {top} in {root} is outside meta.json vocab_size={vocab_size}")
+        raise DataError(f"token {top} in {root} is outside vocab_size={vocab_size} of "
+                        f"{root / 'meta.json'}")
     return TokenData(name=f"tokens:{root},dtype={dtype.name}", vocab_size=vocab_size,
                      content_hash=content_hash, entropy_floor=None, train=train, val=val)
+
+
+def _read_meta(path: Path) -> dict:
+    """nanoGPT's optional ``meta.json``: ``vocab_size`` (int) and ``dtype`` (uint16|uint32)."""
+    if not path.exists():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path} is unreadable ({e}); expected JSON with vocab_size and dtype") \
+            from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path} holds {type(meta).__name__}; expected a JSON object")
+    if "vocab_size" in meta and not (isinstance(meta["vocab_size"], int)
+                                     and meta["vocab_size"] > 0):
+        raise DataError(f"{path} vocab_size={meta['vocab_size']!r} is invalid; must be int >= 1")
+    if meta.get("dtype", "uint16") not in ("uint16", "uint32"):
+        raise DataError(f"{path} dtype={meta['dtype']!r} is invalid; valid: uint16, uint32")
+    return meta
 
 
 def _memmap(path: Path, dtype: np.dtype) -> np.ndarray:

@@ -1,0 +1,144 @@
+"""Turn local text files into nanoGPT-layout token files that ``load("tokens:OUTDIR")`` reads.
+
+    python datasets/prepare_tokens.py OUTDIR FILE_OR_DIR... [--val-fraction 0.1]
+                                      [--tokenizer byte|PATH/tokenizer.json] [--glob '*.txt']
+
+Writes ``OUTDIR/train.bin`` and ``OUTDIR/val.bin`` (flat little-endian uint16, or uint32 when the
+vocabulary exceeds 65536 ids, as nanoGPT's ``prepare.py`` scripts do) and ``OUTDIR/meta.json``
+(``vocab_size``, ``dtype`` and provenance).  Files are taken in the order given, directories
+walked recursively in sorted order (hidden entries skipped); the last ``--val-fraction`` of the
+token stream, by position, is validation.  Each output is written to a temporary file and
+renamed into place, ``meta.json`` last, so an interrupted run never leaves a torn file.
+
+Tokenisers: ``byte`` (default; vocab 256, the raw UTF-8 bytes) or a local HuggingFace
+``tokenizer.json`` encoded with the ``tokenizers`` package.  Nothing is ever downloaded.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def input_files(inputs: list[Path], pattern: str, exclude: Path) -> list[Path]:
+    """Files named by ``inputs``: files as given, directories walked in sorted order for names
+    matching ``pattern``; hidden entries and anything under ``exclude`` (the output) skipped."""
+    files = []
+    for item in inputs:
+        if item.is_file():
+            files.append(item)
+        elif item.is_dir():
+            found = (p for p in sorted(item.rglob(pattern)) if p.is_file())
+            files += [p for p in found if not any(part.startswith(".")
+                                                  for part in p.relative_to(item).parts)]
+        else:
+            sys.exit(f"prepare_tokens: error: input {item} is not a file or directory")
+    return [f for f in files if exclude not in f.resolve().parents]
+
+
+def make_encoder(spec: str):
+    """``(encode(path) -> 1-D int array, vocab_size, description)`` for ``--tokenizer``."""
+    if spec == "byte":
+        return (lambda path: np.frombuffer(path.read_bytes(), dtype=np.uint8)), 256, "byte"
+    path = Path(spec)
+    if not path.is_file():
+        sys.exit(f"prepare_tokens: error: --tokenizer {spec!r} is neither 'byte' nor an "
+                 f"existing tokenizer.json file")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        sys.exit("prepare_tokens: error: --tokenizer PATH needs the 'tokenizers' package "
+                 "(pip install tokenizers); or use --tokenizer byte")
+    tokenizer = Tokenizer.from_file(str(path))
+
+    def encode(file: Path) -> np.ndarray:
+        # No special tokens: the stream is the text's own tokens, like the byte encoder's.
+        text = file.read_text(encoding="utf-8", errors="replace")
+        return np.asarray(tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+
+    return encode, tokenizer.get_vocab_size(), path.name
+
+
+def prepare(outdir: Path, inputs: list[Path], val_fraction: float = 0.1,
+            tokenizer: str = "byte", pattern: str = "*") -> dict:
+    """Tokenise ``inputs`` into ``outdir``; returns the ``meta.json`` contents."""
+    if not 0 < val_fraction < 1:
+        sys.exit(f"prepare_tokens: error: --val-fraction {val_fraction} must be in (0, 1)")
+    outdir = outdir.resolve()
+    files = input_files(inputs, pattern, exclude=outdir)
+    if not files:
+        sys.exit(f"prepare_tokens: error: no input files matching {pattern!r} in "
+                 f"{', '.join(map(str, inputs))}")
+    encode, vocab_size, tokenizer_name = make_encoder(tokenizer)
+    dtype = np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+    outdir.mkdir(parents=True, exist_ok=True)
+
+    # Stream every file's tokens into one temporary file, so memory holds one file at a time;
+    # the total is only known at the end, and with it the train/val boundary.
+    stream, val = _temp(outdir, "train.bin"), _temp(outdir, "val.bin")
+    try:
+        total = 0
+        with open(stream, "wb") as f:
+            for path in files:
+                ids = encode(path)
+                f.write(ids.astype(dtype).tobytes())
+                total += ids.size
+        n_val = round(total * val_fraction)
+        if not 0 < n_val < total:
+            sys.exit(f"prepare_tokens: error: {total} tokens cannot be split with "
+                     f"--val-fraction {val_fraction} (train and val both need a token)")
+        n_train = total - n_val
+        # Copy the tail out as val.bin, then truncate the stream to become train.bin in place.
+        with open(stream, "rb") as src, open(val, "wb") as dst:
+            src.seek(n_train * dtype.itemsize)
+            shutil.copyfileobj(src, dst)
+        os.truncate(stream, n_train * dtype.itemsize)
+        os.replace(stream, outdir / "train.bin")
+        os.replace(val, outdir / "val.bin")
+    finally:  # after a failure, leave no temporaries behind
+        stream.unlink(missing_ok=True)
+        val.unlink(missing_ok=True)
+
+    meta = {"vocab_size": vocab_size, "dtype": dtype.name, "tokenizer": tokenizer_name,
+            "train_tokens": n_train, "val_tokens": n_val, "val_fraction": val_fraction,
+            "files": len(files)}
+    meta_tmp = _temp(outdir, "meta.json")
+    meta_tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(meta_tmp, outdir / "meta.json")
+    return meta
+
+
+def _temp(outdir: Path, name: str) -> Path:
+    """A fresh temporary path next to ``outdir/name`` (same filesystem, so os.replace is atomic)."""
+    fd, path = tempfile.mkstemp(dir=outdir, prefix=f".{name}.", suffix=".tmp")
+    os.fchmod(fd, 0o644)  # mkstemp's 0600 would make the renamed output private to this user
+    os.close(fd)
+    return Path(path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("outdir", type=Path, help="output directory (created if missing)")
+    parser.add_argument("inputs", type=Path, nargs="+", metavar="FILE_OR_DIR",
+                        help="text files, or directories searched recursively")
+    parser.add_argument("--val-fraction", type=float, default=0.1,
+                        help="last fraction of the token stream used for validation (0.1)")
+    parser.add_argument("--tokenizer", default="byte",
+                        help="'byte' (vocab 256) or a local HuggingFace tokenizer.json")
+    parser.add_argument("--glob", default="*", dest="pattern",
+                        help="file-name pattern inside directories, e.g. '*.txt' (default '*')")
+    args = parser.parse_args(argv)
+    meta = prepare(args.outdir, args.inputs, args.val_fraction, args.tokenizer, args.pattern)
+    print(f"{args.outdir}: {meta['train_tokens']} train + {meta['val_tokens']} val tokens, "
+          f"vocab {meta['vocab_size']} ({meta['dtype']}) from {meta['files']} files")
+    return meta
+
+
+if __name__ == "__main__":
+    main()
