@@ -484,6 +484,8 @@ def run_chromium(chromium: str, url: str, *, screenshot: Path | None = None,
             "--disable-component-update", "--disable-sync", "--hide-scrollbars",
             f"--user-data-dir={profile}", "--virtual-time-budget=10000",
             "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+            # Containers often have a tiny /dev/shm, which makes Chromium crash.
+            "--disable-dev-shm-usage",
             f"--window-size={window}",
         ]
         cmd += [f"--screenshot={Path(screenshot).resolve()}"] if screenshot else ["--dump-dom"]
@@ -491,7 +493,7 @@ def run_chromium(chromium: str, url: str, *, screenshot: Path | None = None,
             proc = subprocess.run(cmd + [url], capture_output=True, text=True,
                                   timeout=timeout, cwd=profile)
         except subprocess.TimeoutExpired:
-            raise SiteError(f"chromium did not finish loading {url} within {timeout:.0f} s")
+            raise SiteError(f"chromium did not finish loading {url} within {timeout:.0f} s") from None
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise SiteError(f"chromium exited with status {proc.returncode}: {last}")
@@ -509,7 +511,8 @@ def check_site(html_dir: Path, screenshot: Path | None = None,
     asv's page rather than its "dependencies failed to load" page; every
     benchmark of ``index.json`` appears in the grid that asv's JavaScript
     builds (the static template contains none); flot drew plots (canvases);
-    and the rendered DOM references no external resource.  ``page`` is an
+    the benchmark list page was built and sorted (stupidtable ran); and the
+    rendered DOM references no external resource.  ``page`` is an
     optional asv route (e.g. ``"#bench.time_x"``) used for the screenshot.
     Raises ``SiteError`` describing the first failure.
     """
