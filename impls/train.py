@@ -209,22 +209,38 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, unit="step", disable=not (enabled and sys.stderr.isatty()), leave=False)
 
 
-def run(recipe: Recipe, ctx: dist.DistContext | None = None) -> dict:
-    """Validate ``recipe``, train, and return the run record (identical on every rank)."""
-    t_start = time.perf_counter()
+@dataclass
+class Session:
+    """What a run trains: the validated recipe's model, engine, data and process context."""
+    recipe: Recipe
+    ctx: dist.DistContext
+    dataset: data_lib.TokenData
+    model: torch.nn.Module
+    engine: TorchEngine
+    batches: Batches
+
+
+def prepare(recipe: Recipe, ctx: dist.DistContext | None = None) -> Session:
+    """Validate ``recipe`` (before any work), then build model, techniques, engine and batches."""
     world_size = ctx.world_size if ctx else int(os.environ.get("WORLD_SIZE", "1"))
     specs, dataset = validate(recipe, world_size)
     ctx = ctx or dist.init(recipe.device)
-
     torch.manual_seed(recipe.seed)
     model = zoo.build(recipe.model, device=ctx.device, **_model_overrides(recipe, dataset))
     model = techniques.apply_all(model, specs, recipe)
-    batches = Batches(dataset, recipe, model.cfg, ctx)
+    engine = TorchEngine(model, recipe, ctx, total_steps=recipe.steps or 1)
+    return Session(recipe, ctx, dataset, model, engine, Batches(dataset, recipe, model.cfg, ctx))
+
+
+def run(recipe: Recipe, ctx: dist.DistContext | None = None) -> dict:
+    """Validate ``recipe``, train, and return the run record (identical on every rank)."""
+    t_start = time.perf_counter()
+    session = prepare(recipe, ctx)
+    ctx, dataset, model, engine, batches = session.ctx, session.dataset, session.model, session.engine, session.batches
     tokens_per_step = recipe.batch_size * recipe.seq_len * ctx.world_size
 
     # One eager forward+backward under the FLOP counter and the saved-tensor meter; the gradients
     # it leaves are discarded by the first real step's zero_grad.
-    engine = TorchEngine(model, recipe, ctx, total_steps=recipe.steps or 1)
     x0, y0 = batches.get("train", 0)
     with SavedActivations(model.parameters()) as saved:
         flops_rank, _ = count_flops(lambda: engine.forward_backward(x0, y0))

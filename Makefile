@@ -1,0 +1,74 @@
+# etbench: `make test` and `make bench` are all a new user needs (README.md).
+# Setup installs $(TORCH_SPEC) *before* the project, so pip never pulls a CUDA build of torch
+# on a CPU box; on a GPU machine pass e.g. TORCH_SPEC='torch==2.13.0 --index-url ...'.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+PROFILE ?= quick
+STAMP := $(VENV)/.etbench-stamp
+ASV := $(PY) -m asv
+ASV_CONF := asv.conf.json
+COMMIT = $(shell git rev-parse HEAD)
+SHORT = $(shell git rev-parse --short=12 HEAD)
+RUNS = results/runs/$(SHORT)
+PLOTS = results/plots/$(SHORT)
+HTML_DIR := results/html
+SITE_CACHE := .cache/site-vendor
+PREVIEW_PORT ?= 8000
+RANGE ?= HEAD~1..HEAD
+# torch.compile caches stay inside the project, not in /tmp.
+export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/.cache/inductor
+
+.PHONY: setup test bench history publish preview check-site clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install $(TORCH_SPEC)
+	$(PY) -m pip install -e '.[dev]'
+	touch $@
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# Benchmark the working tree (profile $(PROFILE)) in this environment, then plots and the site.
+# BENCH=regex limits the suites, e.g. `make bench BENCH=BaselineStep`.
+bench: $(STAMP)
+	@start=$$(date +%s); \
+	$(ASV) machine --yes --config $(ASV_CONF) >/dev/null && \
+	ETBENCH_PROFILE=$(PROFILE) ETBENCH_RUNS_DIR=$(CURDIR)/$(RUNS) \
+	  $(ASV) run --config $(ASV_CONF) --python=same --set-commit-hash $(COMMIT) --show-stderr \
+	  $(if $(BENCH),--bench '$(BENCH)') && \
+	$(PY) -m impls.report $(RUNS) -o $(PLOTS) && \
+	$(MAKE) --no-print-directory publish && \
+	echo "make bench: done in $$(( $$(date +%s) - start )) s; plots in $(PLOTS), site in $(HTML_DIR): browse with 'make preview'"
+
+# Benchmark past commits, each installed in its own pinned virtualenv (asv.conf.json).
+history: $(STAMP)
+	$(ASV) machine --yes --config $(ASV_CONF) >/dev/null
+	ETBENCH_PROFILE=$(PROFILE) ETBENCH_RUNS_DIR=$(CURDIR)/results/runs/history \
+	  $(ASV) run --config $(ASV_CONF) --show-stderr $(RANGE)
+	$(MAKE) --no-print-directory publish
+
+# asv 0.6's pages load jQuery/flot/bootstrap from CDNs: replace them with copies from npm
+# registry packages (cached in $(SITE_CACHE), so later publishes work offline).
+publish: $(STAMP)
+	$(ASV) publish --config $(ASV_CONF)
+	$(PY) -m impls.site vendor $(HTML_DIR) --cache $(SITE_CACHE)
+
+# Served over HTTP (asv's pages fetch JSON with XHR, which browsers refuse for file://), on 127.0.0.1 only.
+preview:
+	@test -f $(HTML_DIR)/index.html || { echo "no $(HTML_DIR)/index.html: run 'make bench' first"; exit 1; }
+	@echo "Serving $(HTML_DIR) at http://127.0.0.1:$(PREVIEW_PORT)/  (Ctrl-C to stop)"
+	@$(PY) -m http.server --bind 127.0.0.1 --directory $(HTML_DIR) $(PREVIEW_PORT)
+
+# Render the published site in headless Chromium (apt-get install -y chromium) and screenshot it.
+check-site: $(STAMP)
+	$(PY) -m impls.site check $(HTML_DIR) --screenshot results/site.png
+
+clean:
+	rm -rf results/asv results/html results/runs results/plots .asv

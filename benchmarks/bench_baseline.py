@@ -1,0 +1,84 @@
+"""The baseline family: a GPT trained with AdamW in fp32, over zoo sizes and rank counts.
+
+Every technique is measured against these numbers.  asv's ``track_`` values are lower-is-better
+(asv 0.6 has no switch), so throughput is tracked as seconds per million tokens; tokens/s and
+MFU/HFU are in the run records, the plots and the summary table.
+"""
+from __future__ import annotations
+
+from . import common
+
+P = common.PROFILE
+MODELS, WORLD_SIZES = P["models"], common.usable_world_sizes()
+
+
+def _recipe(model: str) -> dict:
+    return dict(model=model, data=P["data"], optimizer="adamw", precision="fp32", lr=P["lr"][model],
+                batch_size=P["batch_size"], seq_len=P["seq_len"], device=P["device"])
+
+
+class BaselineTraining:
+    """One training run per (model, world size) to a fixed counted-FLOP budget."""
+
+    params = (MODELS, WORLD_SIZES)
+    param_names = ["model", "world_size"]
+
+    def setup_cache(self):
+        return {(m, w): common.train_record(f"baseline-{m}-ws{w}", nproc=w, flops_budget=P["flops_budget"],
+                                            **_recipe(m))
+                for m in MODELS for w in WORLD_SIZES}
+
+    setup_cache.timeout = 3600
+
+    def track_seconds_per_mtok(self, records, model, world_size):
+        return 1e6 / records[model, world_size]["tokens_per_second"]
+
+    track_seconds_per_mtok.unit = "s/Mtok"
+
+    def track_val_loss_at_budget(self, records, model, world_size):
+        return records[model, world_size]["final_val_loss"]
+
+    track_val_loss_at_budget.unit = "nats/token"
+
+    def track_params_bytes(self, records, model, world_size):
+        return records[model, world_size]["memory"]["params_bytes"]
+
+    track_params_bytes.unit = "bytes"
+
+    def track_grads_bytes(self, records, model, world_size):
+        return records[model, world_size]["memory"]["grads_bytes"]
+
+    track_grads_bytes.unit = "bytes"
+
+    def track_optimizer_bytes(self, records, model, world_size):
+        return records[model, world_size]["memory"]["optimizer_bytes"]
+
+    track_optimizer_bytes.unit = "bytes"
+
+    def track_activations_bytes(self, records, model, world_size):
+        return records[model, world_size]["memory"]["activations_bytes"]
+
+    track_activations_bytes.unit = "bytes"
+
+
+@common.apply_timing
+class BaselineStep:
+    """One optimizer step of the single-rank baseline, timed by asv (setup excluded)."""
+
+    params = MODELS
+    param_names = ["model"]
+
+    def setup(self, model):
+        from impls import train
+
+        self.session = train.prepare(train.Recipe(**_recipe(model), steps=1))
+        self.batch = self.session.batches.get("train", 0)
+        self.session.engine.train_step(*self.batch, 0)  # warm-up: allocator, thread pool, optimizer state
+
+    def time_train_step(self, model):
+        self.session.engine.train_step(*self.batch, 0)
+
+    def peakmem_train_step(self, model):
+        # Process peak RSS: dominated by `import torch` for small models; the exact per-component
+        # bytes are the BaselineTraining.track_*_bytes benchmarks.
+        self.session.engine.train_step(*self.batch, 0)
