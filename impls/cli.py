@@ -133,7 +133,7 @@ def _cmd_peak(args, argv) -> int:
 
     device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype)
-    peak = peak_flops(device, dtype)
+    peak = peak_flops(device, dtype, reprobe=args.reprobe)
     print(f"{device_name(device)} {args.dtype}: {peak['value'] / 1e9:.1f} GFLOP/s ({peak['source']})")
     return 0
 
@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("peak", help="peak FLOP/s used as the MFU denominator")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--reprobe", action="store_true", help="measure again, replacing the cached value")
     p = sub.add_parser("report", help="plots and tables from run records")
     p.add_argument("paths", nargs="+")
     p.add_argument("-o", "--out", default="results/plots")

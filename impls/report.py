@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import textwrap
 import sys
 import tempfile
 import warnings
@@ -369,7 +370,9 @@ def plot_loss_vs_flops(runs: pd.DataFrame) -> Figure:
         if ax.get_legend_handles_labels()[0]:
             # Rebuilt after axhline so the floor joins seaborn's run entries.
             ax.legend(title="run", loc="best", fontsize="small", title_fontsize="small")
-        ax.set_title(f"dataset {dataset_runs['dataset_key'].iloc[0]}", fontsize="medium")
+        # Full specs (every option spelled out) overflow a panel: wrap them; the hash still tells
+        # corpora apart.
+        ax.set_title("dataset " + textwrap.fill(dataset_runs["dataset_key"].iloc[0], 70), fontsize="small")
         ax.set_xlabel("cumulative training FLOPs (log scale)")
         ax.set_ylabel("validation loss (nats/token)")
     figure.suptitle("Validation loss vs compute")

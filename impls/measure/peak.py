@@ -45,8 +45,8 @@ def _cache_path() -> Path:
     return Path(root) / "peak_flops.json"
 
 
-def probe_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = PROBE_SIZE, repeats: int = 5) -> float:
-    """Best-of-``repeats`` FLOP/s of an n×n×n matmul (2n³ FLOPs) on ``device`` in ``dtype``."""
+def probe_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = PROBE_SIZE, repeats: int = 10) -> float:
+    """Best-of-``repeats`` (the best resists a briefly busy machine) FLOP/s of an n×n×n matmul (2n³ FLOPs) on ``device`` in ``dtype``."""
     device = torch.device(device)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
@@ -66,8 +66,9 @@ def probe_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = PROBE_
     return 2 * n**3 / best
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> dict:
-    """``{"value": FLOP/s, "source": str}`` for ``device`` and ``dtype``."""
+def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, reprobe: bool = False) -> dict:
+    """``{"value": FLOP/s, "source": str}`` for ``device`` and ``dtype``; ``reprobe`` replaces the
+    cached probe (e.g. one taken while the machine was busy)."""
     device = torch.device(device)
     name = device_name(device)
     dtype_name = str(dtype).removeprefix("torch.")
@@ -82,7 +83,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> dict
         cache = json.loads(path.read_text())
     except (OSError, ValueError):
         cache = {}
-    if cache_key not in cache:
+    if reprobe or cache_key not in cache:
         cache[cache_key] = probe_matmul_flops(device, dtype)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
