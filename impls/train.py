@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import data as data_lib
@@ -188,7 +189,9 @@ class Batches:
         r = self.r
         x, y = self.dataset.batch(split, index, r.batch_size, r.seq_len, r.seed, shard=self.ctx.rank)
         if self.mlm_mask_id is not None:
-            g = torch.Generator().manual_seed(hash((r.seed, split, index, self.ctx.rank)) & 0x7FFFFFFF)
+            # SeedSequence, not hash(): str hashes change per process (PYTHONHASHSEED).
+            mask_seed = np.random.SeedSequence([r.seed, ("train", "val").index(split), index, self.ctx.rank])
+            g = torch.Generator().manual_seed(int(mask_seed.generate_state(1)[0]))
             x, y = data_lib.mask_for_mlm(x, self.dataset.vocab_size, self.mlm_mask_id, r.mlm_rate, g)
         return x.to(self.ctx.device, non_blocking=True), y.to(self.ctx.device, non_blocking=True)
 
