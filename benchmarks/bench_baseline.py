@@ -17,6 +17,18 @@ def _recipe(model: str) -> dict:
                 batch_size=P["batch_size"], seq_len=P["seq_len"], device=P["device"])
 
 
+def _track_record_field(*path: str, unit: str):
+    """An asv ``track_`` method returning ``record[path...]`` of the (model, world_size) run."""
+    def track(self, records, model, world_size):
+        value = records[model, world_size]
+        for key in path:
+            value = value[key]
+        return value
+
+    track.unit = unit
+    return track
+
+
 class BaselineTraining:
     """One training run per (model, world size) to a fixed counted-FLOP budget."""
 
@@ -35,30 +47,11 @@ class BaselineTraining:
 
     track_seconds_per_mtok.unit = "s/Mtok"
 
-    def track_val_loss_at_budget(self, records, model, world_size):
-        return records[model, world_size]["final_val_loss"]
-
-    track_val_loss_at_budget.unit = "nats/token"
-
-    def track_params_bytes(self, records, model, world_size):
-        return records[model, world_size]["memory"]["params_bytes"]
-
-    track_params_bytes.unit = "bytes"
-
-    def track_grads_bytes(self, records, model, world_size):
-        return records[model, world_size]["memory"]["grads_bytes"]
-
-    track_grads_bytes.unit = "bytes"
-
-    def track_optimizer_bytes(self, records, model, world_size):
-        return records[model, world_size]["memory"]["optimizer_bytes"]
-
-    track_optimizer_bytes.unit = "bytes"
-
-    def track_activations_bytes(self, records, model, world_size):
-        return records[model, world_size]["memory"]["activations_bytes"]
-
-    track_activations_bytes.unit = "bytes"
+    track_val_loss_at_budget = _track_record_field("final_val_loss", unit="nats/token")
+    track_params_bytes = _track_record_field("memory", "params_bytes", unit="bytes")
+    track_grads_bytes = _track_record_field("memory", "grads_bytes", unit="bytes")
+    track_optimizer_bytes = _track_record_field("memory", "optimizer_bytes", unit="bytes")
+    track_activations_bytes = _track_record_field("memory", "activations_bytes", unit="bytes")
 
 
 @common.apply_timing
