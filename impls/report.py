@@ -19,14 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import textwrap
 import sys
-import tempfile
+import textwrap
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +31,8 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from .files import atomic_path, write_text
 
 SCHEMA_VERSION = 1
 MIB = 1 << 20
@@ -422,30 +421,8 @@ def plot_throughput_memory(runs: pd.DataFrame) -> Figure:
 # Writing
 # --------------------------------------------------------------------------------------------
 
-@contextmanager
-def _atomic_path(destination: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``destination`` and move it into place on success, so a
-    reader never sees a half-written file and a failure leaves the old one intact."""
-    fd, temporary = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.",
-                                     suffix=destination.suffix)
-    os.close(fd)
-    try:
-        yield Path(temporary)
-        os.chmod(temporary, 0o644)  # mkstemp creates 0600; reports are meant to be shared
-        os.replace(temporary, destination)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def _write_text(destination: Path, text: str) -> Path:
-    with _atomic_path(destination) as temporary:
-        temporary.write_text(text, encoding="utf-8")
-    return destination
-
-
 def _write_figure(destination: Path, figure: Figure) -> Path:
-    with _atomic_path(destination) as temporary:
+    with atomic_path(destination) as temporary:
         figure.savefig(temporary, format="png", dpi=DPI)
     return destination
 
@@ -466,8 +443,8 @@ def write_report(paths: Sequence[Path], out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     table = summary_table(runs)
     return [
-        _write_text(out_dir / "summary.csv", table.to_csv(index=False)),
-        _write_text(out_dir / "summary.md", markdown_table(table)),
+        write_text(out_dir / "summary.csv", table.to_csv(index=False)),
+        write_text(out_dir / "summary.md", markdown_table(table)),
         _write_figure(out_dir / "loss_vs_flops.png", plot_loss_vs_flops(runs)),
         _write_figure(out_dir / "throughput_memory.png", plot_throughput_memory(runs)),
     ]

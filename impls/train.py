@@ -27,6 +27,7 @@ import torch
 from . import data as data_lib
 from . import dist, optimizers, techniques, zoo
 from .errors import ConfigError
+from .files import write_text
 from .measure import (PeakMemory, SavedActivations, count_flops, device_name, model_flops_per_step,
                       model_state_bytes, peak_flops)
 
@@ -347,9 +348,4 @@ def _provenance() -> dict:
 
 def write_record(record: dict, path: str | os.PathLike) -> Path:
     """Write ``record`` as JSON atomically: a reader never sees a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)
-    return path
+    return write_text(path, json.dumps(record, indent=1))

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ..files import write_text
+
 # Dense (no 2:4 sparsity) peak FLOP/s from the vendors' datasheets.  fp32 on Ampere/Hopper uses
 # TF32 tensor cores only when allowed; we record the plain-fp32 CUDA-core peak for fp32 runs.
 _GPU_PEAKS = {
@@ -85,9 +87,6 @@ def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, reprobe
         cache = {}
     if reprobe or cache_key not in cache:
         cache[cache_key] = probe_matmul_flops(device, dtype)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        write_text(path, json.dumps(cache, indent=1, sort_keys=True))
     where = f"{device.type}/{dtype_name}/matmul-{PROBE_SIZE}" + (f"/{threads}threads" if threads else "")
     return {"value": cache[cache_key], "source": f"probe:{where}"}
