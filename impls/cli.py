@@ -14,6 +14,7 @@ import argparse
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from . import train
 from .errors import ConfigError
@@ -51,10 +52,11 @@ def _run_parser(sub) -> None:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--schedule", default=d.schedule, help="cosine | constant")
-    p.add_argument("--lr-warmup", type=int, default=d.lr_warmup, metavar="STEPS")
+    p.add_argument("--lr-warmup", "--warmup", type=int, default=d.lr_warmup, metavar="STEPS")
+    p.add_argument("--lr-scaling", default=d.lr_scaling, help="none | linear | sqrt: scale lr by global batch / --base-batch")
+    p.add_argument("--base-batch", type=int, default=d.base_batch, help="global batch (sequences) --lr is tuned for")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per rank per step")
     p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--precision", default=d.precision)
     p.add_argument("--technique", action="append", default=[], metavar="NAME[:K=V,...]")
     p.add_argument("--seed", type=int, default=d.seed)
     length = p.add_mutually_exclusive_group(required=True)
@@ -66,13 +68,16 @@ def _run_parser(sub) -> None:
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda")
     p.add_argument("--nproc", type=int, default=1, help="ranks; > 1 relaunches under torchrun")
     p.add_argument("--out", help="write the JSON record here (atomically)")
+    p.add_argument("--save-every", type=int, metavar="N", help="save the training state every N steps")
+    p.add_argument("--checkpoint", help="training-state file for --save-every (default: OUT with .state.pt)")
+    p.add_argument("--resume", metavar="PATH", help="continue from a training state saved by --save-every")
 
 
 def _recipe(args) -> train.Recipe:
     return train.Recipe(
         model=args.model, data=args.data, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
-        schedule=args.schedule, lr_warmup=args.lr_warmup, batch_size=args.batch_size, seq_len=args.seq_len,
-        precision=args.precision, techniques=args.technique, seed=args.seed, steps=args.steps,
+        schedule=args.schedule, lr_warmup=args.lr_warmup, lr_scaling=args.lr_scaling, base_batch=args.base_batch,
+        batch_size=args.batch_size, seq_len=args.seq_len, techniques=args.technique, seed=args.seed, steps=args.steps,
         flops_budget=args.flops_budget, eval_every=args.eval_every, eval_batches=args.eval_batches,
         timing_warmup=args.timing_warmup, device=args.device, model_args=_model_args(args.model_arg))
 
@@ -102,7 +107,10 @@ def _cmd_run(args, argv) -> int:
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         train.validate(recipe, world_size=args.nproc)  # fail here, once, before starting ranks
         return _relaunch_under_torchrun(argv, args.nproc)
-    record = train.run(recipe)
+    checkpoint = args.checkpoint or (str(Path(args.out).with_suffix(".state.pt")) if args.out else None)
+    if args.save_every is not None and checkpoint is None:
+        raise train.RecipeError("--save-every needs --checkpoint PATH or --out FILE")
+    record = train.run(recipe, save_every=args.save_every, checkpoint=checkpoint, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         if args.out:
             train.write_record(record, args.out)

@@ -89,11 +89,11 @@ def test_activation_bytes_grow_linearly_with_batch():
 def test_peak_probe_is_cached_per_machine(tmp_path, monkeypatch):
     monkeypatch.setenv("ETBENCH_CACHE", str(tmp_path))
     calls = []
-    monkeypatch.setattr(peak_module, "probe_matmul_flops", lambda *a, **k: calls.append(1) or 1e11)
+    monkeypatch.setattr(peak_module, "probe_matmul_flops", lambda *a, **k: calls.append(1) or (1e11, 2048))
     first = peak_flops("cpu", torch.float32)
     second = peak_flops("cpu", torch.float32)
     assert first == second and len(calls) == 1
-    assert first["source"].startswith("probe:cpu/float32/matmul-")
+    assert first["source"].startswith("probe:cpu/float32/matmul-2048/")
 
 
 def test_known_gpus_use_the_datasheet(monkeypatch):
@@ -102,5 +102,10 @@ def test_known_gpus_use_the_datasheet(monkeypatch):
 
 
 def test_matmul_probe_measures_a_plausible_rate():
-    rate = peak_module.probe_matmul_flops("cpu", torch.float32, n=256, repeats=2)
-    assert 1e8 < rate < 1e14
+    rate, n = peak_module.probe_matmul_flops("cpu", torch.float32, max_n=256, repeats=2)
+    assert 1e8 < rate < 1e14 and n == 256
+
+
+def test_matmul_probe_shrinks_when_a_matmul_is_slow():
+    _, n = peak_module.probe_matmul_flops("cpu", torch.float32, max_n=1024, repeats=1, max_seconds=0.0)
+    assert n == 128

@@ -47,25 +47,36 @@ def _cache_path() -> Path:
     return Path(root) / "peak_flops.json"
 
 
-def probe_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = PROBE_SIZE, repeats: int = 10) -> float:
-    """Best-of-``repeats`` (the best resists a briefly busy machine) FLOP/s of an n×n×n matmul (2n³ FLOPs) on ``device`` in ``dtype``."""
+def probe_matmul_flops(device: torch.device, dtype: torch.dtype, max_n: int = PROBE_SIZE, repeats: int = 10,
+                       max_seconds: float = 0.5) -> tuple[float, int]:
+    """``(FLOP/s, n)``: best-of-``repeats`` (the best resists a briefly busy machine) rate of an
+    n×n×n matmul (2n³ FLOPs) on ``device`` in ``dtype``, with ``n`` growing from 128 up to
+    ``max_n`` while one matmul stays under ``max_seconds``: a CPU without native bf16/fp16
+    kernels runs them ~100× slower than fp32, and the probe must stay cheap there too."""
     device = torch.device(device)
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    a @ b  # warm-up: thread pool start, kernel selection
-    sync()
-    best = float("inf")
-    for _ in range(repeats):
+    def timed(a, b) -> float:
+        sync()
         t0 = time.perf_counter()
         a @ b
         sync()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+        return time.perf_counter() - t0
+
+    n = 128
+    while True:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        a @ b  # warm-up: thread pool start, kernel selection
+        # Doubling n multiplies the time by 8: stop before a matmul would exceed max_seconds.
+        if n >= max_n or 8 * timed(a, b) > max_seconds:
+            break
+        n *= 2
+    best = min(timed(a, b) for _ in range(repeats))
+    return 2 * n**3 / best, n
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, reprobe: bool = False) -> dict:
@@ -79,14 +90,16 @@ def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, reprobe
             if key in name and dtype in table:
                 return {"value": table[dtype], "source": f"table:{key}/{dtype_name}"}
     threads = torch.get_num_threads() if device.type == "cpu" else 0
-    cache_key = f"{name}|{device.type}|{dtype_name}|{threads}threads|n{PROBE_SIZE}|torch{torch.__version__}"
+    cache_key = f"{name}|{device.type}|{dtype_name}|{threads}threads|torch{torch.__version__}"
     path = _cache_path()
     try:
         cache = json.loads(path.read_text())
     except (OSError, ValueError):
         cache = {}
-    if reprobe or cache_key not in cache:
-        cache[cache_key] = probe_matmul_flops(device, dtype)
+    if reprobe or not isinstance(cache.get(cache_key), dict):
+        value, n = probe_matmul_flops(device, dtype)
+        cache[cache_key] = {"value": value, "n": n}
         write_text(path, json.dumps(cache, indent=1, sort_keys=True))
-    where = f"{device.type}/{dtype_name}/matmul-{PROBE_SIZE}" + (f"/{threads}threads" if threads else "")
-    return {"value": cache[cache_key], "source": f"probe:{where}"}
+    probe = cache[cache_key]
+    where = f"{device.type}/{dtype_name}/matmul-{probe['n']}" + (f"/{threads}threads" if threads else "")
+    return {"value": probe["value"], "source": f"probe:{where}"}

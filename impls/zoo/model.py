@@ -80,10 +80,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
 
 
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                   attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(QKᵀ/√Q)V over (B, H, T, Q) tensors with torch's fused SDPA kernels."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                          is_causal=causal and attn_mask is None)
+
+
 class Attention(nn.Module):
+    """Multi-head (or grouped-query) self-attention.  ``attend`` computes the attention itself
+    from (B, H, T, Q) q/k/v: techniques swap it (math, sparse patterns) without touching weights."""
+
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.cfg = cfg
+        self.attend = sdpa_attention
         kv_dim = cfg.n_kv_head * cfg.head_dim
         self.qkv = nn.Linear(cfg.d_model, cfg.d_model + 2 * kv_dim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
@@ -102,9 +113,7 @@ class Attention(nn.Module):
         if cfg.n_kv_head != cfg.n_head:  # GQA: each K/V head serves n_head/n_kv_head query heads
             k = k.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
             v = v.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=cfg.causal and attn_mask is None,
-            dropout_p=cfg.dropout if self.training else 0.0)  # (B, H, T, Q)
+        y = self.attend(q, k, v, cfg.causal, attn_mask, cfg.dropout if self.training else 0.0)  # (B, H, T, Q)
         return self.proj(y.transpose(1, 2).reshape(b, t, c))  # (B, T, C)
 
 

@@ -1,0 +1,79 @@
+"""Training-state checkpoint and resume: a run killed after step k and resumed from its
+checkpoint ends bit-identical to an uninterrupted run.
+
+The state is everything the rest of the run depends on: model and optimizer (and loss-scaler)
+state, the step reached (which is also the data position, since batches are a pure function of
+the step), the loss curve so far and the RNG states.  Rank 0 writes it atomically (temporary file
++ rename), with a SHA-256 of the payload; loading refuses a file that is corrupt, not an etbench
+checkpoint, or written by a different recipe, naming the differing fields.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+from .files import atomic_path
+
+FORMAT = "etbench-training-state/1"
+# Fields that change how a run is executed or measured, not what it computes.
+_EXECUTION_ONLY = {"eval_batches", "timing_warmup", "device"}
+
+
+def _rng_state() -> dict:
+    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(path: str | os.PathLike, recipe, ctx, engine, *, step: int, curve: list, window_losses: list) -> None:
+    """Write the training state after ``step`` optimizer steps (rank 0 writes; all ranks wait)."""
+    if ctx.is_main:
+        buffer = io.BytesIO()
+        torch.save(dict(recipe=dataclasses.asdict(recipe), world_size=ctx.world_size, step=step,
+                        curve=curve, window_losses=window_losses, engine=engine.state_dict(), rng=_rng_state()),
+                   buffer)
+        payload = buffer.getvalue()
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                torch.save(dict(format=FORMAT, sha256=hashlib.sha256(payload).hexdigest(), payload=payload), f)
+    ctx.barrier()
+
+
+def load(path: str | os.PathLike, recipe, world_size: int) -> dict:
+    """Read (onto the CPU) and check a training state written by :func:`save` for ``recipe``."""
+    path = Path(path)
+    try:
+        outer = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise ConfigError(f"checkpoint {path} does not exist") from None
+    except Exception as e:  # torch.load raises many types for garbage input
+        raise ConfigError(f"checkpoint {path} is corrupt or not an etbench checkpoint ({type(e).__name__})") from None
+    if not isinstance(outer, dict) or outer.get("format") != FORMAT:
+        raise ConfigError(f"checkpoint {path} is not an etbench training state (expected format {FORMAT})")
+    if hashlib.sha256(outer["payload"]).hexdigest() != outer["sha256"]:
+        raise ConfigError(f"checkpoint {path} is corrupt: its SHA-256 does not match its contents")
+    state = torch.load(io.BytesIO(outer["payload"]), map_location="cpu", weights_only=False)
+    mine = dataclasses.asdict(recipe)
+    differing = sorted(k for k in mine if k not in _EXECUTION_ONLY and state["recipe"].get(k) != mine[k])
+    if differing:
+        detail = ", ".join(f"{k}: {state['recipe'].get(k)!r} vs {mine[k]!r}" for k in differing)
+        raise ConfigError(f"checkpoint {path} was written by a different recipe ({detail})")
+    if state["world_size"] != world_size:
+        raise ConfigError(f"checkpoint {path} was written with world_size {state['world_size']}, "
+                          f"this run has {world_size}")
+    return state
