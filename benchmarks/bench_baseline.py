@@ -17,18 +17,6 @@ def _recipe(model: str) -> dict:
                 batch_size=P["batch_size"], seq_len=P["seq_len"], device=P["device"])
 
 
-def _track_record_field(*path: str, unit: str):
-    """An asv ``track_`` method returning ``record[path...]`` of the (model, world_size) run."""
-    def track(self, records, model, world_size):
-        value = records[model, world_size]
-        for key in path:
-            value = value[key]
-        return value
-
-    track.unit = unit
-    return track
-
-
 class BaselineTraining:
     """One training run per (model, world size) to a fixed counted-FLOP budget."""
 
@@ -42,16 +30,12 @@ class BaselineTraining:
 
     setup_cache.timeout = 3600
 
-    def track_seconds_per_mtok(self, records, model, world_size):
-        return 1e6 / records[model, world_size]["tokens_per_second"]
-
-    track_seconds_per_mtok.unit = "s/Mtok"
-
-    track_val_loss_at_budget = _track_record_field("final_val_loss", unit="nats/token")
-    track_params_bytes = _track_record_field("memory", "params_bytes", unit="bytes")
-    track_grads_bytes = _track_record_field("memory", "grads_bytes", unit="bytes")
-    track_optimizer_bytes = _track_record_field("memory", "optimizer_bytes", unit="bytes")
-    track_activations_bytes = _track_record_field("memory", "activations_bytes", unit="bytes")
+    track_seconds_per_mtok = common.track_seconds_per_mtok
+    track_val_loss_at_budget = common.track("final_val_loss", unit="nats/token")
+    track_params_bytes = common.track("memory", "params_bytes", unit="bytes")
+    track_grads_bytes = common.track("memory", "grads_bytes", unit="bytes")
+    track_optimizer_bytes = common.track("memory", "optimizer_bytes", unit="bytes")
+    track_activations_bytes = common.track("memory", "activations_bytes", unit="bytes")
 
 
 @common.apply_timing

@@ -78,12 +78,18 @@ def runs_dir() -> Path:
 
 
 def train_record(name: str, *, nproc: int = 1, **recipe) -> dict:
-    """Run ``etbench run`` with ``recipe`` (Recipe field names) on ``nproc`` ranks; return its record."""
-    out = runs_dir() / f"{name}.json"
+    """Run ``etbench run`` with ``recipe`` (Recipe field names) on ``nproc`` ranks; return its record.
+
+    The record is kept as ``<runs dir>/<family>/<name>.json``, the family being the name's first
+    dash-separated word, so the report plots each benchmark family on its own.
+    """
+    out = runs_dir() / name.split("-")[0] / f"{name}.json"
     args = [sys.executable, "-m", "impls.cli", "run", "--nproc", str(nproc), "--out", str(out)]
     for key, value in recipe.items():
         if key == "techniques":
             args += [a for t in value for a in ("--technique", t)]
+        elif key == "model_args":
+            args += [a for k, v in value.items() for a in ("--model-arg", f"{k}={v}")]
         elif value is not None:
             args += [f"--{key.replace('_', '-')}", str(value)]
     # asv strips PYTHONPATH from benchmark processes: hand the child our import path explicitly.
@@ -99,3 +105,24 @@ def apply_timing(cls):
     for key, value in PROFILE["timing"].items():
         setattr(cls, key, value)
     return cls
+
+
+def track(*path: str, unit: str):
+    """An asv ``track_`` method returning ``record[path...]`` of the parametrised run, for classes
+    whose ``setup_cache`` returns records keyed by the tuple of parameter values."""
+    def track_field(self, records, *params):
+        value = records[params]
+        for key in path:
+            value = value[key]
+        return value
+
+    track_field.unit = unit
+    return track_field
+
+
+def track_seconds_per_mtok(self, records, *params):
+    """Throughput as asv can track it: lower is better, so seconds per million tokens."""
+    return 1e6 / records[params]["tokens_per_second"]
+
+
+track_seconds_per_mtok.unit = "s/Mtok"

@@ -226,8 +226,10 @@ def records_frame(records: Iterable[dict],
     runs["dataset_key"] = [f"{name} [{digest[:HASH_PREFIX]}]"
                            for name, digest in zip(runs["dataset.name"], runs["dataset.hash"])]
     runs["source"] = [str(s) if s is not None else None for s in sources]
+    # The benchmark family is the folder a record sits in (results/runs/<commit>/<family>/).
+    runs["family"] = [Path(s).parent.name if s is not None else "runs" for s in sources]
     runs["curve"] = pd.Series([r["curve"] for r in records], index=runs.index, dtype=object)
-    return runs.sort_values(["dataset_key", "run"], kind="stable").reset_index(drop=True)
+    return runs.sort_values(["family", "dataset_key", "run"], kind="stable").reset_index(drop=True)
 
 
 def curve_frame(runs: pd.DataFrame) -> pd.DataFrame:
@@ -271,6 +273,7 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
     markdown rendering rounds them for reading.
     """
     table = pd.DataFrame({
+        "family": runs["family"],
         "label": runs["run"],
         "model": runs["recipe.model"],
         "params": runs["params"],
@@ -417,6 +420,77 @@ def plot_throughput_memory(runs: pd.DataFrame) -> Figure:
     return figure
 
 
+def _comparison_key(runs: pd.DataFrame) -> pd.Series:
+    """Runs comparable with one another: same model, data, sequence length, FLOP budget and
+    world size (batch may differ: accumulation keeps the effective batch with smaller ones)."""
+    columns = ["recipe.model", "dataset.hash", "recipe.seq_len", "recipe.flops_budget", "world_size"]
+    keys = runs.reindex(columns=columns)
+    return pd.Series(["|".join(map(str, row)) for row in keys.itertuples(index=False)], index=runs.index)
+
+
+def technique_comparison(runs: pd.DataFrame) -> pd.DataFrame:
+    """Each technique run relative to the baseline of its comparison group (the run without
+    techniques, optimizer AdamW): throughput ratio, memory components as fractions of the
+    baseline's total exact memory, and the loss difference at the same FLOP budget."""
+    runs = runs.assign(_key=_comparison_key(runs))
+    is_baseline = runs["recipe.techniques"].map(lambda t: isinstance(t, list) and not t) & (
+        runs.get("recipe.optimizer", pd.Series("adamw", index=runs.index)) == "adamw")
+    rows = []
+    for _, group in runs.groupby("_key", sort=False):
+        baselines = group[is_baseline.loc[group.index]]
+        if baselines.empty or len(group) < 2:
+            continue
+        base = baselines.iloc[0]
+        base_total = sum(base[c] for c in MEMORY_COMPONENTS)
+        for _, run in group.iterrows():
+            row = {"run": run["run"], "speed ratio": run["tokens_per_second"] / base["tokens_per_second"],
+                   "loss delta": run["final_val_loss"] - base["final_val_loss"]}
+            for column, name in MEMORY_COMPONENTS.items():
+                row[f"{name} / baseline memory"] = run[column] / base_total
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plot_technique_comparison(comparison: pd.DataFrame) -> Figure:
+    """Three panels per technique, normalised to the baseline: speed ratio, the exact memory
+    breakdown as stacked fractions of the baseline's total, and the loss delta at equal FLOPs."""
+    figure = _new_figure(16.0, 1.6 + 0.42 * max(len(comparison), 1))
+    with sns.axes_style("whitegrid"):
+        ax_speed, ax_memory, ax_loss = figure.subplots(1, 3, sharey=True)
+    y = np.arange(len(comparison))
+    ax_speed.barh(y, comparison["speed ratio"], color="#4c72b0")
+    ax_speed.axvline(1.0, color="0.3", linestyle="--", linewidth=1)
+    ax_speed.bar_label(ax_speed.containers[0], fmt="{:.2f}×", padding=3, fontsize="small")
+    ax_speed.set_yticks(y, comparison["run"])
+    ax_speed.invert_yaxis()
+    ax_speed.margins(x=0.2)
+    ax_speed.set_title("Throughput vs baseline")
+    ax_speed.set_xlabel("tokens/s ÷ baseline (log scale)")
+    ax_speed.set_xscale("log")
+
+    left = np.zeros(len(comparison))
+    for (column, name), colour in zip(MEMORY_COMPONENTS.items(), sns.color_palette("Set2", len(MEMORY_COMPONENTS))):
+        widths = comparison[f"{name} / baseline memory"].fillna(0.0).to_numpy()
+        bars = ax_memory.barh(y, widths, left=left, height=0.8, color=colour, label=name)
+        left += widths
+    ax_memory.bar_label(bars, labels=[f"{t:.2f}" for t in left], padding=3, fontsize="small")
+    ax_memory.axvline(1.0, color="0.3", linestyle="--", linewidth=1)
+    ax_memory.margins(x=0.15)
+    ax_memory.set_title("Exact memory vs baseline")
+    ax_memory.set_xlabel("bytes ÷ baseline total")
+    ax_memory.legend(fontsize="small", loc="lower right")
+
+    colours = ["#c44e52" if d > 0 else "#55a868" for d in comparison["loss delta"]]
+    ax_loss.barh(y, comparison["loss delta"], color=colours)
+    ax_loss.axvline(0.0, color="0.3", linewidth=1)
+    ax_loss.bar_label(ax_loss.containers[0], fmt="{:+.3f}", padding=3, fontsize="small")
+    ax_loss.margins(x=0.25)
+    ax_loss.set_title("Validation loss at the same FLOP budget")
+    ax_loss.set_xlabel("loss − baseline loss (nats/token)")
+    figure.suptitle("Techniques normalised to the baseline")
+    return figure
+
+
 # --------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------
@@ -442,12 +516,21 @@ def write_report(paths: Sequence[Path], out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = summary_table(runs)
-    return [
-        write_text(out_dir / "summary.csv", table.to_csv(index=False)),
-        write_text(out_dir / "summary.md", markdown_table(table)),
-        _write_figure(out_dir / "loss_vs_flops.png", plot_loss_vs_flops(runs)),
-        _write_figure(out_dir / "throughput_memory.png", plot_throughput_memory(runs)),
-    ]
+    written = [write_text(out_dir / "summary.csv", table.to_csv(index=False)),
+               write_text(out_dir / "summary.md", markdown_table(table))]
+    # One set of plots per benchmark family: dozens of runs in one axes would be unreadable.
+    families = list(dict.fromkeys(runs["family"]))
+    for family in families:
+        group = runs[runs["family"] == family].reset_index(drop=True)
+        suffix = f"-{family}" if len(families) > 1 else ""
+        written += [_write_figure(out_dir / f"loss_vs_flops{suffix}.png", plot_loss_vs_flops(group)),
+                    _write_figure(out_dir / f"throughput_memory{suffix}.png", plot_throughput_memory(group))]
+        comparison = technique_comparison(group)
+        if len(comparison) > 1:
+            written += [write_text(out_dir / f"technique_comparison{suffix}.csv", comparison.to_csv(index=False)),
+                        _write_figure(out_dir / f"technique_comparison{suffix}.png",
+                                      plot_technique_comparison(comparison))]
+    return written
 
 
 def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -15,13 +15,13 @@ DATASET = "synthetic:vocab=64,order=2"
 
 
 def make_record(label: str, digest: str, *, floor: float | None = 1.234, speed: float = 1000.0,
-                scale: float = 1.0) -> dict:
+                scale: float = 1.0, techniques: tuple = ()) -> dict:
     """A schema-1 run record with a 4-point curve (val_loss missing at step 5)."""
     return {
         "schema": 1,
         "label": label,
         "recipe": {"model": "nano", "data": "synthetic", "optimizer": "adamw", "lr": 1e-3,
-                   "batch_size": 8, "seq_len": 64, "precision": "fp32", "techniques": [],
+                   "batch_size": 8, "seq_len": 64, "techniques": list(techniques),
                    "seed": 0, "steps": 15, "flops_budget": None, "eval_every": 10,
                    "eval_batches": 4},
         "git_commit": "abc123", "git_dirty": False,
@@ -60,7 +60,7 @@ def results(tmp_path):
     (root / "other").mkdir(parents=True)
     records = {
         root / "fp32.json": make_record("nano/adamw/fp32", HASH_A, speed=1000.0),
-        root / "bf16.json": make_record("nano/adamw/bf16", HASH_A, speed=2000.0, scale=1.1),
+        root / "bf16.json": make_record("nano/adamw/bf16", HASH_A, speed=2000.0, scale=1.1, techniques=["bf16"]),
         root / "other" / "fp32-b.json": make_record("nano/adamw/fp32", HASH_B, floor=None),
     }
     for path, record in records.items():
@@ -139,8 +139,12 @@ def test_write_report_outputs(results, tmp_path):
     out = tmp_path / "report"
     with pytest.warns(report.RecordWarning):
         written = report.write_report([results], out)
-    assert sorted(p.name for p in written) == ["loss_vs_flops.png", "summary.csv", "summary.md",
-                                               "throughput_memory.png"]
+    # One set of plots per family (the folder a record sits in); the technique comparison where a
+    # family holds a baseline and a technique run.
+    assert sorted(p.name for p in written) == [
+        "loss_vs_flops-other.png", "loss_vs_flops-results.png", "summary.csv", "summary.md",
+        "technique_comparison-results.csv", "technique_comparison-results.png",
+        "throughput_memory-other.png", "throughput_memory-results.png"]
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in written)  # no temps
 
     csv = pd.read_csv(out / "summary.csv").set_index("label")
@@ -150,13 +154,13 @@ def test_write_report_outputs(results, tmp_path):
 
     markdown = (out / "summary.md").read_text().splitlines()
     assert len(markdown) == 2 + 3
-    assert markdown[0].startswith("| label | model | params | dataset |")
-    bf16 = next(line for line in markdown if line.startswith("| nano/adamw/bf16 |"))
+    assert markdown[0].startswith("| family | label | model | params | dataset |")
+    bf16 = next(line for line in markdown if line.startswith("| results | nano/adamw/bf16 |"))
     for cell in ("124,672", "2,000", "31.00%", "32.00%", "2.00", "1.50", "2.7500", "1.2340"):
         assert f"| {cell} |" in bf16
     assert "| n/a |" in next(line for line in markdown if "(fp32-b)" in line)
 
-    for name in ("loss_vs_flops.png", "throughput_memory.png"):
+    for name in ("loss_vs_flops-results.png", "throughput_memory-results.png", "technique_comparison-results.png"):
         data = (out / name).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 20_000
 
@@ -188,7 +192,7 @@ def test_cli_writes_report_and_reports_skipped_files(results, tmp_path, capsys):
     out = tmp_path / "cli"
     assert report.main([str(results), "-o", str(out)]) == 0
     captured = capsys.readouterr()
-    assert len(captured.out.splitlines()) == 4
+    assert len(captured.out.splitlines()) == 8  # every written file, one per line
     assert "warning: skipping" in captured.err and "broken.json" in captured.err
 
 
@@ -197,3 +201,16 @@ def test_records_frame_rejects_invalid_records():
     del record["dataset"]["hash"]
     with pytest.raises(report.RecordError, match="dataset.hash"):
         report.records_frame([record])
+
+
+def test_technique_comparison_is_normalised_to_the_baseline(results):
+    runs, _ = load(results)
+    comparison = report.technique_comparison(runs[runs["family"] == "results"]).set_index("run")
+    bf16, base = comparison.loc["nano/adamw/bf16"], comparison.loc["nano/adamw/fp32 (fp32)"]
+    assert bf16["speed ratio"] == pytest.approx(2.0) and base["speed ratio"] == 1.0
+    assert bf16["loss delta"] == pytest.approx(0.25)  # 2.75 - 2.5
+    # Memory components as fractions of the baseline's total exact memory (2+2+4+1.5 MiB).
+    assert bf16["optimizer state / baseline memory"] == pytest.approx(4 / 9.5)
+    assert sum(base[f"{n} / baseline memory"] for n in report.MEMORY_COMPONENTS.values()) == pytest.approx(1.0)
+    # A run on another dataset is never compared with this baseline.
+    assert "nano/adamw/fp32 (fp32-b)" not in comparison.index

@@ -1,0 +1,137 @@
+"""Single-device techniques beside the baseline: throughput, exact memory, loss at a fixed budget.
+
+Every variant trains the same model on the same data to the same counted-FLOP budget, so the
+records (``results/runs/<commit>/technique-*.json``) line up for the per-technique comparison
+plot (normalised to the baseline).  Adding a technique = one line in :data:`VARIANTS`.
+
+Further classes draw the curves each technique is known for: activation memory vs recompute
+over the checkpointing interval (Chen et al. 2016's √n trade-off), activation memory vs effective
+batch for accumulation, and FLOPs/time/memory vs sequence length for sparse attention.
+"""
+from __future__ import annotations
+
+from . import common
+
+SETTINGS = {
+    # bf16/fp16 matmuls have no native kernels on most CPUs (~100× slower than fp32), so the quick
+    # budget is small enough for the precision variants to finish in about half a minute.
+    "quick": dict(model="nano", batch_size=8, seq_len=128, flops_budget=3e10, lr=3e-3, data="synthetic",
+                  curve_model="micro", seq_lens=[128, 512, 1024], window=64),
+    "full": dict(model="small", batch_size=16, seq_len=512, flops_budget=3e14, lr=1e-3, data="pycode",
+                 curve_model="small", seq_lens=[512, 1024, 2048, 4096], window=128),
+}[common.profile_name()]
+
+#: variant name -> (techniques, recipe overrides).  grad_accum keeps the effective batch of the
+#: baseline with a quarter of its micro-batch.
+VARIANTS = {
+    "baseline": ([], {}),
+    "bf16": (["bf16"], {}),
+    "fp16": (["fp16"], {}),
+    "grad_accum-4": (["grad_accum:steps=4"], {"batch_size": SETTINGS["batch_size"] // 4}),
+    "checkpoint-every1": (["checkpoint:every=1"], {}),
+    "checkpoint-every2": (["checkpoint:every=2"], {}),
+    "checkpoint-selective": (["checkpoint:policy=selective"], {}),
+    "checkpoint-fairscale": (["checkpoint:impl=fairscale"], {}),
+    "fuse-jit": (["fuse:mode=jit"], {}),
+    "fuse-compile": (["fuse:mode=compile"], {}),
+    "attention-math": (["attention:kind=math"], {}),
+    "attention-local": ([f"attention:kind=local,window={SETTINGS['window'] // 2}"], {}),
+    "attention-block": ([f"attention:kind=block,block={SETTINGS['window'] // 4},blocks=2"], {}),
+    "attention-strided": ([f"attention:kind=strided,stride={SETTINGS['window'] // 4}"], {}),
+    # Compositions: stacks a user would actually run.
+    "bf16+checkpoint+compile": (["bf16", "checkpoint:every=1", "fuse:mode=compile"], {}),
+    "checkpoint+grad_accum": (["checkpoint:every=1", "grad_accum:steps=4"],
+                              {"batch_size": SETTINGS["batch_size"] // 4}),
+    "fuse-jit+attention-local": (["fuse:mode=jit", f"attention:kind=local,window={SETTINGS['window'] // 2}"], {}),
+}
+
+
+def _recipe(**overrides) -> dict:
+    s = SETTINGS
+    return {**dict(model=s["model"], data=s["data"], batch_size=s["batch_size"], seq_len=s["seq_len"], lr=s["lr"],
+                   device=common.PROFILE["device"]), **overrides}
+
+
+class Techniques:
+    """Each technique (and a few stacks) trained to the same counted-FLOP budget as the baseline."""
+
+    params = list(VARIANTS)
+    param_names = ["variant"]
+
+    def setup_cache(self):
+        return {(name,): common.train_record(f"technique-{name}", techniques=techniques,
+                                             flops_budget=SETTINGS["flops_budget"], **_recipe(**overrides))
+                for name, (techniques, overrides) in VARIANTS.items()}
+
+    setup_cache.timeout = 3600
+
+    track_seconds_per_mtok = common.track_seconds_per_mtok
+    track_val_loss_at_budget = common.track("final_val_loss", unit="nats/token")
+    track_activations_bytes = common.track("memory", "activations_bytes", unit="bytes")
+    track_optimizer_bytes = common.track("memory", "optimizer_bytes", unit="bytes")
+    # Compilation (and first-step allocation) time, kept out of the timed steps.
+    track_first_step_seconds = common.track("first_step_seconds", unit="seconds")
+
+
+class CheckpointCurve:
+    """Activation bytes vs counted FLOPs over the checkpointing interval k (every k-th block)."""
+
+    params = [0, 1, 2, 4]  # 0: no checkpointing
+    param_names = ["every"]
+
+    def setup_cache(self):
+        return {(k,): common.train_record(f"checkpoint-curve-every{k}", steps=3,
+                                          techniques=[f"checkpoint:every={k}"] if k else [],
+                                          **_recipe(model=SETTINGS["curve_model"]))
+                for k in self.params}
+
+    track_activations_bytes = common.track("memory", "activations_bytes", unit="bytes")
+    track_flops_per_step = common.track("flops_per_step", unit="FLOPs")
+    track_seconds_per_mtok = common.track_seconds_per_mtok
+
+
+class AccumulationMemory:
+    """Activation bytes vs effective batch: a larger batch vs more accumulated micro-batches of 2."""
+
+    params = (["batch", "accumulate"], [2, 4, 8, 16])
+    param_names = ["how", "effective_batch"]
+
+    def setup_cache(self):
+        records = {}
+        for how in self.params[0]:
+            for batch in self.params[1]:
+                if how == "batch":
+                    recipe = _recipe(batch_size=batch)
+                else:
+                    recipe = _recipe(batch_size=2, techniques=[f"grad_accum:steps={batch // 2}"])
+                records[how, batch] = common.train_record(f"accum-{how}-{batch}", steps=3, **recipe)
+        return records
+
+    track_activations_bytes = common.track("memory", "activations_bytes", unit="bytes")
+    track_seconds_per_mtok = common.track_seconds_per_mtok
+
+
+class AttentionScaling:
+    """Counted FLOPs, time and activation bytes vs sequence length, dense vs sparse attention."""
+
+    params = (["sdpa", "local", "block", "strided"], SETTINGS["seq_lens"])
+    param_names = ["kind", "seq_len"]
+
+    def setup_cache(self):
+        w = SETTINGS["window"]
+        options = {"sdpa": "", "local": f",window={w}", "block": f",block={w // 2},blocks=2",
+                   "strided": f",stride={w // 2}"}
+        return {(kind, t): common.train_record(
+                    f"attention-{kind}-T{t}", steps=3, techniques=[f"attention:kind={kind}{options[kind]}"],
+                    **_recipe(seq_len=t, batch_size=2, model_args={"block_size": max(t, 128)}))
+                for kind in self.params[0] for t in self.params[1]}
+
+    setup_cache.timeout = 1800
+
+    def track_flops_per_token(self, records, kind, seq_len):
+        record = records[kind, seq_len]
+        return record["flops_per_step"] / record["tokens_per_step"]
+
+    track_flops_per_token.unit = "FLOPs/token"
+    track_seconds_per_mtok = common.track_seconds_per_mtok
+    track_activations_bytes = common.track("memory", "activations_bytes", unit="bytes")
