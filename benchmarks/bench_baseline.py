@@ -30,12 +30,12 @@ class BaselineTraining:
 
     setup_cache.timeout = 3600
 
-    track_seconds_per_mtok = common.track_seconds_per_mtok
-    track_val_loss_at_budget = common.track("final_val_loss", unit="nats/token")
-    track_params_bytes = common.track("memory", "params_bytes", unit="bytes")
-    track_grads_bytes = common.track("memory", "grads_bytes", unit="bytes")
-    track_optimizer_bytes = common.track("memory", "optimizer_bytes", unit="bytes")
-    track_activations_bytes = common.track("memory", "activations_bytes", unit="bytes")
+    track_seconds_per_mtok = common.seconds_per_mtok
+    track_val_loss_at_budget = common.tracked_field("final_val_loss", unit="nats/token")
+    track_params_bytes = common.tracked_field("memory", "params_bytes", unit="bytes")
+    track_grads_bytes = common.tracked_field("memory", "grads_bytes", unit="bytes")
+    track_optimizer_bytes = common.tracked_field("memory", "optimizer_bytes", unit="bytes")
+    track_activations_bytes = common.tracked_field("memory", "activations_bytes", unit="bytes")
 
 
 @common.apply_timing

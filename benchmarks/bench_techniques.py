@@ -65,12 +65,12 @@ class Techniques:
 
     setup_cache.timeout = 3600
 
-    track_seconds_per_mtok = common.track_seconds_per_mtok
-    track_val_loss_at_budget = common.track("final_val_loss", unit="nats/token")
-    track_activations_bytes = common.track("memory", "activations_bytes", unit="bytes")
-    track_optimizer_bytes = common.track("memory", "optimizer_bytes", unit="bytes")
+    track_seconds_per_mtok = common.seconds_per_mtok
+    track_val_loss_at_budget = common.tracked_field("final_val_loss", unit="nats/token")
+    track_activations_bytes = common.tracked_field("memory", "activations_bytes", unit="bytes")
+    track_optimizer_bytes = common.tracked_field("memory", "optimizer_bytes", unit="bytes")
     # Compilation (and first-step allocation) time, kept out of the timed steps.
-    track_first_step_seconds = common.track("first_step_seconds", unit="seconds")
+    track_first_step_seconds = common.tracked_field("first_step_seconds", unit="seconds")
 
 
 class CheckpointCurve:
@@ -85,9 +85,9 @@ class CheckpointCurve:
                                           **_recipe(model=SETTINGS["curve_model"]))
                 for k in self.params}
 
-    track_activations_bytes = common.track("memory", "activations_bytes", unit="bytes")
-    track_flops_per_step = common.track("flops_per_step", unit="FLOPs")
-    track_seconds_per_mtok = common.track_seconds_per_mtok
+    track_activations_bytes = common.tracked_field("memory", "activations_bytes", unit="bytes")
+    track_flops_per_step = common.tracked_field("flops_per_step", unit="FLOPs")
+    track_seconds_per_mtok = common.seconds_per_mtok
 
 
 class AccumulationMemory:
@@ -107,8 +107,8 @@ class AccumulationMemory:
                 records[how, batch] = common.train_record(f"accum-{how}-{batch}", steps=3, **recipe)
         return records
 
-    track_activations_bytes = common.track("memory", "activations_bytes", unit="bytes")
-    track_seconds_per_mtok = common.track_seconds_per_mtok
+    track_activations_bytes = common.tracked_field("memory", "activations_bytes", unit="bytes")
+    track_seconds_per_mtok = common.seconds_per_mtok
 
 
 class AttentionScaling:
@@ -133,5 +133,5 @@ class AttentionScaling:
         return record["flops_per_step"] / record["tokens_per_step"]
 
     track_flops_per_token.unit = "FLOPs/token"
-    track_seconds_per_mtok = common.track_seconds_per_mtok
-    track_activations_bytes = common.track("memory", "activations_bytes", unit="bytes")
+    track_seconds_per_mtok = common.seconds_per_mtok
+    track_activations_bytes = common.tracked_field("memory", "activations_bytes", unit="bytes")

@@ -107,7 +107,7 @@ def apply_timing(cls):
     return cls
 
 
-def track(*path: str, unit: str):
+def tracked_field(*path: str, unit: str):
     """An asv ``track_`` method returning ``record[path...]`` of the parametrised run, for classes
     whose ``setup_cache`` returns records keyed by the tuple of parameter values."""
     def track_field(self, records, *params):
@@ -120,9 +120,9 @@ def track(*path: str, unit: str):
     return track_field
 
 
-def track_seconds_per_mtok(self, records, *params):
+def seconds_per_mtok(self, records, *params):
     """Throughput as asv can track it: lower is better, so seconds per million tokens."""
     return 1e6 / records[params]["tokens_per_second"]
 
 
-track_seconds_per_mtok.unit = "s/Mtok"
+seconds_per_mtok.unit = "s/Mtok"
