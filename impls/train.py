@@ -307,11 +307,13 @@ def run(recipe: Recipe, ctx: dist.DistContext | None = None, *, save_every: int 
     # micro-batch's graph is freed by its backward).  FLOPs: one eager step, all micro-batches;
     # its gradients are discarded by the first real step's zero_grad.
     x0, y0 = batches.get("train", 0)
-    # (cloned: a view would make the meter count the whole step's index storage)
+    # (cloned: a view would make the meter count the whole step's index storage).  Both passes
+    # run eagerly, so a compiled model compiles in its first (untimed, reported) step.
     xm, ym = x0.chunk(plan.accum_steps)[0].clone(), y0.chunk(plan.accum_steps)[0].clone()
-    with SavedActivations(model.parameters()) as saved, engine.autocast():
-        model(xm, ym)
-    flops_rank, _ = count_flops(lambda: engine.forward_backward(x0, y0))
+    with torch.compiler.set_stance("force_eager"):
+        with SavedActivations(model.parameters()) as saved, engine.autocast():
+            model(xm, ym)
+        flops_rank, _ = count_flops(lambda: engine.forward_backward(x0, y0))
     flops_per_step = flops_rank * ctx.world_size
     model_flops = model_flops_per_step(model, step_rows, recipe.seq_len)
     if recipe.steps is not None:
