@@ -160,6 +160,7 @@ def test_compile_in_place_gives_eager_outputs_and_gradients(inductor_cache):
 @pytest.fixture(scope="module")
 def compiled_and_eager_runs(inductor_cache):
     quick = dict(model="nano", batch_size=B, seq_len=T, steps=4, eval_batches=1, timing_warmup=1)
+    torch._dynamo.reset()  # earlier tests compiled the same blocks in this process: start afresh
     return train.run(train.Recipe(**quick, techniques=["fuse:mode=compile"])), train.run(train.Recipe(**quick))
 
 
