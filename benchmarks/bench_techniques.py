@@ -114,12 +114,13 @@ class AccumulationMemory:
 class AttentionScaling:
     """Counted FLOPs, time and activation bytes vs sequence length, dense vs sparse attention."""
 
-    params = (["sdpa", "local", "block", "strided"], SETTINGS["seq_lens"])
+    # math is the dense reference for FLOPs: the counted SDPA backward includes its recompute (7/6).
+    params = (["math", "sdpa", "local", "block", "strided"], SETTINGS["seq_lens"])
     param_names = ["kind", "seq_len"]
 
     def setup_cache(self):
         w = SETTINGS["window"]
-        options = {"sdpa": "", "local": f",window={w}", "block": f",block={w // 2},blocks=2",
+        options = {"math": "", "sdpa": "", "local": f",window={w}", "block": f",block={w // 2},blocks=2",
                    "strided": f",stride={w // 2}"}
         return {(kind, t): common.train_record(
                     f"attention-{kind}-T{t}", steps=3, techniques=[f"attention:kind={kind}{options[kind]}"],
