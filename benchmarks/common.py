@@ -8,6 +8,7 @@ benchmark measures exactly what a user's command measures, and its JSON record i
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -65,6 +66,7 @@ def usable_world_sizes() -> list[int]:
     return [w for w in PROFILE["world_sizes"] if w <= limit]
 
 
+@functools.cache  # one folder per benchmark run, even if HEAD moves while it runs
 def runs_dir() -> Path:
     """Where this benchmark run keeps its records: ``ETBENCH_RUNS_DIR``, else results/runs/<commit>."""
     if os.environ.get("ETBENCH_RUNS_DIR"):

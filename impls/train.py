@@ -337,7 +337,7 @@ def run(recipe: Recipe, ctx: dist.DistContext | None = None, *, save_every: int 
     # The first steps of this process are untimed: allocator and thread-pool warm-up, and the
     # compilation of a compiled model, whose time is reported on its own.
     warmup = min(recipe.timing_warmup, total_steps - start - 1)
-    step_seconds, first_step_seconds, state_bytes = [], None, None
+    step_seconds, first_step_seconds, state_bytes, optimizer_state = [], None, None, None
     bar = _progress(total_steps, ctx.is_main)
     bar.update(start)
     with PeakMemory(ctx.device) as peak:
@@ -354,6 +354,8 @@ def run(recipe: Recipe, ctx: dist.DistContext | None = None, *, save_every: int 
                 step_seconds.append(elapsed)
             if state_bytes is None:  # after the first update: optimizer state exists, gradients still held
                 state_bytes = engine.state_bytes()
+                # 8-bit optimizers keep small tensors in fp32: which ones, and their bytes.
+                optimizer_state = optimizers.state_bytes_by_kind(engine.optimizer, engine.module)
             window_losses.append(loss)
             done = step + 1
             if done % eval_every == 0 or done == total_steps:
@@ -403,7 +405,7 @@ def run(recipe: Recipe, ctx: dist.DistContext | None = None, *, save_every: int 
         mfu=model_flops * achieved / peak_dev["value"],
         hfu=flops_per_step * achieved / peak_dev["value"],
         memory=dict(**state_bytes, activations_bytes=saved.bytes, peak_bytes=int(peak.peak_bytes),
-                    peak_kind=peak.kind),
+                    peak_kind=peak.kind, optimizer_state=optimizer_state),
         curve=curve,
         final_val_loss=curve[-1]["val_loss"],
         wall_seconds=time.perf_counter() - t_start,
