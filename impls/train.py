@@ -170,10 +170,15 @@ class TorchEngine:
 
         Each micro-batch contributes its loss *sum* divided by the step's total target-token
         count, so padded or masked micro-batches of different lengths weigh exactly as in one
-        large batch (a mean of per-micro-batch means would not).
+        large batch (a mean of per-micro-batch means would not).  Across ranks the count is the
+        global one, times the world size that DDP's gradient averaging divides by again.
         """
         self.optimizer.zero_grad(set_to_none=True)
-        n_targets = (y != zoo.IGNORE_INDEX).sum().clamp(min=1)
+        n_targets = (y != zoo.IGNORE_INDEX).sum()
+        if self.ctx.world_size > 1:
+            torch.distributed.all_reduce(n_targets)
+            n_targets = n_targets / self.ctx.world_size
+        n_targets = n_targets.clamp(min=1)
         chunks = list(zip(x.chunk(self.plan.accum_steps), y.chunk(self.plan.accum_steps)))
         total = torch.zeros((), device=x.device)
         for i, (xm, ym) in enumerate(chunks):
