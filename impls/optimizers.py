@@ -56,6 +56,7 @@ from collections import defaultdict
 import torch
 
 from .errors import ConfigError
+from .measure.memory import storage_key, tensors_in
 
 ADAM_BETAS = (0.9, 0.95)
 MIN_8BIT_SIZE = 4096  # bitsandbytes' default: smaller tensors keep fp32 state
@@ -146,22 +147,6 @@ def build(name: str, model: torch.nn.Module, lr: float, weight_decay: float) -> 
 # --------------------------------------------------------------------------- state accounting
 
 
-def _storage_key(t: torch.Tensor) -> tuple[int, int, str]:
-    s = t.untyped_storage()
-    return s.data_ptr(), s.nbytes(), str(t.device)
-
-
-def _state_tensors(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _state_tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _state_tensors(v)
-
-
 def _min_8bit_size(optimizer) -> int | None:
     """bitsandbytes' threshold below which a tensor keeps fp32 state; None for other optimizers."""
     args = getattr(optimizer, "args", None)
@@ -185,22 +170,22 @@ def state_bytes_by_kind(optimizer: torch.optim.Optimizer, model: torch.nn.Module
     its threshold and ``fp32_fallback`` names the parameters it left in fp32 for being smaller
     (names when ``model`` is given, else shapes); for others they are None and [].
     """
-    param_keys = {_storage_key(p) for g in optimizer.param_groups for p in g["params"]}
+    param_keys = {storage_key(p) for g in optimizer.param_groups for p in g["params"]}
     params, seen = [], set()
     for group in optimizer.param_groups:
         for p in group["params"]:
             if id(p) not in seen:
                 seen.add(id(p))
                 params.append(p)
-    state_of = {id(p): [t for t in _state_tensors(optimizer.state.get(p, {})) if _storage_key(t) not in param_keys]
+    state_of = {id(p): [t for t in tensors_in(optimizer.state.get(p, {})) if storage_key(t) not in param_keys]
                 for p in params}
     owners: dict[tuple, set] = defaultdict(set)  # state storage -> the parameters using it
     for pid, tensors in state_of.items():
         for t in tensors:
-            owners[_storage_key(t)].add(pid)
-    for t in _state_tensors(getattr(optimizer, "name2qmap", {})):  # bitsandbytes' optimizer-wide maps
-        if _storage_key(t) in owners:
-            owners[_storage_key(t)].add("optimizer")
+            owners[storage_key(t)].add(pid)
+    for t in tensors_in(getattr(optimizer, "name2qmap", {})):  # bitsandbytes' optimizer-wide maps
+        if storage_key(t) in owners:
+            owners[storage_key(t)].add("optimizer")
 
     min_8bit = _min_8bit_size(optimizer)
     names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
@@ -213,7 +198,7 @@ def state_bytes_by_kind(optimizer: torch.optim.Optimizer, model: torch.nn.Module
         entry = kinds.setdefault(kind, dict(tensors=0, elements=0, bytes=0))
         entry["tensors"] += 1
         entry["elements"] += p.numel()
-        for key in {_storage_key(t) for t in tensors}:
+        for key in {storage_key(t) for t in tensors}:
             if len(owners[key]) == 1:
                 entry["bytes"] += key[1]
         if min_8bit is not None and kind == "32bit" and p.numel() < min_8bit:

@@ -21,7 +21,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _storage_key(t: torch.Tensor) -> tuple[int, int, str]:
+def storage_key(t: torch.Tensor) -> tuple[int, int, str]:
     s = _local(t).untyped_storage()
     return s.data_ptr(), s.nbytes(), str(t.device)
 
@@ -34,36 +34,34 @@ def tensor_bytes(tensors: Iterable[torch.Tensor], exclude: set | None = None) ->
         if t.device.type == "meta":  # no storage to deduplicate: count the nominal size
             total += t.numel() * t.element_size()
             continue
-        key = _storage_key(t)
+        key = storage_key(t)
         if key not in seen:
             seen.add(key)
             total += key[1]
     return total
 
 
-def _optimizer_tensors(optimizer) -> Iterable[torch.Tensor]:
-    def walk(obj):
-        if isinstance(obj, torch.Tensor):
-            yield obj
-        elif isinstance(obj, dict):
-            for v in obj.values():
-                yield from walk(v)
-        elif isinstance(obj, (list, tuple)):
-            for v in obj:
-                yield from walk(v)
-
-    yield from walk(optimizer.state)
+def tensors_in(obj) -> Iterable[torch.Tensor]:
+    """Every tensor inside nested dicts, lists and tuples (an optimizer's state, say)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from tensors_in(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from tensors_in(v)
 
 
 def model_state_bytes(model: torch.nn.Module, optimizer=None) -> dict[str, int]:
     """Bytes of parameters, gradients and optimizer state held by this rank, each storage once."""
     params = list(model.parameters())
-    param_keys = {_storage_key(p) for p in params if p.device.type != "meta"}
+    param_keys = {storage_key(p) for p in params if p.device.type != "meta"}
     return {
         "params_bytes": tensor_bytes(params),
         "grads_bytes": tensor_bytes(p.grad for p in params if p.grad is not None),
         # Exclude parameter storages: some optimizers keep references to the weights in state.
-        "optimizer_bytes": tensor_bytes(_optimizer_tensors(optimizer), exclude=param_keys) if optimizer else 0,
+        "optimizer_bytes": tensor_bytes(tensors_in(optimizer.state), exclude=param_keys) if optimizer else 0,
     }
 
 
@@ -76,7 +74,7 @@ class SavedActivations:
     """
 
     def __init__(self, params: Iterable[torch.Tensor] = ()):
-        self._exclude = {_storage_key(p) for p in params if p.device.type != "meta"}
+        self._exclude = {storage_key(p) for p in params if p.device.type != "meta"}
         self._seen: set = set()
         self.bytes = 0
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
@@ -85,7 +83,7 @@ class SavedActivations:
         if t.device.type == "meta":
             self.bytes += t.numel() * t.element_size()
             return t
-        key = _storage_key(t)
+        key = storage_key(t)
         if key not in self._exclude and key not in self._seen:
             self._seen.add(key)
             self.bytes += key[1]
