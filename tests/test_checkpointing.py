@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from impls import techniques, train, zoo
+from conftest import build_model
 from impls.errors import ConfigError
 from impls.measure import SavedActivations, count_flops
 from impls.techniques import checkpoint as ckpt
@@ -20,23 +21,11 @@ B, T = 4, 32
 LLAMA_ISH = dict(norm="rmsnorm", mlp="swiglu", position="rope", n_kv_head=1, bias=False, dropout=0.1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes run faster on one thread; on a shared CPU two threads' barriers can cost ~100×.
-    The numbers checked here do not depend on the thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(spec: str | None = None, **model_args):
-    torch.manual_seed(0)
-    model = zoo.build("nano", **model_args)
-    if spec:
-        specs = [techniques.parse(spec)]
-        model = techniques.apply_all(model, specs, techniques.configure(specs))
-    return model
+    return build_model("nano", [spec] if spec else [], **model_args)[0]
 
 
 def batch(vocab: int = 256):

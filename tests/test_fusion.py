@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from impls import techniques, train, zoo
+from conftest import build_model
 from impls.errors import ConfigError
 from impls.measure import SavedActivations
 from impls.techniques import fuse
@@ -20,22 +21,11 @@ REPO = Path(__file__).resolve().parents[1]
 B, T = 4, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes run faster on one thread (two threads' barriers on a shared CPU cost ~100×)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(spec: str | None = None, **model_args):
-    torch.manual_seed(0)
-    model = zoo.build("nano", **model_args)
-    if spec:
-        specs = [techniques.parse(spec)]
-        model = techniques.apply_all(model, specs, techniques.configure(specs))
-    return model
+    return build_model("nano", [spec] if spec else [], **model_args)[0]
 
 
 def batch():

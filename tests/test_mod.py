@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from impls import techniques, train, zoo
+from conftest import build_model
 from impls.errors import ConfigError
 from impls.measure import count_flops
 from impls.techniques import mod
@@ -14,20 +15,11 @@ B, T = 2, 64
 LLAMA_ISH = dict(norm="rmsnorm", mlp="swiglu", position="rope", n_kv_head=1, bias=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(spec="mod", n_layer=4, **model_args):
-    torch.manual_seed(0)
-    model = zoo.build("nano", n_layer=n_layer, **model_args)
-    specs = [techniques.parse(spec)]
-    plan = techniques.configure(specs)
-    return techniques.apply_all(model, specs, plan), plan
+    return build_model("nano", [spec], n_layer=n_layer, **model_args)
 
 
 def batch(t=T, vocab=256):
