@@ -5,6 +5,7 @@
     etbench zoo                      # model names and parameter counts
     etbench peak                     # the MFU denominator on this machine
     etbench report results/runs -o results/plots
+    etbench isoflop --budgets 1e10,3e10 --variants baseline,mod --out results/isoflop/NAME
 
 Bad input exits with status 2 and one line on stderr, before any work and without writing files.
 """
@@ -154,6 +155,14 @@ def _cmd_report(args, argv) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["isoflop"]:  # its own parser: the sweep engine owns its options
+        from . import isoflop
+
+        try:
+            return isoflop.main(argv[1:])
+        except ConfigError as e:
+            print(f"etbench: error: {e}", file=sys.stderr)
+            return 2
     parser = argparse.ArgumentParser(prog="etbench", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
@@ -162,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--reprobe", action="store_true", help="measure again, replacing the cached value")
+    sub.add_parser("isoflop", help="isoFLOP sweep: train sizes × budgets × variants, fit optima (see --help)")
     p = sub.add_parser("report", help="plots and tables from run records")
     p.add_argument("paths", nargs="+")
     p.add_argument("-o", "--out", default="results/plots")

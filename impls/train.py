@@ -76,7 +76,8 @@ class RecipeError(ConfigError):
 # --------------------------------------------------------------------------- validation
 
 
-def _check_recipe_fields(r: Recipe) -> tuple[list[techniques.TechniqueSpec], techniques.Plan]:
+def check_recipe_fields(r: Recipe) -> tuple[list[techniques.TechniqueSpec], techniques.Plan]:
+    """The checks that need no data and no model: names, values, technique options and combinations."""
     zoo.config(r.model, **r.model_args)  # unknown model or field -> ConfigError naming the valid ones
     optimizers.check(r.optimizer)
     if r.lr_scaling not in LR_SCALINGS:
@@ -99,7 +100,7 @@ def _check_recipe_fields(r: Recipe) -> tuple[list[techniques.TechniqueSpec], tec
     return specs, techniques.configure(specs)
 
 
-def _model_overrides(r: Recipe, dataset: data_lib.TokenData) -> dict:
+def model_overrides(r: Recipe, dataset: data_lib.TokenData) -> dict:
     """The model follows the data's vocabulary (+1 [MASK] token for a masked-LM encoder)."""
     causal = r.model_args.get("causal", zoo.CONFIGS[r.model][1].get("causal", True))
     return {**r.model_args, "vocab_size": dataset.vocab_size + (0 if causal else 1)}
@@ -108,9 +109,9 @@ def _model_overrides(r: Recipe, dataset: data_lib.TokenData) -> dict:
 def validate(r: Recipe, world_size: int = 1) -> tuple[list[techniques.TechniqueSpec], techniques.Plan,
                                                       data_lib.TokenData]:
     """Check everything that can be checked before training; return techniques, plan and data."""
-    specs, plan = _check_recipe_fields(r)
+    specs, plan = check_recipe_fields(r)
     dataset = data_lib.load(r.data)
-    meta = zoo.build(r.model, device="meta", **_model_overrides(r, dataset))
+    meta = zoo.build(r.model, device="meta", **model_overrides(r, dataset))
     if r.seq_len > meta.cfg.block_size:
         raise RecipeError(f"seq_len {r.seq_len} exceeds model {r.model!r} block_size {meta.cfg.block_size}; "
                           f"lower seq_len or set model_args block_size")
@@ -283,7 +284,7 @@ def prepare(recipe: Recipe, ctx: dist.DistContext | None = None) -> Session:
     specs, plan, dataset = validate(recipe, world_size)
     ctx = ctx or dist.init(recipe.device)
     torch.manual_seed(recipe.seed)
-    model = zoo.build(recipe.model, device=ctx.device, **_model_overrides(recipe, dataset))
+    model = zoo.build(recipe.model, device=ctx.device, **model_overrides(recipe, dataset))
     model = techniques.apply_all(model, specs, plan)
     engine = TorchEngine(model, recipe, plan, ctx, total_steps=recipe.steps or 1)
     batches = Batches(dataset, recipe, model.cfg, ctx, plan.accum_steps)

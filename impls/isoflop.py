@@ -1,0 +1,719 @@
+"""IsoFLOP sweeps: compute-optimal model size per FLOP budget, per technique variant.
+
+Chinchilla (Hoffmann et al. 2022) *Approach 2*: train a range of model sizes N to the same
+counted-FLOP budget C; for each budget fit a parabola of final loss against log N, whose minimum
+is that budget's compute-optimal size N*(C); then N* ∝ C^a (they report a ≈ 0.49).  The
+Mixture-of-Depths paper (Raposo et al. 2024) draws these isoFLOP curves per variant (its
+Figures 3/4), compares the seconds per step of each variant's isoFLOP-optimal model with the
+baseline's ("steps up to 66% faster"), and shows per-layer routing decisions (Figure 5, see
+:func:`plot_routing`).
+
+    python -m impls.isoflop --budgets 1e10,3e10,1e11 --variants baseline,mod \\
+        --sizes L2-D32,L2-D64,L3-D96 --out results/isoflop/NAME
+
+:func:`sweep` is resumable: every finished point is appended to ``OUT/points.csv`` (atomically,
+after its JSON record is in ``OUT/runs/``), so a re-run - or a run after a kill - trains only the
+points still missing.  ``OUT/sweep.json`` pins the base recipe; a directory holding a sweep of a
+different base recipe is refused instead of mixing incomparable losses.
+
+Sizes: ``L<n_layer>-D<d_model>[-H<n_head>]`` over the ``nano`` config (heads default to
+``d_model // 32``, at least 1: head_dim 32), or a zoo name (``nano``, ``micro``, ...).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.ticker import NullFormatter
+
+from . import train, zoo
+from .errors import ConfigError
+from .files import write_text
+from .report import _new_figure, _write_figure
+
+#: Variant name -> technique specs (``etbench run --technique`` syntax).
+VARIANTS: dict[str, list[str]] = {
+    "baseline": [],
+    "mod": ["mod"],  # Mixture-of-Depths (Raposo et al. 2024), impls/techniques/mod.py
+    # A cheap second variant for exercising the engine on a CPU while mod is being written.
+    "local16": ["attention:kind=local,window=16"],
+    "checkpoint": ["checkpoint:every=1"],
+}
+
+#: Default CPU grid: ~6K to ~830K parameters with the synthetic data's 64-token vocabulary (9K-840K
+#: with 256).  At 1e10-1e11 FLOPs on synthetic data the optima sit at the small end (~1e4).
+DEFAULT_SIZES = ("L1-D16", "L1-D32", "L2-D48", "L2-D64", "L3-D96", "L4-D128")
+
+SIZE_GRAMMAR = ("L<n_layer>-D<d_model>[-H<n_head>] (e.g. L2-D64; heads default to d_model//32, "
+                f"over the nano config) or a zoo name ({', '.join(zoo.CONFIGS)})")
+_SIZE_RE = re.compile(r"^L(\d+)-D(\d+)(?:-H(\d+))?$")
+HEAD_DIM = 32
+
+#: Recipe fields a size or variant sets per point; the base recipe may not set them.
+_POINT_FIELDS = ("model", "model_args", "techniques", "flops_budget", "steps")
+SKIPPED = "skipped: budget < one step"
+POINT_COLUMNS = ["variant", "budget", "size", "params", "matmul_params", "n_layer", "d_model", "n_head",
+                 "steps", "tokens", "final_val_loss", "seconds_per_step", "flops_per_step", "status",
+                 "record", "dataset_hash", "recipe_hash"]
+
+
+# --------------------------------------------------------------------------- sizes and variants
+
+
+@dataclass(frozen=True)
+class Size:
+    name: str
+    model: str
+    model_args: dict
+
+    def config(self):
+        return zoo.config(self.model, **self.model_args)
+
+
+def parse_size(spec: str) -> Size:
+    """``L2-D64`` / ``L2-D64-H4`` / a zoo name -> :class:`Size`; anything else is a one-line ConfigError."""
+    spec = spec.strip()
+    if spec in zoo.CONFIGS:
+        return Size(spec, spec, {})
+    m = _SIZE_RE.match(spec)
+    if not m:
+        raise ConfigError(f"bad size spec {spec!r}; expected {SIZE_GRAMMAR}")
+    n_layer, d_model = int(m[1]), int(m[2])
+    n_head = int(m[3]) if m[3] else max(1, d_model // HEAD_DIM)
+    if n_layer < 1 or d_model < 1 or n_head < 1:
+        raise ConfigError(f"bad size spec {spec!r}: layers, width and heads must be >= 1")
+    if d_model % n_head:
+        raise ConfigError(f"bad size spec {spec!r}: d_model {d_model} is not divisible by {n_head} heads")
+    return Size(spec, "nano", dict(n_layer=n_layer, d_model=d_model, n_head=n_head))
+
+
+def resolve_variants(variants: Sequence[str] | Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+    """Variant names (looked up in :data:`VARIANTS`) or an explicit name -> techniques dict."""
+    if isinstance(variants, Mapping):
+        out = {str(k): list(v) for k, v in variants.items()}
+    else:
+        unknown = [v for v in variants if v not in VARIANTS]
+        if unknown:
+            raise ConfigError(f"unknown variant {unknown[0]!r}; known: {', '.join(VARIANTS)}")
+        out = {v: list(VARIANTS[v]) for v in variants}
+    if not out:
+        raise ConfigError(f"no variants given; known: {', '.join(VARIANTS)}")
+    return out
+
+
+def _recipe_hash(recipe: train.Recipe) -> str:
+    text = json.dumps(dataclasses.asdict(recipe), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _budget_label(budget: float) -> str:
+    return f"{budget:.3g}".replace("+", "")
+
+
+@dataclass(frozen=True)
+class Point:
+    variant: str
+    budget: float
+    size: Size
+    recipe: train.Recipe
+
+    @property
+    def recipe_hash(self) -> str:
+        return _recipe_hash(self.recipe)
+
+    @property
+    def key(self) -> tuple:
+        return (self.variant, _budget_label(self.budget), self.size.name, self.recipe_hash)
+
+    @property
+    def record_name(self) -> str:
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{self.variant}__{_budget_label(self.budget)}__{self.size.name}")
+        return f"runs/{safe}__{self.recipe_hash}.json"
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+def plan_points(budgets: Sequence[float], variants, sizes: Sequence[str], base: dict) -> list[Point]:
+    """Every (budget, size, variant) point, smallest budget first; all inputs are checked here,
+    before any training (unknown variant or technique, bad size, bad recipe field)."""
+    budgets = [float(b) for b in budgets]
+    if not budgets:
+        raise ConfigError("no FLOP budgets given; e.g. --budgets 1e10,3e10,1e11")
+    bad = [b for b in budgets if not (b > 0 and math.isfinite(b))]
+    if bad:
+        raise ConfigError(f"FLOP budgets must be finite and > 0, got {bad[0]}")
+    if len(set(map(_budget_label, budgets))) != len(budgets):
+        raise ConfigError(f"duplicate FLOP budgets in {budgets}")
+    if not sizes:
+        raise ConfigError(f"no sizes given; expected {SIZE_GRAMMAR}")
+    if len(set(sizes)) != len(sizes):
+        raise ConfigError(f"duplicate sizes in {list(sizes)}")
+    variants = resolve_variants(variants)
+    parsed = [parse_size(s) for s in sizes]
+    fixed = sorted(set(base) & set(_POINT_FIELDS))
+    if fixed:
+        raise ConfigError(f"base recipe may not set {', '.join(fixed)}: sizes, variants and budgets set them")
+    recipe_fields = {f.name for f in dataclasses.fields(train.Recipe)}
+    unknown = sorted(set(base) - recipe_fields)
+    if unknown:
+        raise ConfigError(f"unknown recipe field(s) {', '.join(unknown)}; valid: "
+                          f"{', '.join(sorted(recipe_fields - set(_POINT_FIELDS)))}")
+    points = []
+    for size in parsed:
+        for name, techs in variants.items():
+            # Field-level validation (model shape, techniques, optimizer...) with a 1-step recipe.
+            probe = train.Recipe(**base, model=size.model, model_args=dict(size.model_args),
+                                 techniques=list(techs), steps=1)
+            train.check_recipe_fields(probe)
+            if probe.seq_len > size.config().block_size:
+                raise ConfigError(f"seq_len {probe.seq_len} exceeds size {size.name!r} block_size "
+                                  f"{size.config().block_size}")
+    for budget in sorted(budgets):
+        for size in parsed:
+            for name, techs in variants.items():
+                recipe = train.Recipe(**base, model=size.model, model_args=dict(size.model_args),
+                                      techniques=list(techs), flops_budget=budget)
+                points.append(Point(name, budget, size, recipe))
+    return points
+
+
+def _base_signature(base: dict, dataset_hash: str) -> dict:
+    """What every point of a sweep directory shares: the full base recipe and the data's hash."""
+    defaults = dataclasses.asdict(train.Recipe())
+    for f in _POINT_FIELDS:
+        defaults.pop(f, None)
+    return dict(base_recipe={**defaults, **base}, dataset_hash=dataset_hash)
+
+
+def _check_directory(out_dir: Path, signature: dict) -> None:
+    meta = out_dir / "sweep.json"
+    if meta.exists():
+        old = json.loads(meta.read_text())
+        if old != signature:
+            old_base, new_base = old.get("base_recipe", {}), signature["base_recipe"]
+            diff = sorted(k for k in set(old_base) | set(new_base) if old_base.get(k) != new_base.get(k))
+            if old.get("dataset_hash") != signature["dataset_hash"]:
+                diff.append("dataset_hash")
+            shown = ", ".join(f"{k}: {old_base.get(k, old.get(k))!r} -> {new_base.get(k, signature.get(k))!r}"
+                              for k in diff)
+            raise ConfigError(f"{out_dir} holds a sweep of a different base recipe ({shown}); "
+                              f"use another --out directory")
+    else:
+        write_text(meta, json.dumps(signature, indent=1, sort_keys=True))
+
+
+def _read_points(out_dir: Path) -> pd.DataFrame:
+    path = out_dir / "points.csv"
+    if not path.exists():
+        return pd.DataFrame(columns=POINT_COLUMNS)
+    return pd.read_csv(path, dtype={"recipe_hash": str, "dataset_hash": str})
+
+
+def _write_points(out_dir: Path, rows: list[dict]) -> None:
+    frame = pd.DataFrame(rows, columns=POINT_COLUMNS)
+    write_text(out_dir / "points.csv", frame.to_csv(index=False))
+
+
+def _row_key(row: Mapping) -> tuple:
+    return (str(row["variant"]), _budget_label(float(row["budget"])), str(row["size"]), str(row["recipe_hash"]))
+
+
+def _row(point: Point, status: str, dataset, record: dict | None = None,
+         record_path: str | None = None) -> dict:
+    dataset_hash = dataset.content_hash
+    cfg = point.size.config()
+    row = dict(variant=point.variant, budget=point.budget, size=point.size.name, n_layer=cfg.n_layer,
+               d_model=cfg.d_model, n_head=cfg.n_head, status=status, dataset_hash=dataset_hash,
+               recipe_hash=point.recipe_hash, record=record_path)
+    if record is not None:
+        row.update(params=record["params"], matmul_params=record["matmul_params"], steps=record["steps"],
+                   tokens=record["steps"] * record["tokens_per_step"], final_val_loss=record["final_val_loss"],
+                   seconds_per_step=record["seconds_per_step"], flops_per_step=record["flops_per_step"],
+                   dataset_hash=record["dataset"]["hash"])
+    else:  # skipped: the size is still known, from the meta model (vocabulary from the data)
+        meta = zoo.build(point.recipe.model, device="meta", **train.model_overrides(point.recipe, dataset))
+        row.update(params=meta.num_params(), matmul_params=meta.num_params(matmul_only=True), steps=0, tokens=0)
+    return row
+
+
+def subprocess_runner(recipe: train.Recipe) -> dict:
+    """Train ``recipe`` in a fresh ``python -m impls.cli run`` process and return its record:
+    memory is returned to the system after every point, and a crash is confined to one point."""
+    import subprocess
+    import tempfile
+
+    if recipe.mlm_rate != train.Recipe.mlm_rate:
+        raise ConfigError("subprocess runs cannot set mlm_rate; run in-process")
+    args = [sys.executable, "-m", "impls.cli", "run", "--model", recipe.model, "--data", recipe.data,
+            "--optimizer", recipe.optimizer, "--lr", repr(recipe.lr), "--weight-decay", repr(recipe.weight_decay),
+            "--schedule", recipe.schedule, "--lr-warmup", str(recipe.lr_warmup), "--lr-scaling", recipe.lr_scaling,
+            "--base-batch", str(recipe.base_batch), "--batch-size", str(recipe.batch_size),
+            "--seq-len", str(recipe.seq_len), "--seed", str(recipe.seed), "--flops-budget", repr(recipe.flops_budget),
+            "--eval-batches", str(recipe.eval_batches), "--timing-warmup", str(recipe.timing_warmup),
+            "--device", recipe.device]
+    if recipe.eval_every is not None:
+        args += ["--eval-every", str(recipe.eval_every)]
+    for technique in recipe.techniques:
+        args += ["--technique", technique]
+    for key, value in recipe.model_args.items():
+        args += ["--model-arg", f"{key}={value}"]
+    with tempfile.TemporaryDirectory(prefix="etbench-isoflop-") as tmp:
+        out = Path(tmp) / "record.json"
+        done = subprocess.run([*args, "--out", str(out)], capture_output=True, text=True)
+        if done.returncode == 2:  # bad input (e.g. budget < one step): the child's one-line error
+            raise ConfigError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "config error")
+        if done.returncode != 0 or not out.exists():
+            raise RuntimeError(f"training subprocess failed (status {done.returncode}):\n{done.stderr[-4000:]}")
+        return json.loads(out.read_text())
+
+
+def _fits_one_step(recipe: train.Recipe, dataset) -> bool:
+    """Whether the budget buys at least one step (analytic model FLOPs, as train.validate checks;
+    a run whose counted FLOPs exceed the budget is caught from train.run as well)."""
+    from .measure import model_flops_per_step
+
+    _, plan = train.check_recipe_fields(recipe)
+    meta = zoo.build(recipe.model, device="meta", **train.model_overrides(recipe, dataset))
+    return recipe.flops_budget >= model_flops_per_step(meta, recipe.batch_size * plan.accum_steps, recipe.seq_len)
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="run", disable=not (enabled and sys.stderr.isatty()), leave=False)
+
+
+def sweep(out_dir: str | os.PathLike, budgets: Sequence[float],
+          variants: Sequence[str] | Mapping[str, Sequence[str]], sizes: Sequence[str] = DEFAULT_SIZES, *,
+          runner: Callable[[train.Recipe], dict] | None = None, progress: bool = True,
+          **base) -> pd.DataFrame:
+    """Train every (variant, budget, size) point to its FLOP budget; return the tidy points table.
+
+    ``base`` holds the other :class:`~impls.train.Recipe` fields (data, lr, batch_size, seq_len,
+    ...).  ``runner`` trains one recipe and returns its record (default :func:`impls.train.run`,
+    in-process).  Finished points (by variant, budget, size and the full recipe's hash) are kept
+    and not retrained; a budget smaller than one step of a size is recorded as ``skipped``.
+    """
+    out_dir = Path(out_dir)
+    points = plan_points(budgets, variants, sizes, base)
+    from . import data as data_lib
+
+    dataset = data_lib.load(base.get("data", train.Recipe.data))
+    _check_directory(out_dir, _base_signature(base, dataset.content_hash))
+    runner = runner or train.run
+
+    existing = _read_points(out_dir)
+    rows = [r for r in existing.to_dict("records")]
+    done = {_row_key(r) for r in rows if str(r["status"]) == "ok" or str(r["status"]).startswith("skipped")}
+    todo = [p for p in points if p.key not in done]
+    bar = _progress(len(points), progress)
+    bar.update(len(points) - len(todo))
+    for point in todo:
+        bar.set_description(f"{point.variant} {_budget_label(point.budget)} {point.size.name}")
+        rows = [r for r in rows if _row_key(r) != point.key]  # a failed earlier attempt is replaced
+        record_path = out_dir / point.record_name
+        record = None
+        if record_path.exists():  # trained, but killed before points.csv was written
+            record = json.loads(record_path.read_text())
+        elif not _fits_one_step(point.recipe, dataset):
+            record = None
+        else:
+            try:
+                record = runner(point.recipe)
+            except ConfigError as e:
+                if "smaller than one step" not in str(e):
+                    raise
+            if record is not None:
+                train.write_record(record, record_path)
+        if record is None:
+            rows.append(_row(point, SKIPPED, dataset))
+        else:
+            rows.append(_row(point, "ok", dataset, record, point.record_name))
+        _write_points(out_dir, rows)
+        bar.update()
+    bar.close()
+    wanted = {p.key for p in points}
+    frame = pd.DataFrame([r for r in rows if _row_key(r) in wanted], columns=POINT_COLUMNS)
+    return frame.reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------- fits
+
+
+def _fit_parabola(x: np.ndarray, y: np.ndarray) -> dict:
+    """loss = a x² + b x + c, x = ln N; optimum x* = -b/2a and loss* = c - b²/4a with delta-method
+    standard errors from polyfit's (residual-scaled) covariance.  Exactly 3 points fit exactly:
+    no residual, so no uncertainty (NaN)."""
+    if len(x) > 3:
+        coef, cov = np.polyfit(x, y, 2, cov=True)
+    else:
+        coef, cov = np.polyfit(x, y, 2), np.full((3, 3), np.nan)
+    a, b, c = (float(v) for v in coef)
+    out = dict(a=a, b=b, c=c, n_sizes=len(x))
+    if not a > 0:
+        return dict(out, status="no interior minimum (a <= 0)")
+    x_opt = -b / (2 * a)
+    loss_opt = c - b * b / (4 * a)
+    g_x = np.array([b / (2 * a * a), -1 / (2 * a), 0.0])
+    g_l = np.array([b * b / (4 * a * a), -b / (2 * a), 1.0])
+    se_x = float(np.sqrt(g_x @ cov @ g_x)) if np.isfinite(cov).all() else math.nan
+    se_l = float(np.sqrt(g_l @ cov @ g_l)) if np.isfinite(cov).all() else math.nan
+    status = "ok" if x.min() <= x_opt <= x.max() else "optimum outside sampled sizes"
+    return dict(out, status=status, log_n_opt=x_opt, log_n_opt_se=se_x, n_opt=math.exp(x_opt),
+                n_opt_lo=math.exp(x_opt - se_x), n_opt_hi=math.exp(x_opt + se_x),
+                loss_opt=loss_opt, loss_opt_se=se_l)
+
+
+FIT_COLUMNS = ["variant", "budget", "n_sizes", "status", "a", "b", "c", "n_opt", "n_opt_lo", "n_opt_hi",
+               "log_n_opt", "log_n_opt_se", "loss_opt", "loss_opt_se", "nearest_size", "nearest_params",
+               "nearest_seconds_per_step"]
+
+
+def fit_isoflop(points: pd.DataFrame, n_col: str = "params", near_min: int | None = None) -> pd.DataFrame:
+    """One row per (variant, budget): the parabola of final loss against ln N (``n_col``), its
+    optimum N* with a ±1 standard-error interval [n_opt_lo, n_opt_hi] (delta method on the fit
+    covariance, in ln N), and the trained point nearest N* in ln N (the isoFLOP-optimal model).
+
+    status: ``ok``; ``unfit: < 3 sizes``; ``no interior minimum (a <= 0)``; ``optimum outside
+    sampled sizes`` (an extrapolation: N* is reported but should not be trusted).
+
+    ``near_min``: fit only the ``near_min`` sizes nearest (in ln N) to the lowest-loss one - a
+    parabola describes the valley, not losses far up its walls; None fits all sizes.
+    """
+    if near_min is not None and near_min < 3:
+        raise ConfigError(f"near_min must be >= 3 (a parabola has 3 coefficients), got {near_min}")
+    ok = points[points["status"] == "ok"].dropna(subset=["final_val_loss"])
+    rows = []
+    for (variant, budget), group in points.groupby(["variant", "budget"], sort=True):
+        g = ok[(ok["variant"] == variant) & (ok["budget"] == budget)]
+        if near_min is not None and len(g) > near_min:
+            distance = np.abs(np.log(g[n_col].to_numpy(float)) - math.log(g.loc[g["final_val_loss"].idxmin(), n_col]))
+            g = g.iloc[np.sort(np.argsort(distance, kind="stable")[:near_min])]
+        x = np.log(g[n_col].to_numpy(float))
+        y = g["final_val_loss"].to_numpy(float)
+        if len(np.unique(x)) < 3:
+            row = dict(variant=variant, budget=budget, n_sizes=len(np.unique(x)), status="unfit: < 3 sizes")
+        else:
+            row = dict(variant=variant, budget=budget, **_fit_parabola(x, y))
+        if len(g):
+            # The isoFLOP-optimal trained model: nearest N* in ln N, or the lowest loss when unfit.
+            idx = (np.abs(x - row["log_n_opt"]).argmin() if "log_n_opt" in row else int(np.argmin(y)))
+            best = g.iloc[idx]
+            row.update(nearest_size=best["size"], nearest_params=best[n_col],
+                       nearest_seconds_per_step=best["seconds_per_step"])
+        rows.append(row)
+    return pd.DataFrame(rows, columns=FIT_COLUMNS)
+
+
+def fit_power_law(optima: pd.DataFrame | Sequence[tuple[float, float]]) -> tuple[float, float, float]:
+    """N* = k·C^e from (budget, n_opt) pairs (a frame with those columns, or tuples) by least
+    squares in log-log; returns (e, k, stderr of e).  Needs >= 2 budgets; with exactly 2 the
+    line is exact and stderr is NaN."""
+    if isinstance(optima, pd.DataFrame):
+        pairs = optima[["budget", "n_opt"]].dropna().to_numpy(float)
+    else:
+        pairs = np.asarray(list(optima), float).reshape(-1, 2)
+    if len(pairs) < 2 or len(np.unique(pairs[:, 0])) < 2:
+        raise ConfigError(f"a power law needs optima at >= 2 distinct budgets, got {len(pairs)}")
+    lx, ly = np.log(pairs[:, 0]), np.log(pairs[:, 1])
+    if len(pairs) > 2:
+        (e, log_k), cov = np.polyfit(lx, ly, 1, cov=True)
+        se = float(np.sqrt(cov[0, 0]))
+    else:
+        e, log_k = np.polyfit(lx, ly, 1)
+        se = math.nan
+    return float(e), float(math.exp(log_k)), se
+
+
+def power_laws(fits: pd.DataFrame) -> pd.DataFrame:
+    """fit_power_law per variant over its budgets with an interior optimum (status ok)."""
+    rows = []
+    for variant, group in fits.groupby("variant", sort=False):
+        good = group[group["status"] == "ok"]
+        row = dict(variant=variant, n_budgets=len(good))
+        try:
+            e, k, se = fit_power_law(good)
+            row.update(exponent=e, prefactor=k, exponent_se=se, status="ok")
+        except ConfigError:
+            row.update(exponent=math.nan, prefactor=math.nan, exponent_se=math.nan,
+                       status="unfit: < 2 budgets with an interior optimum")
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["variant", "n_budgets", "status", "exponent", "exponent_se", "prefactor"])
+
+
+def step_time_comparison(fits: pd.DataFrame, baseline: str = "baseline") -> pd.DataFrame:
+    """Seconds per step of each variant's isoFLOP-optimal model (nearest N*) per budget, and its
+    ratio to the baseline's (MoD paper: "steps up to 66% faster")."""
+    cols = ["variant", "budget", "nearest_size", "nearest_params", "nearest_seconds_per_step"]
+    table = fits.dropna(subset=["nearest_seconds_per_step"])[cols].copy()
+    base = table[table["variant"] == baseline].set_index("budget")["nearest_seconds_per_step"]
+    table["baseline_seconds_per_step"] = table["budget"].map(base)
+    table["step_time_vs_baseline"] = table["nearest_seconds_per_step"] / table["baseline_seconds_per_step"]
+    return table.reset_index(drop=True)
+
+
+def retime(comparison: pd.DataFrame, variants: Mapping[str, Sequence[str]], steps: int = 30, repeats: int = 3,
+           runner: Callable[[train.Recipe], dict] | None = None, **base) -> pd.DataFrame:
+    """Re-measure the seconds per step of the isoFLOP-optimal models of :func:`step_time_comparison`
+    under the same conditions: ``steps``-step runs, all models interleaved, ``repeats`` rounds,
+    the median kept.  A sweep's own step times come from runs hours apart on a shared machine;
+    these are comparable with one another.  Adds ``retimed_seconds_per_step`` and
+    ``retimed_vs_baseline`` columns."""
+    runner = runner or train.run
+    table = comparison.copy()
+    sizes = {name: parse_size(name) for name in table["nearest_size"].unique()}
+    recipes = {(v, name): train.Recipe(**{**base, "eval_batches": 1, "eval_every": steps}, model=sizes[name].model,
+                                       model_args=dict(sizes[name].model_args), techniques=list(variants[v]),
+                                       steps=steps)
+               for v, name in zip(table["variant"], table["nearest_size"])}
+    seconds = {key: [] for key in recipes}
+    for _ in range(repeats):
+        for key, recipe in recipes.items():
+            seconds[key].append(runner(recipe)["seconds_per_step"])
+    table["retimed_seconds_per_step"] = [float(np.median(seconds[(v, n)]))
+                                         for v, n in zip(table["variant"], table["nearest_size"])]
+    base_time = table[table["variant"] == "baseline"].set_index("budget")["retimed_seconds_per_step"]
+    table["retimed_vs_baseline"] = table["retimed_seconds_per_step"] / table["budget"].map(base_time)
+    return table
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _budget_palette(budgets) -> dict:
+    budgets = sorted(set(budgets))
+    return dict(zip(budgets, sns.color_palette("viridis", len(budgets))))
+
+
+def plot_isoflop(points: pd.DataFrame, fits: pd.DataFrame, n_col: str = "params"):
+    """MoD paper Figures 3/4: one panel per variant, final loss against N (log x), one colour per
+    budget, the fitted parabola over the sampled sizes and its optimum (star, ±1 s.e. bar)."""
+    ok = points[points["status"] == "ok"]
+    variants = list(dict.fromkeys(points["variant"]))
+    palette = _budget_palette(points["budget"])
+    fig = _new_figure(4.2 * len(variants), 3.6)
+    axes = fig.subplots(1, len(variants), sharey=True, squeeze=False)[0]
+    for ax, variant in zip(axes, variants):
+        for budget, colour in palette.items():
+            g = ok[(ok["variant"] == variant) & (ok["budget"] == budget)]
+            if g.empty:
+                continue
+            label = f"{budget:.2g} FLOPs"
+            ax.scatter(g[n_col], g["final_val_loss"], color=colour, s=18, label=label, zorder=3)
+            fit = fits[(fits["variant"] == variant) & (fits["budget"] == budget)]
+            if fit.empty or pd.isna(fit.iloc[0]["a"]):
+                ax.plot(g.sort_values(n_col)[n_col], g.sort_values(n_col)["final_val_loss"], color=colour,
+                        lw=0.8, ls=":")
+                continue
+            f = fit.iloc[0]
+            xs = np.linspace(np.log(g[n_col].min()), np.log(g[n_col].max()), 100)
+            ax.plot(np.exp(xs), f["a"] * xs ** 2 + f["b"] * xs + f["c"], color=colour, lw=1.2)
+            if f["status"] == "ok":
+                ax.scatter([f["n_opt"]], [f["loss_opt"]], marker="*", s=140, color=colour,
+                           edgecolor="black", linewidth=0.6, zorder=4)
+                if np.isfinite(f["log_n_opt_se"]):
+                    ax.plot([f["n_opt_lo"], f["n_opt_hi"]], [f["loss_opt"]] * 2, color=colour, lw=2.5, alpha=0.6)
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a <1-decade axis overlap
+        ax.set_title(variant)
+        ax.set_xlabel(f"{n_col.replace('_', ' ')} (N)")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("final validation loss (nats/token)")
+    axes[-1].legend(fontsize=7, title="budget", title_fontsize=7)
+    fig.suptitle("isoFLOP curves (star: fitted optimum N*, bar: ±1 s.e.)", fontsize=9)
+    return fig
+
+
+def plot_loss_vs_flops(points: pd.DataFrame, out_dir: Path):
+    """Validation loss against cumulative counted FLOPs of every run, one panel per variant,
+    colour = model size, line style = budget."""
+    rows = []
+    for p in points[points["status"] == "ok"].itertuples():
+        record = json.loads((out_dir / p.record).read_text())
+        for c in record["curve"]:
+            if c["flops"] > 0 and c["val_loss"] is not None:
+                rows.append(dict(variant=p.variant, size=f"{p.size} ({p.params / 1e3:.0f}K)", params=p.params,
+                                 budget=f"{p.budget:.2g}", run=f"{p.size}@{p.budget:.2g}", flops=c["flops"],
+                                 val_loss=c["val_loss"]))
+    frame = pd.DataFrame(rows)
+    variants = list(dict.fromkeys(points["variant"]))
+    fig = _new_figure(4.2 * len(variants), 3.6)
+    axes = fig.subplots(1, len(variants), sharey=True, squeeze=False)[0]
+    if frame.empty:
+        return fig
+    order = list(frame.sort_values("params")["size"].drop_duplicates())
+    for i, (ax, variant) in enumerate(zip(axes, variants)):
+        g = frame[frame["variant"] == variant]
+        if not g.empty:
+            sns.lineplot(data=g, x="flops", y="val_loss", hue="size", hue_order=order, style="budget",
+                         units="run", estimator=None, ax=ax, palette="viridis", lw=1,
+                         legend=i == len(variants) - 1)
+        ax.set_xscale("log")
+        ax.set_title(variant)
+        ax.set_xlabel("cumulative counted FLOPs")
+        ax.set_ylabel("validation loss")
+        ax.grid(alpha=0.3, which="both")
+    if axes[-1].get_legend():
+        sns.move_legend(axes[-1], "upper right", fontsize=6, title_fontsize=6)
+    return fig
+
+
+def plot_step_time(comparison: pd.DataFrame):
+    """Seconds per step of each variant's isoFLOP-optimal model, per budget (grouped bars)."""
+    fig = _new_figure(5.5, 3.6)
+    ax = fig.subplots()
+    if comparison.empty:
+        return fig
+    retimed = "retimed_seconds_per_step" in comparison
+    y, ratio = (("retimed_seconds_per_step", "retimed_vs_baseline") if retimed
+                else ("nearest_seconds_per_step", "step_time_vs_baseline"))
+    frame = comparison.assign(budget=comparison["budget"].map(lambda b: f"{b:.2g}"))
+    sns.barplot(data=frame, x="budget", y=y, hue="variant", ax=ax)
+    for container, (_, group) in zip(ax.containers, frame.groupby("variant", sort=False)):
+        labels = [f"{s}\n×{r:.2f}" if np.isfinite(r) else s
+                  for s, r in zip(group["nearest_size"], group[ratio])]
+        ax.bar_label(container, labels=labels, fontsize=6)
+    ax.margins(y=0.15)  # room for the bar labels
+    ax.set_xlabel("FLOP budget")
+    ax.set_ylabel("seconds per step")
+    ax.set_title("step time at the compute optimum (×: vs baseline)" + (", re-timed together" if retimed
+                 else ", as swept"), fontsize=9)
+    return fig
+
+
+def plot_routing(decisions, title: str = "routing decisions", token_labels: Sequence[str] | None = None):
+    """MoD paper Figure 5: a layers × tokens heat map of one sequence's routing decisions
+    (1/True: the token went through the block; floats such as router weights are drawn as is).
+    Layer 0 is at the top.  Returns the Figure (write it with :func:`write_figure`)."""
+    arr = np.asarray(decisions, dtype=float)
+    if arr.ndim != 2 or 0 in arr.shape:
+        raise ConfigError(f"routing decisions must be a non-empty [layers, tokens] array, got shape {arr.shape}")
+    layers, tokens = arr.shape
+    fig = _new_figure(min(14, 2 + tokens * 0.08), 1.2 + layers * 0.3)
+    ax = fig.subplots()
+    binary = np.isin(arr, (0.0, 1.0)).all()
+    sns.heatmap(arr, ax=ax, cmap="Blues" if binary else "viridis", cbar=not binary,
+                vmin=0 if binary else None, vmax=1 if binary else None, linewidths=0, xticklabels=False)
+    if token_labels is not None and len(token_labels) == tokens:
+        ax.set_xticks(np.arange(tokens) + 0.5, labels=list(token_labels), fontsize=5, rotation=90)
+    ax.set_xlabel("token position")
+    ax.set_ylabel("layer")
+    if binary:
+        title += f" (dark: processed; {arr.mean():.0%} of tokens)"
+    ax.set_title(title, fontsize=9)
+    return fig
+
+
+def write_figure(path: str | os.PathLike, figure) -> Path:
+    """Write ``figure`` as PNG atomically."""
+    return _write_figure(Path(path), figure)
+
+
+# --------------------------------------------------------------------------- analysis + CLI
+
+
+def analyse(points: pd.DataFrame, out_dir: str | os.PathLike, n_col: str = "params",
+            baseline: str = "baseline", near_min: int | None = None, retime_steps: int | None = None,
+            variants: Mapping[str, Sequence[str]] | None = None, **base) -> dict:
+    """Fit and plot a finished (or partial) sweep into ``out_dir``; returns the tables."""
+    out_dir = Path(out_dir)
+    fits = fit_isoflop(points, n_col, near_min)
+    laws = power_laws(fits)
+    steps = step_time_comparison(fits, baseline)
+    if retime_steps and not steps.empty:
+        steps = retime(steps, variants or resolve_variants(list(steps["variant"].unique())), steps=retime_steps,
+                       **base)
+    write_text(out_dir / "fits.csv", fits.to_csv(index=False))
+    write_text(out_dir / "power_law.csv", laws.to_csv(index=False))
+    write_text(out_dir / "step_time.csv", steps.to_csv(index=False))
+    write_figure(out_dir / "isoflop.png", plot_isoflop(points, fits, n_col))
+    write_figure(out_dir / "loss_vs_flops.png", plot_loss_vs_flops(points, out_dir))
+    write_figure(out_dir / "step_time.png", plot_step_time(steps))
+    return dict(fits=fits, power_law=laws, step_time=steps)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"bad --budgets {text!r}; expected comma-separated numbers, e.g. 1e10,3e10") from None
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def parser() -> argparse.ArgumentParser:
+    d = train.Recipe()
+    p = argparse.ArgumentParser(prog="etbench isoflop", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budgets", required=True, help="comma-separated counted-FLOP budgets, e.g. 1e10,3e10,1e11")
+    p.add_argument("--variants", default="baseline", help=f"comma-separated; known: {', '.join(VARIANTS)}")
+    p.add_argument("--sizes", default=",".join(DEFAULT_SIZES), help=SIZE_GRAMMAR)
+    p.add_argument("--out", required=True, help="sweep directory (resumable)")
+    p.add_argument("--data", default=d.data)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--eval-batches", type=int, default=d.eval_batches)
+    p.add_argument("--isolate", action="store_true",
+                   help="train each point in its own subprocess (memory freed, a crash loses one point)")
+    p.add_argument("--fit-sizes", type=int, metavar="K",
+                   help="fit each parabola to the K sizes nearest the lowest loss (default: all)")
+    p.add_argument("--retime", type=int, metavar="STEPS",
+                   help="re-measure the optimal models' step times together (STEPS-step runs, 3 rounds)")
+    p.add_argument("--n-col", default="params", choices=("params", "matmul_params"),
+                   help="the N of the fits: all parameters or those in matmuls")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        budgets = _floats(args.budgets)
+        if args.retime is not None and args.retime < 3:
+            raise ConfigError(f"--retime must be >= 3 steps (the first are untimed warm-up), got {args.retime}")
+        if args.fit_sizes is not None and args.fit_sizes < 3:
+            raise ConfigError(f"--fit-sizes must be >= 3, got {args.fit_sizes}")
+        points = sweep(args.out, budgets, _names(args.variants), _names(args.sizes), data=args.data,
+                       seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                       eval_batches=args.eval_batches, runner=subprocess_runner if args.isolate else None)
+    except ConfigError as e:
+        print(f"etbench isoflop: error: {e}", file=sys.stderr)
+        return 2
+    base = dict(data=args.data, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    tables = analyse(points, args.out, args.n_col, near_min=args.fit_sizes, retime_steps=args.retime,
+                     variants=resolve_variants(_names(args.variants)), **base)
+    with pd.option_context("display.width", 140, "display.max_columns", 20):
+        shown = points[["variant", "budget", "size", "params", "steps", "final_val_loss", "seconds_per_step",
+                        "status"]]
+        print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        print()
+        print(tables["fits"][["variant", "budget", "status", "n_opt", "n_opt_lo", "n_opt_hi", "loss_opt",
+                              "nearest_size"]].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        print()
+        print(tables["power_law"].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        print()
+        print(tables["step_time"].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"\n{len(points)} points, {time.perf_counter() - t0:.1f} s; results in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
