@@ -47,8 +47,10 @@ from .report import _new_figure, _write_figure
 #: Variant name -> technique specs (``etbench run --technique`` syntax).
 VARIANTS: dict[str, list[str]] = {
     "baseline": [],
-    "mod": ["mod"],  # Mixture-of-Depths (Raposo et al. 2024), impls/techniques/mod.py
-    # A cheap second variant for exercising the engine on a CPU while mod is being written.
+    "mod": ["mod"],  # Mixture-of-Depths (Raposo et al. 2024): 12.5% capacity, every other block
+    "mod-random": ["mod:router=random"],  # the paper's random top-k baseline
+    "mode-staged": ["mode:kind=staged"],
+    "mode-integrated": ["mode:kind=integrated"],
     "local16": ["attention:kind=local,window=16"],
     "checkpoint": ["checkpoint:every=1"],
 }

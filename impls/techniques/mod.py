@@ -319,3 +319,19 @@ def evaluate_autoregressive(model, batches) -> dict:
     n = len(topk)
     return dict(topk=sum(topk) / n, autoregressive=sum(causal) / n, selected_fraction=sum(frac) / n,
                 agreement_with_topk=sum(agree) / n)
+
+
+@torch.no_grad()
+def routing_decisions(model, idx: torch.Tensor) -> torch.Tensor:
+    """(layers, T) 0/1 matrix for one sequence ``idx`` (T,): which tokens each block processed
+    (the MoD paper's Figure 5).  Unrouted blocks process every token."""
+    was_training = model.training
+    model.eval()
+    model(idx.unsqueeze(0))
+    model.train(was_training)
+    decisions = torch.ones(len(model.blocks), idx.numel())
+    for layer, block in enumerate(model.blocks):
+        if hasattr(block, "_mod_last"):
+            decisions[layer] = 0
+            decisions[layer, block._mod_last["stats"]["indices"][0].cpu()] = 1
+    return decisions

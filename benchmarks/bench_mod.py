@@ -1,0 +1,115 @@
+"""Mixture-of-Depths family: isoFLOP curves of the baseline vs MoD (Raposo et al. 2024), fits,
+the step time of each variant's isoFLOP-optimal model, and the routing-decision figure.
+
+The sweep lives in ``results/isoflop/<commit>-<profile>/`` (resumable: an interrupted benchmark
+run continues where it stopped) with its plots; asv tracks the fitted minimum loss and optimal
+size per (variant, budget), so a regression in a technique shows across commits.
+"""
+from __future__ import annotations
+
+import math
+
+from . import common
+
+SETTINGS = {
+    # Sizes have >= 2 layers: MoD routes every other block, so a 1-layer model has nothing routed.
+    "quick": dict(budgets=[1e10, 3e10], sizes=["L2-D32", "L2-D48", "L2-D64", "L4-D64", "L4-D96"],
+                  variants=["baseline", "mod", "mod-random"], data="synthetic", batch_size=8, seq_len=64, lr=3e-3),
+    "full": dict(budgets=[1e12, 3e12, 1e13], sizes=["L4-D64", "L4-D128", "L6-D192", "L8-D256", "L12-D384"],
+                 variants=["baseline", "mod", "mod-random", "mode-staged", "mode-integrated"],
+                 data="pycode", batch_size=16, seq_len=256, lr=1e-3),
+}[common.profile_name()]
+_RECIPE = {k: SETTINGS[k] for k in ("data", "batch_size", "seq_len", "lr")}
+
+
+def _sweep_dir():
+    return common.REPO / "results" / "isoflop" / f"{common.runs_dir().name}-{common.profile_name()}"
+
+
+def _routing_figure(out_dir) -> None:
+    """Figure 5: which tokens each block of a trained MoD model processes, for one sequence."""
+    from impls import isoflop, train
+    from impls.techniques import mod
+
+    size = isoflop.parse_size(SETTINGS["sizes"][-1])
+    session = train.prepare(train.Recipe(**_RECIPE, model=size.model, model_args=dict(size.model_args),
+                                         techniques=["mod"], steps=200))
+    for step in range(200):
+        session.engine.train_step(*session.batches.get("train", step), step)
+    x, _ = session.batches.get("val", 0)
+    decisions = mod.routing_decisions(session.model, x[0]).numpy()
+    isoflop.write_figure(out_dir / "routing.png", isoflop.plot_routing(
+        decisions, title=f"MoD routing decisions per block ({size.name}, 12.5% capacity, every other block)"))
+
+
+def _sweep_results() -> dict:
+    """Run (or resume) the sweep, fit and plot it; the routing figure once per sweep directory."""
+    from impls import isoflop
+
+    out_dir = _sweep_dir()
+    points = isoflop.sweep(out_dir, SETTINGS["budgets"], SETTINGS["variants"], SETTINGS["sizes"],
+                           progress=False, **_RECIPE)
+    tables = isoflop.analyse(points, out_dir)
+    if not (out_dir / "routing.png").exists():
+        _routing_figure(out_dir)
+    fits = tables["fits"].set_index(["variant", "budget"])
+    done = points[points["status"] == "ok"]
+    tokens_per_step = SETTINGS["batch_size"] * SETTINGS["seq_len"]
+    return dict(fits=fits.to_dict("index"),
+                best=done.groupby(["variant", "budget"])["final_val_loss"].min().to_dict(),
+                flops_per_token=(done["flops_per_step"] / tokens_per_step)
+                .groupby([done["variant"], done["size"]]).first().to_dict(),
+                step_time=tables["step_time"].set_index(["variant", "budget"]).to_dict("index"))
+
+
+class MoDIsoFLOP:
+    """isoFLOP sweep of the variants; tracks per (variant, budget)."""
+
+    params = (SETTINGS["variants"], SETTINGS["budgets"])
+    param_names = ["variant", "budget"]
+
+    def setup_cache(self):
+        return _sweep_results()
+
+    setup_cache.timeout = 3600
+
+    def track_min_loss_fitted(self, cache, variant, budget):
+        """The parabola's minimum loss (NaN where the fit has no interior minimum)."""
+        fit = cache["fits"].get((variant, budget), {})
+        return fit.get("loss_opt", math.nan) if fit.get("status") == "ok" else math.nan
+
+    track_min_loss_fitted.unit = "nats/token"
+
+    def track_min_loss_measured(self, cache, variant, budget):
+        return cache["best"][variant, budget]
+
+    track_min_loss_measured.unit = "nats/token"
+
+    def track_optimal_params(self, cache, variant, budget):
+        fit = cache["fits"].get((variant, budget), {})
+        return fit.get("n_opt", math.nan) if fit.get("status") == "ok" else math.nan
+
+    track_optimal_params.unit = "parameters"
+
+    def track_optimal_step_time_vs_baseline(self, cache, variant, budget):
+        """Seconds per step of the variant's isoFLOP-optimal model ÷ the baseline's."""
+        return cache["step_time"].get((variant, budget), {}).get("step_time_vs_baseline", math.nan)
+
+    track_optimal_step_time_vs_baseline.unit = "ratio"
+
+
+class MoDForwardFLOPs:
+    """Counted training FLOPs per token of each variant at each size (MoD: ~0.56× of the blocks)."""
+
+    params = (SETTINGS["variants"], SETTINGS["sizes"])
+    param_names = ["variant", "size"]
+
+    def setup_cache(self):
+        return _sweep_results()  # resumes the finished sweep: nothing is trained twice
+
+    setup_cache.timeout = 3600
+
+    def track_flops_per_token(self, cache, variant, size):
+        return cache["flops_per_token"].get((variant, size), math.nan)
+
+    track_flops_per_token.unit = "FLOPs/token"
