@@ -13,7 +13,7 @@ MODELS, WORLD_SIZES = P["models"], common.usable_world_sizes()
 
 
 def _recipe(model: str) -> dict:
-    return dict(model=model, data=P["data"], optimizer="adamw", precision="fp32", lr=P["lr"][model],
+    return dict(model=model, data=P["data"], optimizer="adamw", lr=P["lr"][model],
                 batch_size=P["batch_size"], seq_len=P["seq_len"], device=P["device"])
 
 

@@ -7,6 +7,7 @@ size per (variant, budget), so a regression in a technique shows across commits.
 """
 from __future__ import annotations
 
+import json
 import math
 
 from . import common
@@ -14,10 +15,11 @@ from . import common
 SETTINGS = {
     # Sizes have >= 2 layers: MoD routes every other block, so a 1-layer model has nothing routed.
     "quick": dict(budgets=[1e10, 3e10], sizes=["L2-D32", "L2-D48", "L2-D64", "L4-D64", "L4-D96"],
-                  variants=["baseline", "mod", "mod-random"], data="synthetic", batch_size=8, seq_len=64, lr=3e-3),
+                  variants=["baseline", "mod", "mod-random"], data="synthetic", batch_size=8, seq_len=64, lr=3e-3,
+                  causal_steps=200),
     "full": dict(budgets=[1e12, 3e12, 1e13], sizes=["L4-D64", "L4-D128", "L6-D192", "L8-D256", "L12-D384"],
                  variants=["baseline", "mod", "mod-random", "mode-staged", "mode-integrated"],
-                 data="pycode", batch_size=16, seq_len=256, lr=1e-3),
+                 data="pycode", batch_size=16, seq_len=256, lr=1e-3, causal_steps=3000),
 }[common.profile_name()]
 _RECIPE = {k: SETTINGS[k] for k in ("data", "batch_size", "seq_len", "lr")}
 
@@ -26,20 +28,34 @@ def _sweep_dir():
     return common.REPO / "results" / "isoflop" / f"{common.runs_dir().name}-{common.profile_name()}"
 
 
-def _routing_figure(out_dir) -> None:
-    """Figure 5: which tokens each block of a trained MoD model processes, for one sequence."""
+def _routing_and_causal_sampling(out_dir) -> dict:
+    """Train one MoD model with the causal predictor (paper §3.5), then: Figure 5 (which tokens
+    each block processes, for one sequence) and the validation loss when routing autoregressively
+    by the predictor's decisions vs by top-k over the whole sequence, with predictor accuracy."""
+    import torch
+
     from impls import isoflop, train
+    from impls.files import write_text
     from impls.techniques import mod
 
     size = isoflop.parse_size(SETTINGS["sizes"][-1])
+    steps = SETTINGS["causal_steps"]
     session = train.prepare(train.Recipe(**_RECIPE, model=size.model, model_args=dict(size.model_args),
-                                         techniques=["mod"], steps=200))
-    for step in range(200):
+                                         techniques=["mod:causal=predictor"], steps=steps))
+    for step in range(steps):
         session.engine.train_step(*session.batches.get("train", step), step)
-    x, _ = session.batches.get("val", 0)
-    decisions = mod.routing_decisions(session.model, x[0]).numpy()
+    val = [session.batches.get("val", i) for i in range(4)]
+    result = mod.evaluate_autoregressive(session.model, val)
+    session.model.eval()
+    with torch.no_grad():
+        session.model(*val[0])
+    result["predictor_accuracy"] = mod.summary(session.model)["predictor_accuracy"]
+    result.update(size=size.name, steps=steps)
+    write_text(out_dir / "causal_sampling.json", json.dumps(result, indent=1))
+    decisions = mod.routing_decisions(session.model, val[0][0][0]).numpy()
     isoflop.write_figure(out_dir / "routing.png", isoflop.plot_routing(
         decisions, title=f"MoD routing decisions per block ({size.name}, 12.5% capacity, every other block)"))
+    return result
 
 
 def _sweep_results() -> dict:
@@ -50,8 +66,8 @@ def _sweep_results() -> dict:
     points = isoflop.sweep(out_dir, SETTINGS["budgets"], SETTINGS["variants"], SETTINGS["sizes"],
                            progress=False, **_RECIPE)
     tables = isoflop.analyse(points, out_dir)
-    if not (out_dir / "routing.png").exists():
-        _routing_figure(out_dir)
+    causal_file = out_dir / "causal_sampling.json"
+    causal = json.loads(causal_file.read_text()) if causal_file.exists() else _routing_and_causal_sampling(out_dir)
     fits = tables["fits"].set_index(["variant", "budget"])
     done = points[points["status"] == "ok"]
     tokens_per_step = SETTINGS["batch_size"] * SETTINGS["seq_len"]
@@ -59,7 +75,8 @@ def _sweep_results() -> dict:
                 best=done.groupby(["variant", "budget"])["final_val_loss"].min().to_dict(),
                 flops_per_token=(done["flops_per_step"] / tokens_per_step)
                 .groupby([done["variant"], done["size"]]).first().to_dict(),
-                step_time=tables["step_time"].set_index(["variant", "budget"]).to_dict("index"))
+                step_time=tables["step_time"].set_index(["variant", "budget"]).to_dict("index"),
+                causal=causal)
 
 
 class MoDIsoFLOP:
@@ -113,3 +130,23 @@ class MoDForwardFLOPs:
         return cache["flops_per_token"].get((variant, size), math.nan)
 
     track_flops_per_token.unit = "FLOPs/token"
+
+
+class MoDCausalSampling:
+    """Autoregressive sampling with the causal predictor (paper §3.5: ~99% accurate)."""
+
+    def setup_cache(self):
+        return _sweep_results()["causal"]
+
+    setup_cache.timeout = 3600
+
+    def track_predictor_error(self, causal):
+        return 1.0 - causal["predictor_accuracy"]
+
+    track_predictor_error.unit = "fraction"
+
+    def track_autoregressive_loss_gap(self, causal):
+        """Validation loss routing causally by the predictor minus routing by top-k."""
+        return causal["autoregressive"] - causal["topk"]
+
+    track_autoregressive_loss_gap.unit = "nats/token"

@@ -321,7 +321,9 @@ def run(recipe: Recipe, ctx: dist.DistContext | None = None, *, save_every: int 
             model(xm, ym)
         flops_rank, _ = count_flops(lambda: engine.forward_backward(x0, y0))
     flops_per_step = flops_rank * ctx.world_size
-    model_flops = model_flops_per_step(model, step_rows, recipe.seq_len)
+    # Model FLOPs exclude recomputation (MFU's numerator).  Conditional computation runs less than
+    # the dense formula says: there the counted FLOPs stand in (recompute included, if any).
+    model_flops = model_flops_per_step(model, step_rows, recipe.seq_len) if plan.dense_compute else flops_per_step
     if recipe.steps is not None:
         total_steps = recipe.steps
     else:
@@ -403,6 +405,7 @@ def run(recipe: Recipe, ctx: dist.DistContext | None = None, *, save_every: int 
         resumed_from_step=start if resumed else None,
         flops_per_step=float(flops_per_step),
         model_flops_per_step=float(model_flops),
+        model_flops_source="analytic 6N+12LHQT" if plan.dense_compute else "counted (conditional computation)",
         peak_flops=peak_dev,
         tokens_per_second=tokens_per_step / seconds_per_step,
         seconds_per_step=seconds_per_step,

@@ -12,7 +12,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # fairscale installs a top-level `benchmarks` package: ours first
 for name in [m for m in sys.modules if m == "benchmarks" or m.startswith("benchmarks.")]:
     del sys.modules[name]
+bench_baseline = importlib.import_module("benchmarks.bench_baseline")
+bench_optimizers = importlib.import_module("benchmarks.bench_optimizers")
 bench_techniques = importlib.import_module("benchmarks.bench_techniques")
+bench_mod = importlib.import_module("benchmarks.bench_mod")
 
 
 @pytest.mark.parametrize("variant", list(bench_techniques.VARIANTS))
@@ -23,6 +26,28 @@ def test_every_registered_technique_variant_is_a_valid_recipe(variant):
     train.validate(recipe)  # raises ConfigError naming the problem
     for spec in specs:
         assert spec.split(":")[0] in techniques.REGISTRY
+
+
+# Every recipe a suite hands to `etbench run`, as Recipe fields (a bad field name fails too).
+SUITE_RECIPES = {
+    **{f"baseline-{m}": dict(bench_baseline._recipe(m), flops_budget=bench_baseline.P["flops_budget"])
+       for m in bench_baseline.MODELS},
+    **{f"optimizer-{o}": bench_optimizers.optimizer_recipe(o) for o in bench_optimizers.OPTIMIZERS},
+    **{f"largebatch-{o}-{b}": bench_optimizers.large_batch_recipe(o, b)
+       for o in bench_optimizers.LR_SCALING for b in bench_optimizers.LB["batches"]},
+}
+
+
+@pytest.mark.parametrize("name", list(SUITE_RECIPES))
+def test_every_suite_recipe_is_valid(name):
+    train.validate(train.Recipe(**SUITE_RECIPES[name]))
+
+
+def test_every_isoflop_variant_and_size_is_valid():
+    from impls import isoflop
+
+    settings = bench_mod.SETTINGS
+    isoflop.plan_points(settings["budgets"], settings["variants"], settings["sizes"], bench_mod._RECIPE)
 
 
 def test_asv_discovers_every_suite(tmp_path):

@@ -122,3 +122,14 @@ def test_cli_runs_two_ranks_under_torchrun(tmp_path):
     assert rec["tokens_per_step"] == 2 * 2 * 32
     # Data parallel: every rank holds the full model state.
     assert rec["memory"]["params_bytes"] == 4 * rec["params"]
+
+
+def test_conditional_computation_counts_its_own_model_flops():
+    """6N + 12·L·H·Q·T assumes every token passes every block; MoD does not, so its MFU numerator
+    is the counted FLOPs, never the dense formula."""
+    dense = train.run(train.Recipe(**QUICK, steps=2))
+    routed = train.run(train.Recipe(**QUICK, steps=2, techniques=["mod:capacity=0.5,every=1"]))
+    assert dense["model_flops_source"] == "analytic 6N+12LHQT"
+    assert routed["model_flops_source"] == "counted (conditional computation)"
+    assert routed["model_flops_per_step"] == routed["flops_per_step"] < dense["model_flops_per_step"]
+    assert routed["mfu"] == routed["hfu"]

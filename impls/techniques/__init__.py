@@ -51,6 +51,9 @@ class Plan:
     autocast_dtype: torch.dtype | None = None
     loss_scaling: bool = False  # fp16: dynamic loss scaling with torch.amp.GradScaler
     accum_steps: int = 1  # micro-batches per optimizer step
+    # False when a technique skips compute per token (routing, sparse attention): the analytic
+    # 6N + 12·L·H·Q·T would count work that never runs, so model FLOPs are the counted ones.
+    dense_compute: bool = True
     notes: dict = field(default_factory=dict)
 
     @property

@@ -305,6 +305,7 @@ def configure(plan, options):
         used = {"local": ("window",), "strided": ("stride",), "block": ("block", "blocks")}[kind]
         note.update({k: options[k] for k in used})
         note["kernel"] = "flex_attention (CUDA) / block-sparse gather (CPU)"
+        plan.dense_compute = False  # masked blocks are skipped: the dense 12·L·H·Q·T over-counts
     plan.notes["attention"] = note
 
 

@@ -92,6 +92,7 @@ def configure(plan, options):
     if options["router"] == "random" and options["causal"] != "none":
         raise ConfigError(f"mod:causal={options['causal']} needs router=learned (a random router has "
                           f"nothing to predict)")
+    plan.dense_compute = False  # tokens skip routed blocks: the dense 6N + 12·L·H·Q·T over-counts
 
 
 def capacity_tokens(capacity: float, seq_len: int) -> int:

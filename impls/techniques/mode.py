@@ -60,6 +60,7 @@ def configure(plan, options):
         raise errors.ConfigError(f"mode:capacity must be in (0, 1], got {options['capacity']}")
     moe.check_options(dict(STAGED_MOE, experts=options["experts"], every=options["every"],
                            aux_weight=options["aux_weight"]), NAME)
+    plan.dense_compute = False  # tokens skip blocks or take no-op experts: the dense formula over-counts
 
 
 class _Scratch:

@@ -93,6 +93,7 @@ def check_options(options, name=NAME):
 
 def configure(plan, options):
     check_options(options)
+    plan.dense_compute = False  # a token runs top_k experts, not all of N: the dense 6N over-counts
 
 
 # --------------------------------------------------------------------------- routing math
