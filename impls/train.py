@@ -332,6 +332,14 @@ def run(recipe: Recipe, ctx: dist.DistContext | None = None, *, save_every: int 
             raise RecipeError(f"flops_budget {recipe.flops_budget:.3g} is smaller than one step "
                               f"({flops_per_step:.3g} counted FLOPs)")
     engine.total_steps = total_steps
+    # The MFU denominator, probed (if not cached) before training and by rank 0 alone while the
+    # other ranks wait, so concurrent ranks never disturb the probe; they then read its cache.
+    peak_dtype = plan.autocast_dtype or torch.float32
+    if ctx.is_main:
+        peak_dev = peak_flops(ctx.device, peak_dtype)
+    ctx.barrier()
+    if not ctx.is_main:
+        peak_dev = peak_flops(ctx.device, peak_dtype)
     eval_every = recipe.eval_every or max(1, total_steps // 10)
 
     if resumed:
@@ -381,7 +389,6 @@ def run(recipe: Recipe, ctx: dist.DistContext | None = None, *, save_every: int 
         raise RecipeError(f"nothing left to train: the checkpoint is at step {start} of {total_steps}")
 
     seconds_per_step = ctx.all_mean(sum(step_seconds) / len(step_seconds))
-    peak_dev = peak_flops(ctx.device, plan.autocast_dtype or torch.float32)
     achieved = 1.0 / seconds_per_step / ctx.world_size  # per-device steps/s
     return dict(
         schema=SCHEMA_VERSION,
