@@ -48,7 +48,7 @@ def _routing_and_causal_sampling(out_dir) -> dict:
     result = mod.evaluate_autoregressive(session.model, val)
     session.model.eval()
     with torch.no_grad():
-        session.model(*val[0])
+        session.model(val[0][0])
     result["predictor_accuracy"] = mod.summary(session.model)["predictor_accuracy"]
     result.update(size=size.name, steps=steps)
     write_text(out_dir / "causal_sampling.json", json.dumps(result, indent=1))

@@ -85,15 +85,11 @@ def train_record(name: str, *, nproc: int = 1, **recipe) -> dict:
     The record is kept as ``<runs dir>/<family>/<name>.json``, the family being the name's first
     dash-separated word, so the report plots each benchmark family on its own.
     """
+    from impls.recipe import Recipe, to_argv  # imported on use, as the suites import impls
+
     out = runs_dir() / name.split("-")[0] / f"{name}.json"
-    args = [sys.executable, "-m", "impls.cli", "run", "--nproc", str(nproc), "--out", str(out)]
-    for key, value in recipe.items():
-        if key == "techniques":
-            args += [a for t in value for a in ("--technique", t)]
-        elif key == "model_args":
-            args += [a for k, v in value.items() for a in ("--model-arg", f"{k}={v}")]
-        elif value is not None:
-            args += [f"--{key.replace('_', '-')}", str(value)]
+    args = [sys.executable, "-m", "impls.cli", "run", "--nproc", str(nproc), "--out", str(out),
+            *to_argv(Recipe(**recipe))]
     # asv strips PYTHONPATH from benchmark processes: hand the child our import path explicitly.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     proc = subprocess.run(args, env=env, capture_output=True, text=True)

@@ -17,70 +17,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+from . import recipe as recipe_lib
 from . import train
 from .errors import ConfigError
 
 
-def _value(text: str):
-    """Parse a ``k=v`` value as bool, int, float or string."""
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def _model_args(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise train.RecipeError(f"bad --model-arg {item!r}; expected KEY=VALUE, e.g. block_size=256")
-        out[key] = _value(value)
-    return out
-
-
 def _run_parser(sub) -> None:
+    """``etbench run``: the Recipe's flags (generated from its fields, so every field has one)
+    and the flags of the run itself, which do not change its result."""
     p = sub.add_parser("run", help="train one recipe and write its record")
-    d = train.Recipe()
-    p.add_argument("--model", default=d.model, help="zoo name (etbench zoo)")
-    p.add_argument("--model-arg", action="append", default=[], metavar="K=V", help="override a model config field")
-    p.add_argument("--data", default=d.data, help="synthetic[:k=v,...] | pycode[:max_bytes=N] | tokens:PATH")
-    p.add_argument("--optimizer", default=d.optimizer)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--schedule", default=d.schedule, help="cosine | constant")
-    p.add_argument("--lr-warmup", "--warmup", type=int, default=d.lr_warmup, metavar="STEPS")
-    p.add_argument("--lr-scaling", default=d.lr_scaling, help="none | linear | sqrt: scale lr by global batch / --base-batch")
-    p.add_argument("--base-batch", type=int, default=d.base_batch, help="global batch (sequences) --lr is tuned for")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per rank per step")
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--technique", action="append", default=[], metavar="NAME[:K=V,...]")
-    p.add_argument("--seed", type=int, default=d.seed)
-    length = p.add_mutually_exclusive_group(required=True)
-    length.add_argument("--steps", type=int)
-    length.add_argument("--flops-budget", type=float, metavar="FLOPS", help="counted FLOPs, all ranks")
-    p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--eval-batches", type=int, default=d.eval_batches)
-    p.add_argument("--timing-warmup", type=int, default=d.timing_warmup)
-    p.add_argument("--device", default=d.device, help="auto | cpu | cuda")
+    recipe_lib.add_arguments(p)
     p.add_argument("--nproc", type=int, default=1, help="ranks; > 1 relaunches under torchrun")
     p.add_argument("--out", help="write the JSON record here (atomically)")
     p.add_argument("--save-every", type=int, metavar="N", help="save the training state every N steps")
     p.add_argument("--checkpoint", help="training-state file for --save-every (default: OUT with .state.pt)")
     p.add_argument("--resume", metavar="PATH", help="continue from a training state saved by --save-every")
-
-
-def _recipe(args) -> train.Recipe:
-    return train.Recipe(
-        model=args.model, data=args.data, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
-        schedule=args.schedule, lr_warmup=args.lr_warmup, lr_scaling=args.lr_scaling, base_batch=args.base_batch,
-        batch_size=args.batch_size, seq_len=args.seq_len, techniques=args.technique, seed=args.seed, steps=args.steps,
-        flops_budget=args.flops_budget, eval_every=args.eval_every, eval_batches=args.eval_batches,
-        timing_warmup=args.timing_warmup, device=args.device, model_args=_model_args(args.model_arg))
 
 
 def _relaunch_under_torchrun(argv: list[str], nproc: int) -> int:
@@ -102,15 +53,15 @@ def _relaunch_under_torchrun(argv: list[str], nproc: int) -> int:
 
 
 def _cmd_run(args, argv) -> int:
-    recipe = _recipe(args)
+    recipe = recipe_lib.from_args(args)
     if args.nproc < 1:
-        raise train.RecipeError(f"--nproc must be >= 1, got {args.nproc}")
+        raise recipe_lib.RecipeError(f"--nproc must be >= 1, got {args.nproc}")
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         train.validate(recipe, world_size=args.nproc)  # fail here, once, before starting ranks
         return _relaunch_under_torchrun(argv, args.nproc)
     checkpoint = args.checkpoint or (str(Path(args.out).with_suffix(".state.pt")) if args.out else None)
     if args.save_every is not None and checkpoint is None:
-        raise train.RecipeError("--save-every needs --checkpoint PATH or --out FILE")
+        raise recipe_lib.RecipeError("--save-every needs --checkpoint PATH or --out FILE")
     record = train.run(recipe, save_every=args.save_every, checkpoint=checkpoint, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         if args.out:
@@ -153,18 +104,10 @@ def _cmd_report(args, argv) -> int:
     return report.main([*args.paths, "-o", args.out])
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["isoflop"]:  # its own parser: the sweep engine owns its options
-        from . import isoflop
-
-        try:
-            return isoflop.main(argv[1:])
-        except ConfigError as e:
-            print(f"etbench: error: {e}", file=sys.stderr)
-            return 2
-    parser = argparse.ArgumentParser(prog="etbench", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+def parser() -> argparse.ArgumentParser:
+    """The ``etbench`` parser (``isoflop`` is only listed here: it parses its own options)."""
+    top = argparse.ArgumentParser(prog="etbench", description=__doc__.split("\n")[0])
+    sub = top.add_subparsers(dest="command", required=True)
     _run_parser(sub)
     sub.add_parser("zoo", help="list model names and parameter counts")
     p = sub.add_parser("peak", help="peak FLOP/s used as the MFU denominator")
@@ -175,7 +118,20 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("report", help="plots and tables from run records")
     p.add_argument("paths", nargs="+")
     p.add_argument("-o", "--out", default="results/plots")
-    args = parser.parse_args(argv)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["isoflop"]:  # its own parser: the sweep engine owns its options
+        from . import isoflop
+
+        try:
+            return isoflop.main(argv[1:])
+        except ConfigError as e:
+            print(f"etbench: error: {e}", file=sys.stderr)
+            return 2
+    args = parser().parse_args(argv)
     commands = {"run": _cmd_run, "zoo": _cmd_zoo, "peak": _cmd_peak, "report": _cmd_report}
     try:
         return commands[args.command](args, argv)

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from impls import kv
 from impls.errors import ConfigError
 from impls.zoo import IGNORE_INDEX
 
@@ -131,13 +132,16 @@ _TOKENS_OPTIONS = {"dtype": (str, None, lambda x: x in ("uint16", "uint32"), "ui
 def _parse_options(kind: str, text: str, valid: dict) -> dict:
     """Parse ``key=value,...`` against ``valid``; returns every option, defaults filled in."""
     options = {key: default for key, (_, default, _, _) in valid.items()}
-    for item in filter(None, text.split(",")):
-        key, eq, raw = item.partition("=")
+    try:
+        given = kv.split(text, kind)
+    except ConfigError as e:  # DataError, as every bad data spec
+        raise DataError(str(e)) from None
+    for key, raw in given.items():
         if key not in valid:
             raise DataError(f"unknown option {key!r} for {kind}; valid: {', '.join(valid)}")
         parse, _, check, requirement = valid[key]
         try:
-            value = parse(raw) if eq else None
+            value = parse(raw)
         except ValueError:
             value = None
         if value is None or not check(value):

@@ -35,6 +35,14 @@ class DistContext:
         dist.all_reduce(t)
         return t.item() / self.world_size
 
+    def all_sum_int(self, value: int) -> int:
+        """Exact sum of an integer over ranks (identity on one rank)."""
+        if self.world_size == 1:
+            return int(value)
+        t = torch.tensor([int(value)], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t)
+        return int(t.item())
+
     def barrier(self):
         if self.world_size > 1:
             dist.barrier()

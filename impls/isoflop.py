@@ -39,6 +39,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.ticker import NullFormatter
 
+from . import recipe as recipe_lib
 from . import train, zoo
 from .errors import ConfigError
 from .files import write_text
@@ -66,6 +67,10 @@ HEAD_DIM = 32
 
 #: Recipe fields a size or variant sets per point; the base recipe may not set them.
 _POINT_FIELDS = ("model", "model_args", "techniques", "flops_budget", "steps")
+#: Recipe fields of the base recipe, shared by every point: the sweep's command line sets them.
+BASE_FIELDS = tuple(f.name for f in dataclasses.fields(recipe_lib.Recipe) if f.name not in _POINT_FIELDS)
+#: The sweep command line's own defaults (the other base fields default as in the Recipe).
+SWEEP_DEFAULTS = dict(seq_len=64, batch_size=8, lr=3e-3)
 SKIPPED = "skipped: budget < one step"
 POINT_COLUMNS = ["variant", "budget", "size", "params", "matmul_params", "n_layer", "d_model", "n_head",
                  "steps", "tokens", "final_val_loss", "seconds_per_step", "flops_per_step", "status",
@@ -258,21 +263,7 @@ def subprocess_runner(recipe: train.Recipe) -> dict:
     import subprocess
     import tempfile
 
-    if recipe.mlm_rate != train.Recipe.mlm_rate:
-        raise ConfigError("subprocess runs cannot set mlm_rate; run in-process")
-    args = [sys.executable, "-m", "impls.cli", "run", "--model", recipe.model, "--data", recipe.data,
-            "--optimizer", recipe.optimizer, "--lr", repr(recipe.lr), "--weight-decay", repr(recipe.weight_decay),
-            "--schedule", recipe.schedule, "--lr-warmup", str(recipe.lr_warmup), "--lr-scaling", recipe.lr_scaling,
-            "--base-batch", str(recipe.base_batch), "--batch-size", str(recipe.batch_size),
-            "--seq-len", str(recipe.seq_len), "--seed", str(recipe.seed), "--flops-budget", repr(recipe.flops_budget),
-            "--eval-batches", str(recipe.eval_batches), "--timing-warmup", str(recipe.timing_warmup),
-            "--device", recipe.device]
-    if recipe.eval_every is not None:
-        args += ["--eval-every", str(recipe.eval_every)]
-    for technique in recipe.techniques:
-        args += ["--technique", technique]
-    for key, value in recipe.model_args.items():
-        args += ["--model-arg", f"{key}={value}"]
+    args = [sys.executable, "-m", "impls.cli", "run", *recipe_lib.to_argv(recipe)]
     with tempfile.TemporaryDirectory(prefix="etbench-isoflop-") as tmp:
         out = Path(tmp) / "record.json"
         done = subprocess.run([*args, "--out", str(out)], capture_output=True, text=True)
@@ -660,19 +651,12 @@ def _names(text: str) -> list[str]:
 
 
 def parser() -> argparse.ArgumentParser:
-    d = train.Recipe()
     p = argparse.ArgumentParser(prog="etbench isoflop", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budgets", required=True, help="comma-separated counted-FLOP budgets, e.g. 1e10,3e10,1e11")
     p.add_argument("--variants", default="baseline", help=f"comma-separated; known: {', '.join(VARIANTS)}")
     p.add_argument("--sizes", default=",".join(DEFAULT_SIZES), help=SIZE_GRAMMAR)
     p.add_argument("--out", required=True, help="sweep directory (resumable)")
-    p.add_argument("--data", default=d.data)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--eval-batches", type=int, default=d.eval_batches)
     p.add_argument("--isolate", action="store_true",
                    help="train each point in its own subprocess (memory freed, a crash loses one point)")
     p.add_argument("--fit-sizes", type=int, metavar="K",
@@ -681,7 +665,15 @@ def parser() -> argparse.ArgumentParser:
                    help="re-measure the optimal models' step times together (STEPS-step runs, 3 rounds)")
     p.add_argument("--n-col", default="params", choices=("params", "matmul_params"),
                    help="the N of the fits: all parameters or those in matmuls")
+    base = p.add_argument_group("base recipe", "shared by every point; sizes, variants and budgets set the rest")
+    recipe_lib.add_arguments(base, defaults=SWEEP_DEFAULTS, fields=BASE_FIELDS)
     return p
+
+
+def _base(args: argparse.Namespace) -> dict:
+    """The base recipe of the parsed flags, as :func:`sweep` takes it: the fields that differ from
+    the Recipe's defaults (the sweep's signature fills in the rest, so it is the same either way)."""
+    return recipe_lib.changed(recipe_lib.from_args(args), BASE_FIELDS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -693,13 +685,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"--retime must be >= 3 steps (the first are untimed warm-up), got {args.retime}")
         if args.fit_sizes is not None and args.fit_sizes < 3:
             raise ConfigError(f"--fit-sizes must be >= 3, got {args.fit_sizes}")
-        points = sweep(args.out, budgets, _names(args.variants), _names(args.sizes), data=args.data,
-                       seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                       eval_batches=args.eval_batches, runner=subprocess_runner if args.isolate else None)
+        base = _base(args)
+        points = sweep(args.out, budgets, _names(args.variants), _names(args.sizes),
+                       runner=subprocess_runner if args.isolate else None, **base)
     except ConfigError as e:
         print(f"etbench isoflop: error: {e}", file=sys.stderr)
         return 2
-    base = dict(data=args.data, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     tables = analyse(points, args.out, args.n_col, near_min=args.fit_sizes, retime_steps=args.retime,
                      variants=resolve_variants(_names(args.variants)), **base)
     with pd.option_context("display.width", 140, "display.max_columns", 20):

@@ -2,49 +2,254 @@
 
 Every way of starting a run — ``etbench run`` flags, the isoFLOP runner, the asv benchmarks'
 run helper — derives from these fields; a field added here is reachable from all of them.
+Each field's ``metadata`` holds its flag: the help text, aliases, and for the fields that are
+not one scalar (techniques, model_args, mesh) how the flag's text is read and written.
+:func:`add_arguments` turns the fields into argparse flags, :func:`from_args` reads them back
+into a Recipe, and :func:`to_argv` writes a Recipe as the flags that reproduce it exactly.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import argparse
+import dataclasses
+import functools
+import typing
+from collections.abc import Callable, Iterable
+from dataclasses import MISSING, Field, dataclass, field
 
+from . import kv
 from .errors import ConfigError
 
 SCHEDULES = ("cosine", "constant")
 LR_SCALINGS = ("none", "linear", "sqrt")
 
 
+class RecipeError(ConfigError):
+    """Invalid recipe: the message is one line naming the bad value and the valid choices."""
+
+
+# --------------------------------------------------------------------------- non-scalar flags
+
+
+def _model_args(items: list[str]) -> dict:
+    """``--model-arg`` texts (``K=V``, repeatable) -> the model_args dict; values as bool, int,
+    float or string (:func:`kv.guess`), a later flag overriding an earlier one."""
+    out: dict = {}
+    for item in items:
+        out.update({key: kv.guess(value) for key, value in kv.split(item, "--model-arg").items()})
+    return out
+
+
+def _mesh(text: str) -> dict[str, int]:
+    """``--mesh tp=2[,pp=2]`` -> ``{"tp": 2, "pp": 2}``; a size that is not an integer is a
+    one-line ConfigError naming it."""
+    return {dim: kv.convert(size, 0, f"--mesh {dim}") for dim, size in kv.split(text, "--mesh").items()}
+
+
+def _text(value) -> str:
+    """A scalar as flag text: floats with ``repr``, which reads back bit-exactly."""
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _flag(help: str, *, flags: tuple[str, ...] = (), metavar: str | None = None, repeat: bool = False,
+          parse: Callable | None = None, write: Callable[[object], list[str]] | None = None,
+          group: str | None = None) -> dict:
+    """A field's CLI metadata.
+
+    ``flags``: option strings, the first one written by :func:`to_argv` (default ``--field-name``);
+    ``repeat``: the flag may be given several times, its texts collected in a list;
+    ``parse``: flag text (the list, if ``repeat``) -> field value, ``write`` its inverse (one
+    text per flag); ``group``: fields of one group are mutually exclusive.
+    """
+    return dict(help=help, flags=flags, metavar=metavar, repeat=repeat, parse=parse, write=write, group=group)
+
+
+# --------------------------------------------------------------------------- the recipe
+
+
 @dataclass
 class Recipe:
-    model: str = "nano"
-    data: str = "synthetic"
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    schedule: str = "cosine"  # linear warm-up, then cosine decay to 10% at the last step (Chinchilla)
-    lr_warmup: int = 0
+    model: str = field(default="nano", metadata=_flag("zoo name (etbench zoo)"))
+    data: str = field(default="synthetic", metadata=_flag(
+        "synthetic[:k=v,...] | pycode[:max_bytes=N] | tokens:PATH"))
+    optimizer: str = field(default="adamw", metadata=_flag(
+        "sgd | nesterov | adam | adamw | adafactor | lamb | lars | lion | adamw8bit"))
+    lr: float = field(default=1e-3, metadata=_flag("peak learning rate (before --lr-scaling)"))
+    weight_decay: float = field(default=0.1, metadata=_flag("decoupled weight decay"))
+    schedule: str = field(default="cosine", metadata=_flag(
+        "cosine: linear warm-up, then cosine decay to 10% at the last step (Chinchilla) | constant"))
+    lr_warmup: int = field(default=0, metadata=_flag("steps of linear lr warm-up", flags=("--lr-warmup", "--warmup"),
+                                                     metavar="STEPS"))
     # Large batch (Goyal et al. 2017): lr is tuned for base_batch sequences; "linear" scales it by
     # global batch / base_batch, "sqrt" by its square root (Krizhevsky 2014; Hoffer et al. 2017).
-    lr_scaling: str = "none"
-    base_batch: int = 8
-    batch_size: int = 8  # sequences per data-parallel rank per micro-batch (grad_accum multiplies the step's batch)
-    seq_len: int = 64
-    techniques: list[str] = field(default_factory=list)
-    seed: int = 0
-    steps: int | None = None
-    flops_budget: float | None = None  # counted FLOPs, all ranks; the run stops before exceeding it
-    eval_every: int | None = None  # None: ten evaluations per run
-    eval_batches: int = 4
-    timing_warmup: int = 2  # first steps excluded from timing (allocator, thread-pool warm-up)
-    mlm_rate: float = 0.15  # masked-LM encoders only (BERT)
-    device: str = "auto"
-    model_args: dict = field(default_factory=dict)
+    lr_scaling: str = field(default="none", metadata=_flag(
+        "none | linear | sqrt: scale lr by global batch / --base-batch"))
+    base_batch: int = field(default=8, metadata=_flag("global batch (sequences) --lr is tuned for"))
+    # sequences per data-parallel rank per micro-batch (grad_accum multiplies the step's batch)
+    batch_size: int = field(default=8, metadata=_flag("sequences per rank per step"))
+    seq_len: int = field(default=64, metadata=_flag("tokens per sequence"))
+    techniques: list[str] = field(default_factory=list, metadata=_flag(
+        "apply a technique, e.g. mod:capacity=0.25 (repeatable)", flags=("--technique",), metavar="NAME[:K=V,...]",
+        repeat=True, parse=list, write=list))
+    seed: int = field(default=0, metadata=_flag("seed of the initialisation and the data order"))
+    steps: int | None = field(default=None, metadata=_flag("optimizer steps", group="length"))
+    flops_budget: float | None = field(default=None, metadata=_flag(
+        "counted FLOPs, all ranks; the run stops before exceeding it", metavar="FLOPS", group="length"))
+    eval_every: int | None = field(default=None, metadata=_flag(
+        "evaluate every N steps (default: ten evaluations per run)", metavar="N"))
+    eval_batches: int = field(default=4, metadata=_flag("validation batches per evaluation"))
+    timing_warmup: int = field(default=2, metadata=_flag(
+        "first steps excluded from timing (allocator, thread-pool warm-up)", metavar="STEPS"))
+    mlm_rate: float = field(default=0.15, metadata=_flag(
+        "fraction of tokens masked (masked-LM encoders only: BERT)"))
+    device: str = field(default="auto", metadata=_flag("auto | cpu | cuda"))
+    model_args: dict = field(default_factory=dict, metadata=_flag(
+        "override a model config field (repeatable)", flags=("--model-arg",), metavar="K=V", repeat=True,
+        parse=_model_args, write=lambda args: [f"{k}={v}" for k, v in args.items()]))
     # Named device-mesh dimensions other than dp, e.g. {"tp": 2}; dp takes the remaining ranks.
-    mesh: dict = field(default_factory=dict)
+    mesh: dict = field(default_factory=dict, metadata=_flag(
+        "device-mesh sizes other than dp, e.g. tp=2; dp takes the remaining ranks", metavar="DIM=N,...",
+        parse=_mesh, write=lambda mesh: [kv.join(mesh)] if mesh else []))
 
     @property
     def label(self) -> str:
         return "/".join([self.model, self.optimizer, *self.techniques])
 
 
-class RecipeError(ConfigError):
-    """Invalid recipe: the message is one line naming the bad value and the valid choices."""
+# --------------------------------------------------------------------------- fields <-> flags
+
+
+def _default(f: Field):
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+def _flags(f: Field) -> tuple[str, ...]:
+    return f.metadata["flags"] or ("--" + f.name.replace("_", "-"),)
+
+
+@functools.cache
+def _hints() -> dict:
+    return typing.get_type_hints(Recipe)
+
+
+def _scalar_type(f: Field) -> type:
+    """``int`` for ``int`` and ``int | None``: what argparse converts a scalar flag's text with."""
+    hint = _hints()[f.name]
+    return next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+
+
+def _raw(f: Field, value):
+    """``value`` as argparse holds it before :func:`from_args`: flag text for non-scalar fields."""
+    write = f.metadata["write"]
+    if write is None:
+        return value
+    texts = write(value)
+    return texts if f.metadata["repeat"] else (texts[0] if texts else None)
+
+
+def _selected(names: Iterable[str] | None) -> list[Field]:
+    every = dataclasses.fields(Recipe)
+    if names is None:
+        return list(every)
+    names = set(names)
+    unknown = sorted(names - {f.name for f in every})
+    if unknown:
+        raise ValueError(f"not Recipe fields: {', '.join(unknown)}")
+    return [f for f in every if f.name in names]
+
+
+def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, defaults: dict | None = None,
+                  fields: Iterable[str] | None = None, require_length: bool = True) -> None:
+    """Add the flags of the Recipe's ``fields`` (default: all) to ``parser`` (or an argument group).
+
+    ``defaults`` overrides the Recipe's defaults for this command (an isoFLOP sweep's own lr, say).
+    ``require_length``: exactly one of --steps / --flops-budget must be given (when both are
+    added).  Values are not restricted with argparse ``choices``: the training code checks them
+    with a one-line error naming the valid values, where argparse's errors add a usage block.
+    """
+    chosen = _selected(fields)
+    defaults = dict(defaults or {})
+    extra = sorted(set(defaults) - {f.name for f in chosen})
+    if extra:
+        raise ValueError(f"defaults for fields that get no flag: {', '.join(extra)}")
+    grouped: dict[str, list[Field]] = {}
+    for f in chosen:
+        if f.metadata["group"]:
+            grouped.setdefault(f.metadata["group"], []).append(f)
+    groups = {name: parser.add_mutually_exclusive_group(required=require_length)
+              for name, members in grouped.items() if len(members) > 1}
+    for f in chosen:
+        meta = f.metadata
+        default = _raw(f, defaults.get(f.name, _default(f)))
+        help = meta["help"].replace("%", "%%")  # argparse %-formats help texts
+        if default not in (None, []) and "default:" not in help:
+            help += " (default: %(default)s)"
+        kwargs = dict(dest=f.name, default=default, metavar=meta["metavar"], help=help)
+        if meta["repeat"]:
+            kwargs["action"] = "append"
+        elif meta["parse"] is None:
+            kwargs["type"] = _scalar_type(f)
+        groups.get(meta["group"], parser).add_argument(*_flags(f), **kwargs)
+
+
+def from_args(args: argparse.Namespace, **overrides) -> Recipe:
+    """The Recipe of parsed flags (fields without a flag keep their default), then ``overrides``.
+
+    Non-scalar flags are parsed here, after argparse, so that a bad ``--mesh`` or ``--model-arg``
+    is a one-line :class:`~impls.errors.ConfigError` rather than argparse's usage block.
+    """
+    values = {}
+    for f in dataclasses.fields(Recipe):
+        if f.name in overrides or not hasattr(args, f.name):
+            continue
+        raw, parse = getattr(args, f.name), f.metadata["parse"]
+        if parse is None:
+            values[f.name] = raw
+        elif raw is None:  # a non-scalar flag not given
+            values[f.name] = _default(f)
+        else:
+            values[f.name] = parse(raw)
+    return Recipe(**values, **overrides)
+
+
+def changed(recipe: Recipe, names: Iterable[str] | None = None) -> dict:
+    """The fields of ``recipe`` (all, or ``names``) whose values differ from the Recipe's defaults."""
+    return {f.name: getattr(recipe, f.name) for f in _selected(names) if getattr(recipe, f.name) != _default(f)}
+
+
+class _StrictParser(argparse.ArgumentParser):
+    def error(self, message: str):  # flags that do not parse back are a bad recipe, not an exit
+        raise RecipeError(f"recipe cannot be written as etbench run flags: {message}")
+
+
+def to_argv(recipe: Recipe) -> list[str]:
+    """The ``etbench run`` flags that reproduce ``recipe`` exactly: one per field that differs
+    from its default (so steps / flops_budget whenever set), floats written with ``repr``.
+
+    The flags are read back before they are returned: a value they would not reproduce (a
+    model_args string that reads as a number, a non-integer mesh size...) is a RecipeError
+    here rather than a silently different run.
+    """
+    every = {f.name: f for f in dataclasses.fields(Recipe)}
+    argv = []
+    for name, value in changed(recipe).items():
+        f = every[name]
+        texts = f.metadata["write"](value) if f.metadata["write"] else [_text(value)]
+        for text in texts:  # --flag=TEXT where TEXT would read as an option
+            argv += [f"{_flags(f)[0]}={text}"] if text.startswith("-") else [_flags(f)[0], text]
+    _check_round_trip(recipe, argv)
+    return argv
+
+
+def _check_round_trip(recipe: Recipe, argv: list[str]) -> None:
+    parser = _StrictParser(add_help=False)
+    add_arguments(parser, require_length=False)
+    try:
+        back = from_args(parser.parse_args(argv))
+    except RecipeError:
+        raise
+    except ConfigError as e:  # e.g. a model_args string with a comma: not one --model-arg
+        raise RecipeError(f"recipe cannot be written as etbench run flags: {e}") from None
+    for f in dataclasses.fields(Recipe):
+        if getattr(back, f.name) != getattr(recipe, f.name):
+            raise RecipeError(f"recipe field {f.name}={getattr(recipe, f.name)!r} cannot be written as "
+                              f"etbench run flags (they read back as {getattr(back, f.name)!r})")

@@ -4,6 +4,7 @@ import warnings
 import pytest
 import torch
 
+from conftest import apply_to
 from impls import techniques, train, zoo
 from impls.errors import ConfigError
 from impls.measure import SavedActivations, count_flops
@@ -219,9 +220,8 @@ def test_flex_path_on_cuda_matches_the_block_sparse_kernel(kind):
 def test_apply_swaps_attend_in_every_block_without_touching_weights():
     model = zoo.build("nano")
     before = {n: p.clone() for n, p in model.state_dict().items()}
-    spec = techniques.parse("attention:kind=local,window=16")
-    plan = techniques.configure([spec])
-    model = techniques.apply_all(model, [spec], plan)
+    build = apply_to(model, ["attention:kind=local,window=16"])
+    plan = build.plan
     assert all(isinstance(b.attn.attend, A.SparseAttend) for b in model.blocks)
     assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
     assert plan.notes["attention"]["kind"] == "local" and plan.notes["attention"]["window"] == 16

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from impls.loss import lm_loss
 from impls import zoo
 from impls.measure import (SavedActivations, count_flops, model_flops_per_step, model_state_bytes,
                            peak_flops, tensor_bytes)
@@ -11,7 +12,7 @@ def _train_step_flops(model, batch, seq_len):
     x = torch.randint(0, model.cfg.vocab_size, (batch, seq_len))
 
     def step():
-        model(x, x)[1].backward()
+        lm_loss(model(x), x).backward()
 
     return count_flops(step)
 
@@ -42,7 +43,7 @@ def test_model_state_bytes_of_adamw_are_params_grads_and_two_moments():
     model = zoo.build("nano")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randint(0, 256, (2, 16))
-    model(x, x)[1].backward()
+    lm_loss(model(x), x).backward()
     opt.step()
     n = model.num_params()
     b = model_state_bytes(model, opt)
@@ -81,7 +82,7 @@ def test_activation_bytes_grow_linearly_with_batch():
     for batch in (2, 4):
         x = torch.randint(0, 256, (batch, 64))
         with SavedActivations(model.parameters()) as saved:
-            model(x, x)
+            lm_loss(model(x), x)
         sizes.append(saved.bytes)
     assert sizes[1] == pytest.approx(2 * sizes[0], rel=0.02)
 

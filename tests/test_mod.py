@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from impls import techniques, train, zoo
-from conftest import build_model
+from conftest import apply_to, build_model, build_run, engine_over, loss_of
+from impls.engines import TorchEngine
 from impls.errors import ConfigError
 from impls.measure import count_flops
 from impls.techniques import mod
@@ -47,23 +48,24 @@ def test_routed_blocks_and_tokens():
     assert mod.routed_blocks(6, 3) == [2, 5] and mod.routed_blocks(3, 1) == [0, 1, 2]
     assert [mod.capacity_tokens(0.125, t) for t in (64, 63, 7, 1)] == [8, 8, 1, 1]
     assert mod.capacity_tokens(0.3, 10) == 3 and mod.capacity_tokens(1.0, 5) == 5
-    assert type(model).__name__ == "MoDTransformer" and isinstance(model, zoo.Transformer)
+    assert type(model) is zoo.Transformer  # no class swap: routed blocks are modules of their own
+    assert [type(b).__name__ for b in model.blocks] == ["Block", "RoutedBlock", "Block", "RoutedBlock"]
     assert model.cfg.n_layer == 4 and len(model.blocks) == 4
     assert model.num_params() == zoo.build("nano", n_layer=4).num_params() + 2 * (64 + 1)
-    assert {k for k in model.state_dict() if "mod_" in k} == {
-        "blocks.1.mod_router.weight", "blocks.1.mod_router.bias", "blocks.3.mod_router.weight",
-        "blocks.3.mod_router.bias"}
+    assert {k for k in model.state_dict() if "router" in k} == {
+        "blocks.1.router.weight", "blocks.1.router.bias", "blocks.3.router.weight",
+        "blocks.3.router.bias"}
 
 
 @pytest.mark.parametrize("model_args", [{}, LLAMA_ISH, dict(causal=False)], ids=["gpt", "llama", "encoder"])
 def test_router_gets_gradients_and_indices_sorted(model_args):
     model, _ = build("mod:capacity=0.25", **model_args)
     x, y = batch()
-    model(x, y)[1].backward()
+    loss_of(model, x, y).backward()
     for i in (1, 3):
-        g = model.blocks[i].mod_router.weight.grad
+        g = model.blocks[i].router.weight.grad
         assert g is not None and g.abs().sum() > 0
-        idx = model.blocks[i]._mod_last["stats"]["indices"]
+        idx = model.blocks[i].last["stats"]["indices"]
         assert idx.shape == (B, 16) and bool((idx[:, 1:] > idx[:, :-1]).all())
 
 
@@ -71,14 +73,13 @@ def test_router_gets_gradients_and_indices_sorted(model_args):
 def test_full_capacity_weight_one_is_plain_block(model_args):
     torch.manual_seed(0)
     plain = zoo.build("nano", n_layer=4, **model_args)
-    routed = mod.apply(copy.deepcopy(plain), {**mod.OPTIONS, "capacity": 1.0, "every": 1},
-                       techniques.Plan())
+    routed = apply_to(copy.deepcopy(plain), ["mod:capacity=1.0,every=1"]).model
     for blk in routed.blocks:  # sigmoid(30) == 1.0 in fp32; lerp(x, y, 1) == y exactly
-        torch.nn.init.zeros_(blk.mod_router.weight)
-        torch.nn.init.constant_(blk.mod_router.bias, 30.0)
+        torch.nn.init.zeros_(blk.router.weight)
+        torch.nn.init.constant_(blk.router.bias, 30.0)
     x, y = batch()
-    lp, lr_ = plain(x, y)[1], routed(x, y)[1]
-    assert torch.equal(plain(x)[0], routed(x)[0]) and torch.equal(lp, lr_)
+    lp, lr_ = loss_of(plain, x, y), loss_of(routed, x, y)
+    assert torch.equal(plain(x), routed(x)) and torch.equal(lp, lr_)
 
 
 def test_gathered_path_equals_masked_path():
@@ -91,11 +92,11 @@ def test_gathered_path_equals_masked_path():
     h = model.tok_emb(x)
     rope = (model.rope_cos, model.rope_sin)
     out = blk(h, rope)
-    top = blk._mod_last["stats"]["indices"]
+    top = blk.last["stats"]["indices"]
     sel = torch.zeros(B, T, dtype=torch.bool).scatter_(1, top, True)
     allowed = (sel[:, None, :] | torch.eye(T, dtype=torch.bool)) & torch.ones(T, T, dtype=torch.bool).tril()
-    full = blk._mod_inner(h, rope, allowed.unsqueeze(1))
-    w = torch.sigmoid(blk.mod_router(h).float())
+    full = blk.block(h, rope, allowed.unsqueeze(1))
+    w = torch.sigmoid(blk.router(h).float())
     expect = torch.where(sel.unsqueeze(-1), torch.lerp(h, full, w), h)
     torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-6)
 
@@ -123,22 +124,23 @@ def test_weight_depends_on_own_logit_only():
     for last in (2.0, 50.0):
         lg = logits.clone()
         lg[:, -1] = last
-        blk.mod_router = FixedLogits(lg)
+        blk.router = FixedLogits(lg)
         outs.append(blk(h))
-        weights.append(blk._mod_last["stats"]["weights"])
-        assert torch.equal(blk._mod_last["stats"]["indices"][0], torch.arange(48, 64))
+        weights.append(blk.last["stats"]["weights"])
+        assert torch.equal(blk.last["stats"]["indices"][0], torch.arange(48, 64))
     assert torch.equal(weights[0][:, :-1], weights[1][:, :-1]) and weights[1][0, -1] > weights[0][0, -1]
     assert torch.equal(outs[0][:, :-1], outs[1][:, :-1]) and not torch.equal(outs[0][:, -1], outs[1][:, -1])
 
 
 def test_no_nan_with_large_logits():
-    model, _ = build("mod:capacity=0.125,causal=aux_loss")
+    run = build_run("nano", ["mod:capacity=0.125,causal=aux_loss"], n_layer=4)
+    model = run.model
     for blk in (model.blocks[1], model.blocks[3]):
         with torch.no_grad():
-            blk.mod_router.weight.fill_(1e4)
-            blk.mod_router.bias.fill_(-1e4)
+            blk.router.weight.fill_(1e4)
+            blk.router.bias.fill_(-1e4)
     x, y = batch()
-    loss = model(x, y, loss_sum=True)[1]
+    loss = TorchEngine(run, train.Recipe(), 1).loss_sum(x, y, model(x))  # LM loss + aux term
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
@@ -149,15 +151,13 @@ def test_composes_with_checkpointing():
     x, y = batch()
     results = []
     for specs in (["mod:causal=predictor"], ["mod:causal=predictor", "checkpoint"]):
-        torch.manual_seed(0)
-        model = zoo.build("nano", n_layer=4)
-        parsed = [techniques.parse(s) for s in specs]
-        model = techniques.apply_all(model, parsed, techniques.configure(parsed))
-        loss = model(x, y)[1]
+        run = build_run("nano", specs, seed=0, n_layer=4)
+        model = run.model
+        loss = TorchEngine(run, train.Recipe(), 1).loss_sum(x, y, model(x)) / y.numel()
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
     (l0, g0), (l1, g1) = results
-    assert torch.equal(l0, l1) and g0.keys() == g1.keys() and "blocks.1.mod_predictor.0.weight" in g0
+    assert torch.equal(l0, l1) and g0.keys() == g1.keys() and "blocks.1.predictor.0.weight" in g0
     for name in g0:
         torch.testing.assert_close(g0[name], g1[name], rtol=1e-5, atol=1e-7)
 
@@ -197,32 +197,31 @@ def test_counted_flops_match_shapes():
 
 @pytest.mark.parametrize("causal", ["aux_loss", "predictor"])
 def test_aux_loss_scaling_with_loss_sum(causal):
-    model, _ = build(f"mod:capacity=0.25,causal={causal},aux_weight=0.5")
+    run = build_run("nano", [f"mod:capacity=0.25,causal={causal},aux_weight=0.5"], n_layer=4)
+    model, engine = run.model, TorchEngine(run, train.Recipe(), 1)
     x, y = batch()
     y[0, :10] = zoo.IGNORE_INDEX
     n = int((y != zoo.IGNORE_INDEX).sum())
     torch.manual_seed(3)
-    _, mean_loss = model(x, y)
-    aux = sum(model.aux_losses.values())
-    assert set(model.aux_losses) == {"router_bce" if causal == "aux_loss" else "predictor_bce"}
+    summed = engine.loss_sum(x, y, model(x))  # what the engine divides by the step's tokens
+    aux = sum(mod.aux_losses(model).values())
+    assert set(mod.aux_losses(model)) == {"router_bce" if causal == "aux_loss" else "predictor_bce"}
+    assert [t.name for t in run.loss_terms] == ["mod"] and run.loss_terms[0].weight == 0.5
     assert 0 < float(aux.detach()) < 10
-    _, summed = model(x, y, loss_sum=True)
-    plain = torch.nn.functional.cross_entropy(model(x)[0].view(-1, 256), y.view(-1), ignore_index=-100)
-    torch.testing.assert_close(mean_loss, plain + 0.5 * aux)
-    torch.testing.assert_close(summed / n, plain + 0.5 * aux)  # what the engine computes
-    model.eval()  # validation losses carry no aux term
-    torch.testing.assert_close(model(x, y)[1], plain)
+    plain = torch.nn.functional.cross_entropy(model(x).view(-1, 256), y.view(-1), ignore_index=-100)
+    torch.testing.assert_close(summed / n, plain + 0.5 * aux)
+    # validation losses carry no aux term
+    assert engine.eval_loss(x, y) == pytest.approx(plain.item(), rel=1e-6)
 
 
 def test_predictor_is_stop_gradient():
     model, _ = build("mod:capacity=0.25,causal=predictor")
     x, y = batch()
     model.zero_grad()
-    model.aux_losses = {}
-    model(x, y)
-    sum(model.aux_losses.values()).backward()
+    model(x)
+    sum(mod.aux_losses(model).values()).backward()
     pred = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-    assert pred and all(".mod_predictor." in n for n in pred)
+    assert pred and all(".predictor." in n for n in pred)
 
 
 # --------------------------------------------------------------------------- options

@@ -6,29 +6,27 @@ import math
 import pytest
 import torch
 
+from conftest import build_model, build_run, loss_of
 from impls import techniques, train, zoo
+from impls.engines import TorchEngine
 from impls.errors import ConfigError
 from impls.measure import count_flops
-from impls.techniques import moe
+from impls.techniques import fuse, mod, moe
 
 B, T = 2, 64
 LLAMA_ISH = dict(norm="rmsnorm", mlp="swiglu", position="rope", n_kv_head=1, bias=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(spec="moe", n_layer=4, **model_args):
-    torch.manual_seed(0)
-    model = zoo.build("nano", n_layer=n_layer, **model_args)
-    specs = [techniques.parse(spec)]
-    plan = techniques.configure(specs)
-    return techniques.apply_all(model, specs, plan), plan
+    return build_model("nano", [spec], seed=0, n_layer=n_layer, **model_args)
+
+
+def mlp_of(block):
+    """The MLP of a block, through MoD's routing wrapper (staged MoDE)."""
+    return (block.block if isinstance(block, mod.RoutedBlock) else block).mlp
 
 
 def batch(t=T, vocab=256):
@@ -123,9 +121,9 @@ def test_load_balancing_loss_switch_formula():
 def test_gradients_reach_router_and_used_experts(spec):
     model, _ = build(spec)
     x, y = batch()
-    model(x, y)[1].backward()
+    loss_of(model, x, y).backward()
     layers = moe.moe_layers(model)
-    assert len(layers) == 2 and all(model.blocks[i].mlp is layers[j] for j, i in enumerate((1, 3)))
+    assert len(layers) == 2 and all(mlp_of(model.blocks[i]) is layers[j] for j, i in enumerate((1, 3)))
     for layer in layers:
         assert layer.router.weight.grad.abs().sum() > 0
         used = {e for e, row in enumerate(layer._last["gate"]) if (row > 0).any()}
@@ -150,7 +148,7 @@ def test_one_expert_huge_capacity_equals_dense(model_args, routing):
     model.load_state_dict(state, strict=False)
     x, y = batch()
     # softmax over one expert is exactly 1: the gate multiplies by 1.0
-    torch.testing.assert_close(model(x)[0], dense(x)[0], rtol=0, atol=0)
+    torch.testing.assert_close(model(x), dense(x), rtol=0, atol=0)
     assert moe.summary(model)["dropped_fraction"] == 0
 
 
@@ -198,28 +196,27 @@ def test_counted_flops_match_shapes():
 
 @pytest.mark.parametrize("spec", ["moe:aux_weight=0.5", "mode:kind=staged,aux_weight=0.5"])
 def test_aux_loss_scaling_with_loss_sum(spec):
-    model, _ = build(spec)
+    run = build_run("nano", [spec], seed=0, n_layer=4)
+    model, engine = run.model, TorchEngine(run, train.Recipe(), 1)
     x, y = batch()
     y[0, :10] = zoo.IGNORE_INDEX
     n = int((y != zoo.IGNORE_INDEX).sum())
-    _, mean_loss = model(x, y)
-    aux = model.moe_aux_losses["load_balancing"]
-    assert set(model.moe_aux_losses) == {"load_balancing"} and 0.9 < float(aux.detach()) < 4
-    _, summed = model(x, y, loss_sum=True)
-    plain = torch.nn.functional.cross_entropy(model(x)[0].view(-1, 256), y.view(-1), ignore_index=-100)
-    torch.testing.assert_close(mean_loss, plain + 0.5 * aux)
+    summed = engine.loss_sum(x, y, model(x))  # what the engine divides by the step's tokens
+    aux = moe.load_balancing(model)
+    assert run.loss_terms[0].name == "moe" and run.loss_terms[0].weight == 0.5 and 0.9 < float(aux.detach()) < 4
+    plain = torch.nn.functional.cross_entropy(model(x).view(-1, 256), y.view(-1), ignore_index=-100)
     torch.testing.assert_close(summed / n, plain + 0.5 * aux)
-    model.eval()
-    torch.testing.assert_close(model(x, y)[1], plain)
+    assert engine.eval_loss(x, y) == pytest.approx(plain.item(), rel=1e-6)  # validation: no aux term
 
 
 def test_expert_choice_and_integrated_have_no_aux():
     for spec in ("moe:routing=expert", "mode:kind=integrated"):
-        model, _ = build(spec)
+        run = build_run("nano", [spec], seed=0, n_layer=4)
+        model = run.model
         x, y = batch()
-        _, loss = model(x, y)
-        assert model.moe_aux_losses == {}
-        plain = torch.nn.functional.cross_entropy(model(x)[0].view(-1, 256), y.view(-1))
+        loss = TorchEngine(run, train.Recipe(), 1).loss_sum(x, y, model(x)) / y.numel()
+        assert moe.load_balancing(model) is None
+        plain = torch.nn.functional.cross_entropy(model(x).view(-1, 256), y.view(-1))
         torch.testing.assert_close(loss, plain)
 
 
@@ -241,8 +238,9 @@ def test_bad_options(spec):
         assert "staged, integrated" in msg
 
 
-@pytest.mark.parametrize("pair", [("moe", "mod"), ("mod", "moe"), ("mode", "mod"), ("mode", "moe")])
+@pytest.mark.parametrize("pair", [("mode", "mod"), ("mode", "moe"), ("mod", "mode")])
 def test_conflicts_are_rejected_with_reason(pair):
+    """mode already is MoD + MoE; ``mod`` + ``moe`` themselves compose (tests/test_build.py)."""
     with pytest.raises(ConfigError, match="cannot be combined"):
         techniques.configure([techniques.parse(p) for p in pair])
 
@@ -262,17 +260,15 @@ def test_short_training(spec):
     assert 0 <= notes["dropped_fraction"] < 1
 
 
-def test_fuse_jit_before_moe_fuses_experts_after_is_refused():
+def test_fuse_jit_fuses_the_experts_in_either_order():
+    """MLP replacement (moe) runs before MLP fusion (fuse) in the surgery stage, whatever order
+    the user lists them in: the experts get the fused bias+GELU."""
     model, _ = build("moe")
-    specs = [techniques.parse("fuse"), techniques.parse("moe")]
-    torch.manual_seed(0)
-    fused = techniques.apply_all(zoo.build("nano", n_layer=4), specs, techniques.configure(specs))
-    assert all("forward" in e.__dict__ for e in fused.blocks[1].mlp.experts)
     x, _ = batch()
-    torch.testing.assert_close(fused(x)[0], model(x)[0], rtol=1e-5, atol=1e-6)
-    with pytest.raises(ConfigError, match="already replaced"):
-        specs = [techniques.parse("moe"), techniques.parse("fuse")]
-        techniques.apply_all(zoo.build("nano", n_layer=4), specs, techniques.configure(specs))
+    for order in (["fuse", "moe"], ["moe", "fuse"]):
+        fused, _ = build_model("nano", order, seed=0, n_layer=4)
+        assert all(isinstance(e, fuse.FusedGeluMLP) for e in fused.blocks[1].mlp.experts)
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("spec", ["moe:top_k=2", "mode:kind=staged", "mode:kind=integrated"])
@@ -280,6 +276,6 @@ def test_bf16_autocast_backward(spec):
     model, _ = build(spec)
     x, y = batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, loss = model(x, y)
+        loss = loss_of(model, x, y)
     loss.backward()
     assert torch.isfinite(loss) and moe.moe_layers(model)[0].router.weight.grad.abs().sum() > 0

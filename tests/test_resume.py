@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+from impls.engines import TorchEngine
 from impls import train
 from impls.errors import ConfigError
 
@@ -19,7 +20,7 @@ class Killed(Exception):
 
 def _run_killed_after(step_k, monkeypatch, **kwargs):
     """Run until ``step_k`` optimizer steps are done, then die as a killed process would."""
-    original = train.TorchEngine.train_step
+    original = TorchEngine.train_step
 
     def train_step(self, x, y, step):
         if step == step_k:
@@ -27,7 +28,7 @@ def _run_killed_after(step_k, monkeypatch, **kwargs):
         return original(self, x, y, step)
 
     with monkeypatch.context() as m:
-        m.setattr(train.TorchEngine, "train_step", train_step)
+        m.setattr(TorchEngine, "train_step", train_step)
         with pytest.raises(Killed):
             train.run(train.Recipe(**RECIPE, **kwargs.pop("recipe", {})), **kwargs)
 

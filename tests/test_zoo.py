@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from impls import zoo
+from impls.loss import lm_loss, lm_loss_sum
 from impls.errors import ConfigError
 
 
@@ -43,8 +44,8 @@ def test_causal_decoder_does_not_look_ahead_but_encoder_does():
     x2[0, 10:] = (x2[0, 10:] + 1) % 256
     for name, sees_future in (("nano", False), ("encoder-nano", True)):
         model = zoo.build(name).eval()
-        a, _ = model(x)
-        b, _ = model(x2)
+        a = model(x)
+        b = model(x2)
         assert torch.equal(a[0, :10], b[0, :10]) != sees_future, name
 
 
@@ -56,7 +57,8 @@ def test_llama_style_variants_train(overrides):
     torch.manual_seed(0)
     model = zoo.build("nano", **overrides)
     x = torch.randint(0, 256, (2, 32))
-    logits, loss = model(x, x)
+    logits = model(x)
+    loss = lm_loss(logits, x)
     assert logits.shape == (2, 32, 256)
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
@@ -68,9 +70,51 @@ def test_loss_ignores_ignore_index_and_sum_matches_mean():
     x = torch.randint(0, 256, (2, 8))
     y = x.clone()
     y[:, :3] = zoo.IGNORE_INDEX
-    _, mean = model(x, y)
-    _, total = model(x, y, loss_sum=True)
+    logits = model(x)
+    mean = lm_loss(logits, y)
+    total = lm_loss_sum(logits, y)
     torch.testing.assert_close(total / 10, mean)
+
+
+def test_meta_build_then_init_equals_eager_init_and_the_original_constructor_init():
+    """``zoo.build`` constructs on meta and materialises; the weights must equal (bitwise, same
+    seed) what the constructor-time initialisation of earlier releases produced: PyTorch's
+    default init of every module in construction order, then GPT-2's."""
+    import math
+
+    for name, overrides in (("nano", {}), ("nano", dict(norm="rmsnorm", mlp="swiglu", position="rope", bias=False,
+                                                         n_head=4, n_kv_head=2, tie_embeddings=False)),
+                            ("encoder-nano", {})):
+        torch.manual_seed(3)
+        eager = zoo.build(name, **overrides)
+        torch.manual_seed(3)
+        meta = zoo.build(name, device="meta", **overrides)
+        assert all(p.device.type == "meta" for p in meta.parameters())
+        meta.to_empty(device="cpu")
+        meta.init_weights()
+        # The constructor-time scheme, written out as it was: default inits while constructing
+        # on the CPU, then apply(_init_weights), then the residual projections rescaled.
+        torch.manual_seed(3)
+        cfg = zoo.config(name, **overrides)
+        with torch.device("cpu"):
+            old = zoo.Transformer(cfg)  # eager construction draws the default inits
+        for m in old.modules():
+            if isinstance(m, torch.nn.Linear):
+                torch.nn.init.normal_(m.weight, 0.0, 0.02)
+                if m.bias is not None:
+                    torch.nn.init.zeros_(m.bias)
+            elif isinstance(m, torch.nn.Embedding):
+                torch.nn.init.normal_(m.weight, 0.0, 0.02)
+        for pname, p in old.named_parameters():
+            if pname.endswith(("attn.proj.weight", "mlp.down.weight")):
+                torch.nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
+        for other in (meta, old):
+            a, b = eager.state_dict(), other.state_dict()
+            assert a.keys() == b.keys()
+            assert all(torch.equal(a[k], b[k]) for k in a), name
+        assert (meta.lm_head.weight is meta.tok_emb.weight) == cfg.tie_embeddings
+        if cfg.position == "rope":
+            assert torch.equal(meta.rope_cos, eager.rope_cos)
 
 
 def test_sequence_longer_than_block_size_is_refused():

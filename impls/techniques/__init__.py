@@ -1,46 +1,109 @@
 """Technique registry, the training plan techniques configure, and the one order they apply in.
 
-A technique is one module in this package whose docstring cites its paper.  It exposes
+A technique is one module in this package whose docstring cites its paper (the contract is
+:class:`TechniqueModule`; ``README.md`` here has a worked example).  It changes a
+:class:`~impls.build.Build` — the model parts, loss terms, frozen modules, optimizer wrappers,
+hooks and engine of a run — through real modules (wrappers that *contain* the module they
+change), hooks and loss terms, never by replacing ``forward`` on an instance or swapping
+``__class__``.
 
-* ``NAME``: its CLI name (``etbench run --technique NAME[:k=v,...]``);
-* ``ORDER``: its stage in :data:`APPLY_ORDER`, or a function ``options -> stage`` for a
-  technique whose variants act at different stages (``fuse:mode=jit`` is surgery,
-  ``fuse:mode=compile`` compilation);
-* ``OPTIONS``: accepted ``k=v`` keys with their defaults (the default's type parses the value),
-  and optionally ``CHOICES`` (key -> allowed values) and ``CONFLICTS`` (technique -> why the two
-  cannot be combined);
-* ``configure(plan, options)`` (optional): settings the engine executes — autocast dtype, loss
-  scaling, micro-batches — set on the :class:`Plan` before any model exists;
-* ``apply(model, options, plan) -> model`` (optional): model surgery.
+Stages, applied in this order whatever order the user lists techniques in (torchtitan's
+``parallelize``: tensor parallelism before checkpointing and compilation, data-parallel wrapping
+last):
 
-Like torchtitan's ``parallelize``, techniques compose in one documented order whatever order the
-user lists them in: model surgery first (attention kernels, fused ops), then precision, activation
-checkpointing (it must wrap the final blocks), compilation (it must see the checkpointed graph),
-and parallel wrapping last.
+============  ==========================================================================
+surgery       change what the model computes: replace or wrap modules (MoE MLPs, fused
+              MLPs, attention kernels, MoD-routed blocks, later pruning, LoRA)
+shard         split modules over the mesh's tp/cp/pp dimensions (TP, SP, pipeline stages)
+precision     the step's numeric formats (autocast dtype, loss scaling)
+checkpoint    activation checkpointing: wraps the final blocks, so after surgery and shard
+compile       ``torch.compile``: must see the checkpointed graph
+wrap          data-parallel wrappers over the whole model (DDP, FSDP), last
+optimizer     optimizer wrappers (sharded optimizers)
+engine        how a step executes (micro-batches, the engine that runs it)
+============  ==========================================================================
+
+Within a stage, techniques apply by their ``RANK`` (then name), a fixed order chosen where the
+order matters: in ``surgery``, MLP replacement (moe, mode: 10) before MLP fusion (fuse, 20, so
+MoE experts get fused too), attention kernels (30), then block routing (mod, 40, which wraps
+whatever block it finds).  So the user's order never changes the result (tested over
+permutations).  The model is materialised right after construction unless a technique sets
+``DEFERS_INIT`` (see :mod:`impls.build`).
 """
 from __future__ import annotations
 
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
+from .. import kv
 from ..errors import ConfigError
 
-APPLY_ORDER = ("surgery", "precision", "checkpoint", "compile", "parallel")
+STAGES = ("surgery", "shard", "precision", "checkpoint", "compile", "wrap", "optimizer", "engine")
+DEFAULT_RANK = 50
 
 
-def _discover() -> dict:
+@runtime_checkable
+class TechniqueModule(Protocol):
+    """What a technique module defines.  Optional, with defaults: ``RANK`` (int, order within the
+    stage, default 50), ``CHOICES`` (option -> allowed values), ``CONFLICTS`` (technique -> why
+    the two cannot be combined), ``MESH_DIMS`` (mesh dimensions it shards over), ``DEFERS_INIT``
+    (bool), ``configure(plan, options)`` (engine settings, run at validation time, before any
+    model exists), ``check_mesh(dims, options)`` (refuse a mesh it cannot use, also before any
+    work) and ``apply(build, options)`` (changes to the build)."""
+
+    NAME: str
+    STAGE: str | Callable[[dict], str]  # a stage of STAGES, or options -> stage
+    OPTIONS: dict  # accepted k=v keys and their defaults (the default's type parses the value)
+
+
+def _noop(*_):
+    return None
+
+
+@dataclass(frozen=True)
+class Technique:
+    """A registered technique: its module's contract with the optional parts filled in."""
+
+    name: str
+    module: ModuleType
+    stage_of: Callable[[dict], str]
+    options: dict
+    choices: dict
+    conflicts: dict
+    rank: int
+    mesh_dims: tuple[str, ...]
+    defers_init: bool
+    configure: Callable
+    check_mesh: Callable
+    apply: Callable
+
+    @classmethod
+    def of(cls, module: ModuleType) -> "Technique":
+        if not isinstance(module, TechniqueModule):
+            raise TypeError(f"{module.__name__} lacks NAME, STAGE or OPTIONS")
+        stage = module.STAGE
+        stage_of = stage if callable(stage) else (lambda _options, s=stage: s)
+        ns = vars(module)
+        return cls(module.NAME, module, stage_of, dict(module.OPTIONS), ns.get("CHOICES", {}), ns.get("CONFLICTS", {}),
+                   ns.get("RANK", DEFAULT_RANK), tuple(ns.get("MESH_DIMS", ())), ns.get("DEFERS_INIT", False),
+                   ns.get("configure", _noop), ns.get("check_mesh", _noop), ns.get("apply", _noop))
+
+
+def _discover() -> dict[str, Technique]:
     found = {}
     for info in pkgutil.iter_modules(__path__):
         module = importlib.import_module(f"{__name__}.{info.name}")
-        if hasattr(module, "NAME"):
-            found[module.NAME] = module
+        if hasattr(module, "NAME"):  # helper modules of the package define no NAME
+            found[module.NAME] = Technique.of(module)
     return found
 
 
-REGISTRY = _discover()
+REGISTRY: dict[str, Technique] = _discover()
 
 
 @dataclass
@@ -70,7 +133,11 @@ class TechniqueSpec:
     options: dict
 
     def __str__(self):
-        return self.name + (":" + ",".join(f"{k}={v}" for k, v in self.options.items()) if self.options else "")
+        return self.name + (":" + kv.join(self.options) if self.options else "")
+
+    @property
+    def technique(self) -> Technique:
+        return REGISTRY[self.name]
 
 
 def _valid_names() -> str:
@@ -82,31 +149,16 @@ def parse(spec: str) -> TechniqueSpec:
     name, _, rest = spec.partition(":")
     if name not in REGISTRY:
         raise ConfigError(f"unknown technique {name!r}; valid: {_valid_names()}")
-    module = REGISTRY[name]
-    allowed, choices = module.OPTIONS, getattr(module, "CHOICES", {})
-    options = dict(allowed)
-    for item in filter(None, rest.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq or key not in allowed:
-            raise ConfigError(f"bad option {item!r} for technique {name!r}; valid keys: {', '.join(allowed) or 'none'}")
-        options[key] = _convert(name, key, allowed[key], value)
-        if key in choices and options[key] not in choices[key]:
-            raise ConfigError(f"bad value {value!r} for {name}:{key}; valid: {', '.join(map(str, choices[key]))}")
+    tech = REGISTRY[name]
+    options = dict(tech.options)
+    for key, value in kv.split(rest, f"technique {name!r}").items():
+        if key not in tech.options:
+            raise ConfigError(f"bad option '{key}={value}' for technique {name!r}; valid keys: "
+                              f"{', '.join(tech.options) or 'none'}")
+        options[key] = kv.convert(value, tech.options[key], f"{name}:{key}")
+        if key in tech.choices and options[key] not in tech.choices[key]:
+            raise ConfigError(f"bad value {value!r} for {name}:{key}; valid: {', '.join(map(str, tech.choices[key]))}")
     return TechniqueSpec(name, options)
-
-
-def _convert(name: str, key: str, default, value: str):
-    """Parse ``value`` as the type of the option's default."""
-    if isinstance(default, bool):
-        if value.lower() not in ("true", "false", "1", "0"):
-            raise ConfigError(f"bad value {value!r} for {name}:{key}; valid: true, false")
-        return value.lower() in ("true", "1")
-    if default is None or isinstance(default, str):
-        return value
-    try:
-        return type(default)(value)
-    except ValueError:
-        raise ConfigError(f"bad value {value!r} for {name}:{key}; expected {type(default).__name__}") from None
 
 
 def check_combination(specs: list[TechniqueSpec]) -> None:
@@ -115,33 +167,57 @@ def check_combination(specs: list[TechniqueSpec]) -> None:
     for name in names:
         if names.count(name) > 1:
             raise ConfigError(f"technique {name!r} given more than once")
-        for other, why in getattr(REGISTRY[name], "CONFLICTS", {}).items():
+        for other, why in REGISTRY[name].conflicts.items():
             if other in names:
                 raise ConfigError(f"techniques {name!r} and {other!r} cannot be combined: {why}")
 
 
 def stage(spec: TechniqueSpec) -> str:
-    order = REGISTRY[spec.name].ORDER
-    return order(spec.options) if callable(order) else order
+    return spec.technique.stage_of(spec.options)
 
 
-def _ordered(specs: list[TechniqueSpec]) -> list[TechniqueSpec]:
-    return sorted(specs, key=lambda s: APPLY_ORDER.index(stage(s)))
+def ordered(specs: list[TechniqueSpec]) -> list[TechniqueSpec]:
+    """``specs`` in application order: by stage, then rank within the stage, then name."""
+    return sorted(specs, key=lambda s: (STAGES.index(stage(s)), s.technique.rank, s.name))
+
+
+def with_defaults(specs: list[TechniqueSpec], dp: int) -> list[TechniqueSpec]:
+    """``specs`` plus the defaults a run needs: DDP when the data-parallel size is > 1 and no
+    technique of the ``wrap`` stage was given."""
+    if dp > 1 and not any(stage(s) == "wrap" for s in specs) and "ddp" in REGISTRY:
+        specs = [*specs, parse("ddp")]
+    return specs
+
+
+def usable_mesh_dims(specs: list[TechniqueSpec]) -> set[str]:
+    return {d for s in specs for d in s.technique.mesh_dims}
 
 
 def configure(specs: list[TechniqueSpec]) -> Plan:
     """The :class:`Plan` of ``specs`` (no model needed: runs at validation time)."""
     check_combination(specs)
     plan = Plan()
-    for spec in _ordered(specs):
-        if hasattr(REGISTRY[spec.name], "configure"):
-            REGISTRY[spec.name].configure(plan, spec.options)
+    for spec in ordered(specs):
+        spec.technique.configure(plan, spec.options)
     return plan
 
 
-def apply_all(model, specs: list[TechniqueSpec], plan: Plan):
-    """Apply the model surgery of ``specs`` to ``model`` in :data:`APPLY_ORDER`."""
-    for spec in _ordered(specs):
-        if hasattr(REGISTRY[spec.name], "apply"):
-            model = REGISTRY[spec.name].apply(model, spec.options, plan)
-    return model
+def apply_stage(build, specs: list[TechniqueSpec], name: str) -> None:
+    """Apply the techniques of stage ``name`` to ``build``."""
+    for spec in ordered(specs):
+        if stage(spec) == name:
+            spec.technique.apply(build, spec.options)
+
+
+def assemble(build, specs: list[TechniqueSpec]):
+    """Run every stage on ``build`` (whose model parts are on ``meta``), materialising the model
+    right after construction or, if a technique defers initialisation, after its stage."""
+    deferring = [STAGES.index(stage(s)) for s in specs if s.technique.defers_init]
+    last_deferred = max(deferring, default=-1)
+    if last_deferred < 0:
+        build.materialize()
+    for index, name in enumerate(STAGES):
+        apply_stage(build, specs, name)
+        if index == last_deferred:
+            build.materialize()
+    return build

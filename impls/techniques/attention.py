@@ -58,7 +58,8 @@ from ..errors import ConfigError
 from ..zoo.model import Attention, sdpa_attention
 
 NAME = "attention"
-ORDER = "surgery"
+STAGE = "surgery"
+RANK = 30  # after MLP replacement and fusion; independent of both
 OPTIONS = {"kind": "sdpa", "window": 64, "stride": 16, "block": 16, "blocks": 2}
 KINDS = ("math", "sdpa", "local", "strided", "block")
 SPARSE_KINDS = ("local", "strided", "block")
@@ -309,9 +310,11 @@ def configure(plan, options):
     plan.notes["attention"] = note
 
 
-def apply(model, options, plan):
+def apply(build, options):
+    """Set the ``attend`` kernel of every :class:`Attention` (the model's documented extension
+    point for the attention core: weights and module tree unchanged)."""
     attend = attend_for(options)
-    for module in model.modules():
-        if isinstance(module, Attention):
-            module.attend = attend
-    return model
+    for part in build.model_parts:
+        for module in part.modules():
+            if isinstance(module, Attention):
+                module.attend = attend

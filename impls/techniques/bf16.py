@@ -9,7 +9,7 @@ cross-entropy, norms) in fp32 (Micikevicius et al. 2018).  Library: ``torch.auto
 import torch
 
 NAME = "bf16"
-ORDER = "precision"
+STAGE = "precision"
 OPTIONS: dict = {}
 CONFLICTS = {"fp16": "a run has one autocast dtype"}
 

@@ -15,8 +15,14 @@ Options:
 * ``impl=torch|fairscale``: ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``, or
   fairscale's ``fairscale.nn.checkpoint.checkpoint_wrapper`` (a reentrant autograd Function).
 
-Both libraries wrap the block's *forward* in place, so module names, ``state_dict`` keys and the
-optimizer's parameters are those of the plain model (checkpoint/resume is unaffected).
+``impl=torch`` registers torch's composable activation checkpointing on each block
+(``torch.distributed._composable.checkpoint``, the hook-based form FSDP2 composes with): forward
+pre- and post-hooks run the block's forward under non-reentrant checkpointing, whatever surgery
+made of the block (a MoD-routed block is checkpointed with its router).  No wrapper module, so
+parameter names, ``state_dict`` keys and the optimizer's parameters are those of the plain model
+(checkpoint/resume is unaffected).  fairscale's ``checkpoint_wrapper`` is the library's own
+mechanism: it rebinds the block's ``forward`` to a checkpointed call of ``type(block).forward``
+inside fairscale (so it works on any block class, routed ones included).
 
 What to expect from the measurements (``fp32``, no dropout):
 
@@ -42,15 +48,15 @@ recompute in fp16, so every autocast but CUDA fp16 is refused with a
 from __future__ import annotations
 
 import functools
-import types
 
 import torch
 import torch.utils.checkpoint
 
 from ..errors import ConfigError
+from ..zoo.model import Attention
 
 NAME = "checkpoint"
-ORDER = "checkpoint"
+STAGE = "checkpoint"
 OPTIONS = {"every": 1, "policy": "full", "impl": "torch"}
 CHOICES = {"policy": ("full", "selective"), "impl": ("torch", "fairscale")}
 
@@ -63,55 +69,49 @@ def configure(plan, options):
                           "wraps nn.Modules and the attention core is a function; use impl=torch")
 
 
-def _checkpointed_forward(self, *args, **kwargs):
-    """``Block.forward`` under non-reentrant checkpointing (bound to the block: a deepcopy of the
-    model re-binds it to the copy)."""
-    if not torch.is_grad_enabled():  # evaluation: nothing is saved anyway
-        return self._unwrapped_forward(*args, **kwargs)
-    return torch.utils.checkpoint.checkpoint(self._unwrapped_forward, *args, use_reentrant=False, **kwargs)
-
-
-def _checkpointed_attend(attend, *args, **kwargs):
+def _checkpoint(fn, *args, **kwargs):
+    """Non-reentrant checkpoint of ``fn`` while gradients are recorded; a plain call otherwise
+    (evaluation saves nothing, so there is nothing to drop)."""
     if not torch.is_grad_enabled():
-        return attend(*args, **kwargs)
-    return torch.utils.checkpoint.checkpoint(attend, *args, use_reentrant=False, **kwargs)
+        return fn(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, **kwargs)
 
 
 def checkpointed_blocks(n_layer: int, every: int) -> list[int]:
     return list(range(0, n_layer, every))
 
 
-def _wrap_block_torch(block: torch.nn.Module) -> None:
-    # The forward in force now (a surgery technique may have replaced it), as a bound method.
-    block._unwrapped_forward = block.__dict__.get("forward") or types.MethodType(type(block).forward, block)
-    block.forward = types.MethodType(_checkpointed_forward, block)
+def _wrap_block_torch(block: torch.nn.Module) -> torch.nn.Module:
+    from torch.distributed._composable import checkpoint as composable_checkpoint
+
+    composable_checkpoint(block)  # hooks on the block; it is still the same module
+    return block
 
 
-def _wrap_block_fairscale(block: torch.nn.Module) -> None:
+def _wrap_block_fairscale(block: torch.nn.Module) -> torch.nn.Module:
     from fairscale.nn.checkpoint import checkpoint_wrapper
 
-    if "forward" in block.__dict__:  # fairscale calls type(block).forward: it would drop the surgery
-        raise ConfigError("checkpoint:impl=fairscale cannot wrap a block whose forward another technique "
-                          "replaced; use impl=torch")
-    checkpoint_wrapper(block)  # patches block.forward in place, returns the same module
+    return checkpoint_wrapper(block)  # fairscale checkpoints the module in place and returns it
 
 
-def apply(model, options, plan):
+def apply(build, options):
     every, policy, impl = options["every"], options["policy"], options["impl"]
+    plan = build.plan
     if impl == "fairscale" and plan.autocast_dtype is not None:
-        device = next(model.parameters()).device
+        device = build.device
         if device.type != "cuda" or plan.autocast_dtype != torch.float16:
             raise ConfigError(f"checkpoint:impl=fairscale cannot run under {device.type} {plan.precision}: "
                               f"fairscale's recomputation restores CUDA fp16 autocast only, so its backward "
                               f"would recompute in another precision than the forward; use impl=torch")
-    indices = checkpointed_blocks(len(model.blocks), every)
-    for i in indices:
-        block = model.blocks[i]
-        if policy == "selective":
-            block.attn.attend = functools.partial(_checkpointed_attend, block.attn.attend)
-        elif impl == "torch":
-            _wrap_block_torch(block)
-        else:
-            _wrap_block_fairscale(block)
-    plan.notes["checkpoint"] = dict(blocks=indices, policy=policy, impl=impl)
-    return model
+    for model in build.model_parts:
+        indices = checkpointed_blocks(len(model.blocks), every)
+        for i in indices:
+            if policy == "selective":
+                for attn in model.blocks[i].modules():  # through any wrapper surgery put around it
+                    if isinstance(attn, Attention):
+                        attn.attend = functools.partial(_checkpoint, attn.attend)
+            elif impl == "torch":
+                model.blocks[i] = _wrap_block_torch(model.blocks[i])
+            else:
+                model.blocks[i] = _wrap_block_fairscale(model.blocks[i])
+        build.notes["checkpoint"] = dict(blocks=indices, policy=policy, impl=impl)

@@ -10,7 +10,7 @@ it, skipping the update, when a gradient overflows (inf/NaN).  Library: ``torch.
 import torch
 
 NAME = "fp16"
-ORDER = "precision"
+STAGE = "precision"
 OPTIONS = {"scaling": True}  # scaling=false: plain fp16 autocast, to show the underflow it causes
 CONFLICTS = {"bf16": "a run has one autocast dtype"}
 

@@ -2,12 +2,13 @@
 
 ``mode=jit`` (model surgery): Megatron-LM's fused bias + GELU (Shoeybi et al. 2019,
 "Megatron-LM: Training Multi-Billion Parameter Language Models Using Model Parallelism", arXiv
-1909.08053; ``megatron/model/fused_bias_gelu.py``).  Each GELU MLP's ``up`` projection runs
-without its bias, and the bias add plus tanh-GELU run as one ``torch.jit.script``-ed function,
-:func:`bias_gelu`, inside an autograd Function whose backward is the scripted closed-form
-derivative :func:`bias_gelu_back`: it saves only the matmul output and the bias, not the
-intermediates of the tanh formula.  The weights stay the ``up`` Linear's, so ``state_dict`` keys do
-not change.  TorchScript fuses the element-wise chain into one kernel on CUDA (NVFuser/NNC); on a
+1909.08053; ``megatron/model/fused_bias_gelu.py``).  Every GELU :class:`~impls.zoo.model.MLP` of
+the model — MoE experts included, since ``moe`` replaces MLPs earlier in the surgery stage — is
+replaced by a :class:`FusedGeluMLP` that takes over its ``up`` and ``down`` Linears: ``up``
+runs without its bias, and the bias add plus tanh-GELU run as one ``torch.jit.script``-ed
+function, :func:`bias_gelu`, inside an autograd Function whose backward is the scripted
+closed-form derivative :func:`bias_gelu_back`: it saves only the matmul output and the bias, not
+the intermediates of the tanh formula.  The parameters and ``state_dict`` keys are the MLP's.  TorchScript fuses the element-wise chain into one kernel on CUDA (NVFuser/NNC); on a
 CPU its fuser is off by default (``torch._C._jit_can_fuse_on_cpu()``), so there the script only
 removes Python overhead and the result is a correctness baseline rather than a speed-up.
 torch 2.13 deprecates ``torch.jit.script`` in favour of ``torch.compile`` (``mode=compile``).
@@ -27,20 +28,21 @@ under ``FlopCounterMode``), so they equal the eager model's.
 from __future__ import annotations
 
 import functools
-import types
 import warnings
 from typing import Optional
 
 import torch
 
 from ..errors import ConfigError
+from ..zoo.model import MLP
 
 NAME = "fuse"
 OPTIONS = {"mode": "jit"}
 CHOICES = {"mode": ("jit", "compile")}
+RANK = 20  # surgery: after MLP replacement (moe, mode), so experts are fused too
 
 
-def ORDER(options) -> str:
+def STAGE(options) -> str:
     return "surgery" if options["mode"] == "jit" else "compile"
 
 
@@ -95,31 +97,43 @@ class BiasGeLUFunction(torch.autograd.Function):
         return grad, grad_bias
 
 
-def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """``MLP.forward`` with the ``up`` bias add and GELU fused (bound to the MLP instance)."""
-    up = self.up
-    h = torch.nn.functional.linear(x, up.weight)  # (B, T, F), no bias
-    bias = None if up.bias is None else up.bias.to(h.dtype)  # autocast: the bias follows the matmul
-    h = BiasGeLUFunction.apply(h, bias)
-    return self.down(h)  # (B, T, C)
+class FusedGeluMLP(torch.nn.Module):
+    """A GELU MLP whose ``up`` bias add and GELU run fused (:class:`BiasGeLUFunction`); it
+    takes over the ``up`` and ``down`` Linears of the MLP it replaces (same parameters, same
+    ``state_dict`` keys)."""
+
+    def __init__(self, mlp: MLP):
+        super().__init__()
+        self.up, self.down = mlp.up, mlp.down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up = self.up
+        h = torch.nn.functional.linear(x, up.weight)  # (B, T, F), no bias
+        bias = None if up.bias is None else up.bias.to(h.dtype)  # autocast: the bias follows the matmul
+        h = BiasGeLUFunction.apply(h, bias)
+        return self.down(h)  # (B, T, C)
 
 
 def _apply_jit(model):
     if model.cfg.mlp != "gelu":
         raise ConfigError(f"fuse:mode=jit fuses bias + GELU; model MLP is {model.cfg.mlp!r} (needs gelu)")
-    for block in model.blocks:
-        if "forward" in block.mlp.__dict__:
-            raise ConfigError("fuse:mode=jit: another technique already replaced the MLP's forward")
-        block.mlp.forward = types.MethodType(_fused_mlp_forward, block.mlp)
-    return model
+    targets = [name for name, m in model.named_modules() if isinstance(m, MLP)]
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, FusedGeluMLP(getattr(parent, child)))
+    return len(targets)
 
 
 def _apply_compile(model):
     for block in model.blocks:
         block.compile()  # in place: nn.Module.compile keeps the module and its state_dict keys
-    return model
 
 
-def apply(model, options, plan):
-    plan.notes["fuse"] = dict(mode=options["mode"])
-    return _apply_jit(model) if options["mode"] == "jit" else _apply_compile(model)
+def apply(build, options):
+    build.notes["fuse"] = dict(mode=options["mode"])
+    for part in build.model_parts:
+        if options["mode"] == "jit":
+            build.notes["fuse"]["fused_mlps"] = _apply_jit(part)
+        else:
+            _apply_compile(part)

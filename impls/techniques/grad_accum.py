@@ -10,7 +10,7 @@ Written here: torch has no accumulation helper beyond ``no_sync``.
 from ..errors import ConfigError
 
 NAME = "grad_accum"
-ORDER = "precision"  # configures the step; no model surgery
+STAGE = "engine"  # how a step executes: no module changes
 OPTIONS = {"steps": 2}
 
 

@@ -35,16 +35,14 @@ top-k over the whole sequence would need future tokens):
 * ``predictor``: a small MLP (C → C/4 → 1, SiLU) on the router's input with stop-gradient
   (``x.detach()``), trained by BCE against top-k membership; its accuracy is in the stats.
 
-``aux_weight`` multiplies the summed auxiliary losses (mean over routed blocks).  The model's
-class becomes :class:`MoDTransformer`, a subclass whose ``forward`` keeps ``.aux_losses`` and
-``.mod_stats`` of the last forward and, *in training mode only*, adds ``aux_weight × aux`` to
-the loss (so validation losses stay pure LM losses, comparable with a baseline; the training
-loss in the curve includes the aux term).  With ``loss_sum=True`` the term is multiplied by the
-micro-batch's target-token count, so after the engine divides by the step's token count it is
-exactly ``aux_weight × aux`` (token-weighted across micro-batches).  State-dict keys, ``cfg``,
-``num_params`` and ``blocks`` are those of the plain model plus ``blocks.i.mod_router.*`` /
-``blocks.i.mod_predictor.*``.  Each routed block's ``forward`` is replaced in place (a bound
-method, as ``checkpoint`` does), so activation checkpointing wraps the routed forward.
+``aux_weight`` multiplies the summed auxiliary losses (mean over routed blocks): a loss term of
+the build (``mod``), which the engine adds *in training only* (validation losses stay pure LM
+losses, comparable with a baseline; the training loss in the curve includes the aux term),
+weighted by each micro-batch's target tokens like the LM loss.  Each routed block becomes a
+:class:`RoutedBlock`, a module that *contains* the original block (``blocks.i.block.*``) plus its
+``router`` (and ``predictor``); it keeps the last forward's aux losses and statistics.  Routing
+is the last surgery (rank 40), so it wraps whatever the block became (MoE MLPs inside: ``mod`` +
+``moe`` is staged MoDE), and activation checkpointing, a later stage, wraps the routed block.
 
 :func:`evaluate_autoregressive` gives the validation loss with top-k routing and with causal
 per-token routing (token selected iff predictor logit > 0 for ``predictor``, router logit > 0
@@ -67,17 +65,17 @@ from __future__ import annotations
 
 import contextlib
 import math
-import types
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..zoo.model import IGNORE_INDEX, Transformer
+from ..loss import lm_loss
 
 NAME = "mod"
-ORDER = "surgery"
+STAGE = "surgery"
+RANK = 40  # last surgery: routing wraps the block as the other surgeries left it
 OPTIONS = {"capacity": 0.125, "every": 2, "router": "learned", "causal": "none", "aux_weight": 0.01}
 CHOICES = {"router": ("learned", "random"), "causal": ("none", "aux_loss", "predictor")}
 
@@ -136,118 +134,133 @@ def _gather_mask(attn_mask, top, t):
     return m.gather(3, cols)
 
 
-def _predictor(d_model: int) -> nn.Module:
-    hidden = max(8, d_model // 4)
-    return nn.Sequential(nn.Linear(d_model, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+class Router(nn.Linear):
+    """The per-token router logit r = w·x + b of a routed block, N(0, 0.02) weights, zero bias."""
+
+    def __init__(self, d_model: int):
+        super().__init__(d_model, 1)
+
+    def init_weights(self):
+        self.reset_parameters()  # the stream an eagerly built nn.Linear draws, then overwritten
+        nn.init.normal_(self.weight, std=0.02)
+        nn.init.zeros_(self.bias)
 
 
-def _routed_forward(self, x, rope=None, attn_mask=None):
-    """Forward of a routed block (bound to it): top-k tokens through ``self._mod_inner``."""
-    opts = self._mod_opts
-    b, t, c = x.shape
-    k = capacity_tokens(opts["capacity"], t)
-    learned = opts["router"] == "learned"
-    if learned:
-        logits = self.mod_router(x).squeeze(-1).float()  # (B, T)
-    else:
-        logits = torch.rand(b, t, device=x.device)
-    top = logits.detach().topk(k, dim=-1).indices.sort(dim=-1).values  # (B, k), increasing positions
-    member = torch.zeros(b, t, device=x.device).scatter_(1, top, 1.0)  # top-k membership, (B, T)
-    aux, stats = {}, {"k": k, "seq_len": t, "indices": top}
-    if learned and opts["causal"] == "aux_loss":
-        aux["router_bce"] = F.binary_cross_entropy_with_logits(logits, member)
-        stats["router_accuracy"] = ((logits.detach() > 0) == member.bool()).float().mean()
-    if learned and opts["causal"] == "predictor":
-        p = self.mod_predictor(x.detach()).squeeze(-1).float()  # stop-gradient: the model never sees it
-        aux["predictor_bce"] = F.binary_cross_entropy_with_logits(p, member)
-        stats["predictor_accuracy"] = ((p.detach() > 0) == member.bool()).float().mean()
-    if getattr(self, "_mod_autoregressive", False):
-        out = _autoregressive(self, x, rope, attn_mask, logits, member, stats)
-        self._mod_last = dict(aux=aux, stats=stats)
-        return out
-    idx = top.unsqueeze(-1).expand(b, k, c)
-    xs = x.gather(1, idx)  # (B, k, C)
-    ys = self._mod_inner(xs, _gather_rope(rope, top), _gather_mask(attn_mask, top, t)).to(xs.dtype)
-    if learned:
-        w = torch.sigmoid(logits.gather(1, top)).unsqueeze(-1)  # (B, k, 1), per token, in (0, 1)
-        stats["weights"] = w.detach().squeeze(-1)
-        ys = torch.lerp(xs, ys, w.to(xs.dtype))
-    self._mod_last = dict(aux=aux, stats=stats)
-    return x.scatter(1, idx, ys)
+class Predictor(nn.Sequential):
+    """The causal predictor of §3.5: C → C/4 → 1 with SiLU, PyTorch's default initialisation."""
+
+    def __init__(self, d_model: int):
+        hidden = max(8, d_model // 4)
+        super().__init__(nn.Linear(d_model, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+
+    def init_weights(self):
+        for layer in self:
+            if isinstance(layer, nn.Linear):
+                layer.reset_parameters()
 
 
-def _autoregressive(self, x, rope, attn_mask, logits, member, stats):
-    """Causal routing: token i is selected from its own decision only; the selected tokens
-    attend among themselves (mask over the full sequence; unselected rows see only themselves
-    and are discarded)."""
-    opts = self._mod_opts
-    b, t, _ = x.shape
-    if opts["router"] == "random":
-        sel = torch.rand(b, t, device=x.device) < opts["capacity"]
-    elif opts["causal"] == "predictor":
-        sel = self.mod_predictor(x).squeeze(-1) > 0
-    else:
-        sel = logits > 0
-    eye = torch.eye(t, dtype=torch.bool, device=x.device)
-    allowed = sel[:, None, :] | eye  # (B, T, T): keys that are selected, or oneself
-    if self.attn.cfg.causal:
-        allowed = allowed & torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
-    allowed = allowed.unsqueeze(1)  # (B, 1, T, T)
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            allowed = allowed & attn_mask
+class RoutedBlock(nn.Module):
+    """A block that only the top-k tokens of each sequence go through (the rest skip it on the
+    residual stream); contains the original ``block``.  ``last`` holds the aux losses and
+    routing statistics of the last forward; ``autoregressive`` switches to causal routing."""
+
+    def __init__(self, block: nn.Module, options: dict, router: Router | None, predictor: Predictor | None):
+        super().__init__()
+        self.block = block
+        self.router = router
+        self.predictor = predictor
+        self.options = dict(options)
+        self.autoregressive = False
+        self.last: dict = dict(aux={}, stats={})
+
+    def forward(self, x, rope=None, attn_mask=None):
+        opts = self.options
+        b, t, c = x.shape  # (B, T, C)
+        k = capacity_tokens(opts["capacity"], t)
+        learned = opts["router"] == "learned"
+        if learned:
+            logits = self.router(x).squeeze(-1).float()  # (B, T)
         else:
-            allowed = attn_mask + torch.zeros_like(allowed, dtype=attn_mask.dtype).masked_fill(~allowed, -math.inf)
-    y = self._mod_inner(x, rope, allowed).to(x.dtype)
-    if opts["router"] == "learned":
-        y = torch.lerp(x, y, torch.sigmoid(logits).unsqueeze(-1).to(x.dtype))
-    stats["selected_fraction"] = sel.float().mean()
-    stats["agreement_with_topk"] = (sel == member.bool()).float().mean()
-    return torch.where(sel.unsqueeze(-1), y, x)
+            logits = torch.rand(b, t, device=x.device)
+        top = logits.detach().topk(k, dim=-1).indices.sort(dim=-1).values  # (B, k), increasing positions
+        member = torch.zeros(b, t, device=x.device).scatter_(1, top, 1.0)  # top-k membership, (B, T)
+        aux, stats = {}, {"k": k, "seq_len": t, "indices": top}
+        if learned and opts["causal"] == "aux_loss":
+            aux["router_bce"] = F.binary_cross_entropy_with_logits(logits, member)
+            stats["router_accuracy"] = ((logits.detach() > 0) == member.bool()).float().mean()
+        if learned and opts["causal"] == "predictor":
+            p = self.predictor(x.detach()).squeeze(-1).float()  # stop-gradient: the model never sees it
+            aux["predictor_bce"] = F.binary_cross_entropy_with_logits(p, member)
+            stats["predictor_accuracy"] = ((p.detach() > 0) == member.bool()).float().mean()
+        if self.autoregressive:
+            out = self._autoregressive(x, rope, attn_mask, logits, member, stats)
+            self.last = dict(aux=aux, stats=stats)
+            return out
+        idx = top.unsqueeze(-1).expand(b, k, c)
+        xs = x.gather(1, idx)  # (B, k, C)
+        ys = self.block(xs, _gather_rope(rope, top), _gather_mask(attn_mask, top, t)).to(xs.dtype)
+        if learned:
+            w = torch.sigmoid(logits.gather(1, top)).unsqueeze(-1)  # (B, k, 1), per token, in (0, 1)
+            stats["weights"] = w.detach().squeeze(-1)
+            ys = torch.lerp(xs, ys, w.to(xs.dtype))
+        self.last = dict(aux=aux, stats=stats)
+        return x.scatter(1, idx, ys)  # (B, T, C)
+
+    def _autoregressive(self, x, rope, attn_mask, logits, member, stats):
+        """Causal routing: token i is selected from its own decision only; the selected tokens
+        attend among themselves (mask over the full sequence; unselected rows see only themselves
+        and are discarded)."""
+        opts = self.options
+        b, t, _ = x.shape
+        if opts["router"] == "random":
+            sel = torch.rand(b, t, device=x.device) < opts["capacity"]
+        elif opts["causal"] == "predictor":
+            sel = self.predictor(x).squeeze(-1) > 0
+        else:
+            sel = logits > 0
+        eye = torch.eye(t, dtype=torch.bool, device=x.device)
+        allowed = sel[:, None, :] | eye  # (B, T, T): keys that are selected, or oneself
+        if self.options["causal_model"]:
+            allowed = allowed & torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+        allowed = allowed.unsqueeze(1)  # (B, 1, T, T)
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:
+                allowed = allowed & attn_mask
+            else:
+                allowed = attn_mask + torch.zeros_like(allowed, dtype=attn_mask.dtype).masked_fill(~allowed, -math.inf)
+        y = self.block(x, rope, allowed).to(x.dtype)
+        if opts["router"] == "learned":
+            y = torch.lerp(x, y, torch.sigmoid(logits).unsqueeze(-1).to(x.dtype))
+        stats["selected_fraction"] = sel.float().mean()
+        stats["agreement_with_topk"] = (sel == member.bool()).float().mean()
+        return torch.where(sel.unsqueeze(-1), y, x)
 
 
-def _collect(model):
-    blocks = [blk for blk in model.blocks if hasattr(blk, "_mod_last")]
-    aux, stats = {}, []
+def routed_modules(model) -> list[RoutedBlock]:
+    """The model's routed blocks, in depth order (found through any wrapper)."""
+    return [m for m in model.modules() if isinstance(m, RoutedBlock)]
+
+
+def aux_losses(model) -> dict:
+    """The last forward's auxiliary losses by name, each the mean over routed blocks."""
+    blocks = routed_modules(model)
+    aux = {}
     for blk in blocks:
-        for name, value in blk._mod_last["aux"].items():
+        for name, value in blk.last["aux"].items():
             aux[name] = aux.get(name, 0.0) + value / len(blocks)
-        stats.append(blk._mod_last["stats"])
-    return aux, stats
+    return aux
 
 
-def _mod_forward(self, idx, targets=None, attn_mask=None, loss_sum=False):
-    logits, loss = super(type(self), self).forward(idx, targets, attn_mask, loss_sum)
-    self.aux_losses, self.mod_stats = _collect(self)
-    if loss is not None and self.aux_losses and self.training and self.mod_aux_weight > 0:
-        total = sum(self.aux_losses.values())
-        if loss_sum:  # the engine divides by the target-token count: undo it for the aux term
-            total = total * (targets != IGNORE_INDEX).sum()
-        loss = loss + self.mod_aux_weight * total
-    if not torch.is_grad_enabled() and self.mod_notes is not None:  # evaluation: cheap to sync here
-        self.mod_notes.update(summary(self))
-    return logits, loss
-
-
-class MoDTransformer(Transformer):
-    """:class:`Transformer` whose loss carries the Mixture-of-Depths auxiliary losses."""
-
-    forward = _mod_forward
-
-
-_CLASSES = {Transformer: MoDTransformer}
-
-
-def _mod_class(base: type) -> type:
-    if base not in _CLASSES:
-        _CLASSES[base] = type(f"MoD{base.__name__}", (base,), {"forward": _mod_forward})
-    return _CLASSES[base]
+def aux_term(model):
+    """The ``mod`` loss term: the summed auxiliary losses of the last forward (None if none)."""
+    aux = aux_losses(model)
+    return sum(aux.values()) if aux else None
 
 
 def summary(model) -> dict:
     """Floats of the last forward: aux losses, and per-routed-block means of the routing stats."""
-    out = {f"aux_{n}": float(v.detach()) for n, v in getattr(model, "aux_losses", {}).items()}
-    stats = getattr(model, "mod_stats", [])
+    out = {f"aux_{n}": float(v.detach()) for n, v in aux_losses(model).items()}
+    stats = [blk.last["stats"] for blk in routed_modules(model) if blk.last["stats"]]
     for key in ("predictor_accuracy", "router_accuracy", "selected_fraction", "agreement_with_topk"):
         values = [float(s[key]) for s in stats if key in s]
         if values:
@@ -258,43 +271,48 @@ def summary(model) -> dict:
     return out
 
 
-def apply(model, options, plan):
+def route(build, model, options: dict) -> list[int]:
+    """Wrap blocks every-1, 2·every-1, … of ``model`` in :class:`RoutedBlock` s (routers created
+    on ``meta`` and registered with the build for initialisation); returns their indices."""
     cfg = model.cfg
     indices = routed_blocks(len(model.blocks), options["every"])
-    dev = next(model.parameters()).device
     for i in indices:
-        block = model.blocks[i]
-        block._mod_opts = dict(options)
-        block._mod_inner = block.__dict__.get("forward") or types.MethodType(type(block).forward, block)
+        router = predictor = None
         if options["router"] == "learned":
-            block.mod_router = nn.Linear(cfg.d_model, 1, device=dev)
-            nn.init.normal_(block.mod_router.weight, std=0.02)
-            nn.init.zeros_(block.mod_router.bias)
+            with torch.device("meta"):
+                router = Router(cfg.d_model)
+            build.own(router)
             if options["causal"] == "predictor":
-                block.mod_predictor = _predictor(cfg.d_model).to(dev)
-        block.forward = types.MethodType(_routed_forward, block)
-    model.__class__ = _mod_class(type(model))
-    model.mod_aux_weight = options["aux_weight"]
-    model.aux_losses, model.mod_stats = {}, []
-    notes = dict(blocks=indices, capacity=options["capacity"], tokens_rule="max(1, ceil(capacity*T))",
-                 router=options["router"], causal=options["causal"], weight="sigmoid(router logit)",
-                 aux_weight=options["aux_weight"])
-    plan.notes[NAME] = notes
-    model.mod_notes = notes  # updated with the last evaluation's routing stats (predictor accuracy)
-    return model
+                with torch.device("meta"):
+                    predictor = Predictor(cfg.d_model)
+                build.own(predictor)
+        model.blocks[i] = RoutedBlock(model.blocks[i], dict(options, causal_model=cfg.causal), router, predictor)
+    return indices
+
+
+def apply(build, options):
+    model = build.model
+    indices = route(build, model, options)
+    build.add_loss_term(NAME, options["aux_weight"], lambda out: aux_term(model))
+    build.notes[NAME] = dict(blocks=indices, capacity=options["capacity"], tokens_rule="max(1, ceil(capacity*T))",
+                             router=options["router"], causal=options["causal"], weight="sigmoid(router logit)",
+                             aux_weight=options["aux_weight"])
+    # The record's notes get the routing stats of the last forward before it is written: the
+    # final evaluation's (predictor accuracy, router accuracy, mean selected weight, aux losses).
+    build.describe(NAME, lambda: summary(model))
 
 
 @contextlib.contextmanager
 def autoregressive_routing(model):
     """Inside, routed blocks decide per token causally (threshold, no top-k over the future)."""
-    blocks = [blk for blk in model.blocks if hasattr(blk, "_mod_opts")]
+    blocks = routed_modules(model)
     for blk in blocks:
-        blk._mod_autoregressive = True
+        blk.autoregressive = True
     try:
         yield
     finally:
         for blk in blocks:
-            blk._mod_autoregressive = False
+            blk.autoregressive = False
 
 
 @torch.no_grad()
@@ -302,21 +320,19 @@ def evaluate_autoregressive(model, batches) -> dict:
     """Mean validation loss over ``batches`` ((x, y) pairs) with top-k routing and with causal
     per-token routing; also the fraction of tokens causal routing selects and how often its
     decision agrees with top-k membership."""
-    was_training, notes = model.training, model.mod_notes
+    was_training = model.training
     model.eval()
-    model.mod_notes = None  # the run record's notes keep the top-k evaluation's stats
     topk, causal, frac, agree = [], [], [], []
     try:
         for x, y in batches:
-            topk.append(model(x, y)[1].item())
+            topk.append(lm_loss(model(x), y).item())
             with autoregressive_routing(model):
-                causal.append(model(x, y)[1].item())
+                causal.append(lm_loss(model(x), y).item())
             s = summary(model)
             frac.append(s["selected_fraction"])
             agree.append(s["agreement_with_topk"])
     finally:
         model.train(was_training)
-        model.mod_notes = notes
     n = len(topk)
     return dict(topk=sum(topk) / n, autoregressive=sum(causal) / n, selected_fraction=sum(frac) / n,
                 agreement_with_topk=sum(agree) / n)
@@ -332,7 +348,8 @@ def routing_decisions(model, idx: torch.Tensor) -> torch.Tensor:
     model.train(was_training)
     decisions = torch.ones(len(model.blocks), idx.numel())
     for layer, block in enumerate(model.blocks):
-        if hasattr(block, "_mod_last"):
+        routed = [m for m in block.modules() if isinstance(m, RoutedBlock)]
+        if routed:
             decisions[layer] = 0
-            decisions[layer, block._mod_last["stats"]["indices"][0].cpu()] = 1
+            decisions[layer, routed[0].last["stats"]["indices"][0].cpu()] = 1
     return decisions

@@ -28,8 +28,9 @@ Counts: ``dropped_fraction`` in the notes is, for integrated, the fraction of to
 expert processed (routed to the no-op expert); for staged, the MoE's capacity drops among the
 MoD-selected tokens (MoD's skipped tokens are by design, 1 − capacity).
 
-The aux loss (staged only: the MoE's load balancing) is added as ``moe`` does, ``aux_weight`` ×
-it in training mode.  ``mode`` conflicts with ``mod`` and ``moe``: it already is both.
+The aux loss (staged only: the MoE's load balancing) is ``moe``'s loss term, ``aux_weight`` × it in
+training.  ``mode`` conflicts with ``mod`` and ``moe``: it already is both (``mod`` + ``moe``
+listed together also compose into staged MoDE, with each technique's own options).
 
 Measured (same setup as ``moe``'s numbers: nano, n_layer=4, batch 8×64, 300 steps, seeds 0 / 1;
 baseline 212 K params, 0.734 GFLOP/step, val 1.288 / 1.310):
@@ -46,7 +47,8 @@ from . import mod, moe
 from .mod import routed_blocks
 
 NAME = "mode"
-ORDER = "surgery"
+STAGE = "surgery"
+RANK = 10  # replaces MLPs (like moe), so fuse (20) fuses its experts
 OPTIONS = {"kind": "integrated", "experts": 4, "capacity": 0.125, "every": 2, "aux_weight": 0.01}
 CHOICES = {"kind": ("staged", "integrated")}
 CONFLICTS = {"mod": "mode already routes with MoD (kind=staged) or replaces it (kind=integrated)",
@@ -63,26 +65,30 @@ def configure(plan, options):
     plan.dense_compute = False  # tokens skip blocks or take no-op experts: the dense formula over-counts
 
 
-class _Scratch:
-    def __init__(self):
-        self.notes = {}
-
-
-def apply(model, options, plan):
+def apply(build, options):
+    model = build.model
     indices = routed_blocks(len(model.blocks), options["every"])
     notes = dict(kind=options["kind"], blocks=indices, experts=options["experts"],
                  capacity=options["capacity"], aux_weight=options["aux_weight"])
     if options["kind"] == "staged":
-        moe.install(model, indices, options["aux_weight"], experts=options["experts"], **STAGED_MOE)
-        scratch = _Scratch()
-        # moe first, then mod: mod's class wraps the MoE class (its forward calls the MoE forward)
-        mod.apply(model, dict(mod.OPTIONS, capacity=options["capacity"], every=options["every"]), scratch)
-        notes.update(moe_inside=dict(STAGED_MOE), mod=scratch.notes["mod"])
+        moe.install(build, model, indices, options["aux_weight"], experts=options["experts"], **STAGED_MOE)
+        mod_options = dict(mod.OPTIONS, capacity=options["capacity"], every=options["every"])
+        mod.route(build, model, mod_options)  # around the blocks whose MLP is now the MoE
+        notes.update(moe_inside=dict(STAGED_MOE),
+                     mod=dict(blocks=indices, capacity=options["capacity"], tokens_rule="max(1, ceil(capacity*T))",
+                              router=mod_options["router"], causal=mod_options["causal"],
+                              weight="sigmoid(router logit)", aux_weight=mod_options["aux_weight"]))
     else:
-        moe.install(model, indices, 0.0, experts=options["experts"], routing="expert",
+        moe.install(build, model, indices, 0.0, experts=options["experts"], routing="expert",
                     capacity_factor=options["capacity"], noop=True)
         notes.update(noop_experts=1, routing="expert choice over real experts, softmax incl. no-op",
                      tokens_rule="per real expert max(1, ceil(capacity*B*T/experts))")
-    plan.notes[NAME] = notes
-    model.moe_notes = notes  # the last evaluation's MoE routing stats land here
-    return model
+    build.notes[NAME] = notes
+
+    def describe() -> dict:  # the last evaluation's routing stats (MoE, and MoD's around it)
+        out = moe.summary(model)
+        if options["kind"] == "staged":
+            out["mod"] = {**notes["mod"], **mod.summary(model)}
+        return out
+
+    build.describe(NAME, describe)

@@ -33,18 +33,15 @@ experts cost ``E·cap/N`` × the dense MLP (top-1 at capacity_factor 1: exactly 
 still run (static shapes: FLOPs are paid for capacity, not for use).  Experts run in a Python
 loop over ``E`` (small E; a grouped GEMM is the scaled-up equivalent).
 
-With ``fuse:mode=jit`` listed *before* ``moe`` the experts get the fused bias+GELU forward; listed
-after, fuse refuses with its ConfigError ("another technique already replaced the MLP's
-forward"), since it patches ``block.mlp`` and a MoE MLP has no ``up``.
+``moe`` replaces MLPs first in the surgery stage (rank 10), so ``fuse:mode=jit`` (rank 20) fuses
+the experts' bias+GELU too and ``mod`` (rank 40) routes around blocks whose MLP is a MoE: ``mod``
++ ``moe`` is staged MoDE, whatever order they are listed in.
 
-The model becomes a :class:`Transformer` subclass (as ``mod`` does) whose ``forward`` keeps
-``.aux_losses`` (also as ``.moe_aux_losses``, which an outer ``mod`` class does not
-overwrite) and ``.moe_stats`` of the last forward and, in training mode only, adds
-``aux_weight × aux`` (aux = mean load-balancing loss over MoE layers) to the loss, multiplied by
-the target-token count under ``loss_sum=True``.  ``technique_notes["moe"]`` gets the routing stats
-of the last evaluation forward (dropped fraction, aux loss, expert load).  ``moe`` conflicts with
-``mod``: mod's class forward calls ``super(type(self), self)``, which recurses when another class
-swap sits on top of it (``mod`` then ``moe``); ``mode:kind=staged`` is the supported combination.
+Each :class:`MoEMLP` keeps its last forward's aux loss and statistics.  The load-balancing loss
+(mean over MoE layers) is a loss term of the build (``moe``), ``aux_weight ×`` it added by the
+engine in training only, weighted by each micro-batch's target tokens like the LM loss.
+``technique_notes["moe"]`` gets the routing stats of the last evaluation forward (dropped
+fraction, aux loss, expert load).
 
 Measured (CPU, fp32, ``nano`` with n_layer=4, batch 8×64, lr 3e-3, synthetic, 300 steps, every=2,
 4 experts, seeds 0 / 1; dropped = last evaluation batch):
@@ -58,7 +55,6 @@ Measured (CPU, fp32, ``nano`` with n_layer=4, batch 8×64, lr 3e-3, synthetic, 3
 from __future__ import annotations
 
 import math
-import types
 from dataclasses import dataclass
 
 import torch
@@ -66,16 +62,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..zoo.model import IGNORE_INDEX, MLP, Transformer
+from ..zoo.model import MLP
 from .mod import routed_blocks
 
 NAME = "moe"
-ORDER = "surgery"
+STAGE = "surgery"
+RANK = 10  # first surgery: MLP replacement, before fusion (fuse) and block routing (mod)
 OPTIONS = {"experts": 4, "top_k": 1, "routing": "token", "capacity_factor": 1.25, "every": 2,
            "aux_weight": 0.01}
 CHOICES = {"routing": ("token", "expert"), "top_k": (1, 2)}
-CONFLICTS = {"mod": "mod's and moe's model-class swaps do not stack in every order; use "
-                    "mode:kind=staged (MoD routing around blocks with MoE MLPs inside)"}
 
 
 def check_options(options, name=NAME):
@@ -190,19 +185,25 @@ class MoEMLP(nn.Module):
         super().__init__()
         self.n_experts, self.top_k, self.routing, self.capacity_factor = experts, top_k, routing, capacity_factor
         self.noop = noop
+        self.n_layer = cfg.n_layer
         self.router = nn.Linear(cfg.d_model, experts + int(noop), bias=False)
         self.experts = nn.ModuleList(MLP(cfg) for _ in range(experts))
         self._last = dict(aux=None, stats={})
 
-    def init_weights(self, n_layer: int):
-        """The dense MLP's scheme (Transformer._init_weights + GPT-2's scaled down projection)."""
+    def init_weights(self):
+        """The dense MLP's scheme (N(0, 0.02) weights, zero biases, GPT-2's 1/sqrt(2·L) down
+        projection), after drawing PyTorch's default initialisation of each Linear in
+        construction order: the random stream of an eagerly built layer."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.reset_parameters()
         nn.init.normal_(self.router.weight, std=0.02)
         for expert in self.experts:
             for lin in (expert.up, expert.down):
                 nn.init.normal_(lin.weight, std=0.02)
                 if lin.bias is not None:
                     nn.init.zeros_(lin.bias)
-            nn.init.normal_(expert.down.weight, std=0.02 / math.sqrt(2 * n_layer))
+            nn.init.normal_(expert.down.weight, std=0.02 / math.sqrt(2 * self.n_layer))
 
     def route(self, x: torch.Tensor) -> Routing:
         n = x.shape[0]
@@ -229,9 +230,16 @@ def moe_layers(model) -> list[MoEMLP]:
     return [m for m in model.modules() if isinstance(m, MoEMLP)]
 
 
+def load_balancing(model) -> torch.Tensor | None:
+    """The ``moe`` loss term: mean load-balancing loss of the last forward over MoE layers."""
+    auxes = [m._last["aux"] for m in moe_layers(model) if m._last["aux"] is not None]
+    return sum(auxes) / len(auxes) if auxes else None
+
+
 def summary(model) -> dict:
     """Floats of the last forward: aux loss and per-layer means of the routing stats."""
-    out = {f"aux_{k}": float(v.detach()) for k, v in getattr(model, "moe_aux_losses", {}).items()}
+    aux = load_balancing(model)
+    out = {} if aux is None else {"aux_load_balancing": float(aux.detach())}
     stats = [m._last["stats"] for m in moe_layers(model) if m._last["stats"]]
     for key in ("dropped_fraction", "dropped_assignments", "mean_experts_per_token"):
         values = [float(s[key]) for s in stats if key in s]
@@ -243,72 +251,25 @@ def summary(model) -> dict:
     return out
 
 
-def _aux_class(base: type) -> type:
-    """``base`` subclass whose forward adds ``moe_aux_weight × mean load-balancing loss``."""
-
-    class AuxMoE(base):
-        def forward(self, idx, targets=None, attn_mask=None, loss_sum=False):
-            logits, loss = super().forward(idx, targets, attn_mask, loss_sum)
-            auxes = [m._last["aux"] for m in moe_layers(self) if m._last["aux"] is not None]
-            self.aux_losses = {"load_balancing": sum(auxes) / len(auxes)} if auxes else {}
-            self.moe_aux_losses = self.aux_losses  # survives an outer class (mod) resetting aux_losses
-            self.moe_stats = [m._last["stats"] for m in moe_layers(self)]
-            if loss is not None and self.aux_losses and self.training and self.moe_aux_weight > 0:
-                total = self.aux_losses["load_balancing"]
-                if loss_sum:  # the engine divides by the target-token count: undo it for the aux
-                    total = total * (targets != IGNORE_INDEX).sum()
-                loss = loss + self.moe_aux_weight * total
-            if not torch.is_grad_enabled() and self.moe_notes is not None:
-                self.moe_notes.update(summary(self))
-            return logits, loss
-
-    AuxMoE.__name__ = AuxMoE.__qualname__ = f"MoE{base.__name__}"
-    return AuxMoE
-
-
-_CLASSES: dict = {}
-
-
-def moe_class(base: type) -> type:
-    if base not in _CLASSES:
-        _CLASSES[base] = _aux_class(base)
-    return _CLASSES[base]
-
-
-MoETransformer = moe_class(Transformer)
-
-
-def install(model, indices, aux_weight, **mlp_args) -> list[int]:
-    """Replace ``model.blocks[i].mlp`` for i in ``indices`` by fresh :class:`MoEMLP` s and swap
-    the model's class; returns the indices."""
-    cfg = model.cfg
-    dev = next(model.parameters()).device
+def install(build, model, indices, aux_weight, **mlp_args) -> list[int]:
+    """Replace ``model.blocks[i].mlp`` for i in ``indices`` by :class:`MoEMLP` s (built on
+    ``meta``, initialised through the build) and register the load-balancing loss term."""
     for i in indices:
-        layer = MoEMLP(cfg, **mlp_args)
-        layer.init_weights(cfg.n_layer)
-        dense = model.blocks[i].mlp
-        if "forward" in dense.__dict__:  # fuse:mode=jit ran first: its experts get the same forward
-            for expert in layer.experts:
-                expert.forward = types.MethodType(dense.forward.__func__, expert)
-        # an instance forward, so that fuse:mode=jit applied *after* refuses (ConfigError) rather
-        # than fusing a module without ``up``
-        layer.forward = types.MethodType(MoEMLP.forward, layer)
-        model.blocks[i].mlp = layer.to(dev)
-    model.__class__ = moe_class(type(model))
-    model.moe_aux_weight = aux_weight
-    model.aux_losses, model.moe_aux_losses, model.moe_stats, model.moe_notes = {}, {}, [], None
+        with torch.device("meta"):
+            layer = MoEMLP(model.cfg, **mlp_args)
+        model.blocks[i].mlp = build.own(layer)
+    build.add_loss_term(NAME, aux_weight, lambda out: load_balancing(model))
     return indices
 
 
-def apply(model, options, plan):
-    indices = install(model, routed_blocks(len(model.blocks), options["every"]), options["aux_weight"],
+def apply(build, options):
+    model = build.model
+    indices = install(build, model, routed_blocks(len(model.blocks), options["every"]), options["aux_weight"],
                       experts=options["experts"], top_k=options["top_k"], routing=options["routing"],
                       capacity_factor=options["capacity_factor"])
-    notes = dict(blocks=indices, experts=options["experts"], routing=options["routing"],
-                 top_k=options["top_k"] if options["routing"] == "token" else None,
-                 capacity_factor=options["capacity_factor"], dispatch="gather/index_add",
-                 aux="switch load balancing" if options["routing"] == "token" else None,
-                 aux_weight=options["aux_weight"])
-    plan.notes[NAME] = notes
-    model.moe_notes = notes
-    return model
+    build.notes[NAME] = dict(blocks=indices, experts=options["experts"], routing=options["routing"],
+                             top_k=options["top_k"] if options["routing"] == "token" else None,
+                             capacity_factor=options["capacity_factor"], dispatch="gather/index_add",
+                             aux="switch load balancing" if options["routing"] == "token" else None,
+                             aux_weight=options["aux_weight"])
+    build.describe(NAME, lambda: summary(model))

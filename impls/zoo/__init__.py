@@ -1,7 +1,7 @@
 """The shared model zoo: named Transformer shapes from a CPU toy to Llama-7B.
 
-``build(name, **overrides)`` returns a :class:`Transformer`; ``device="meta"`` builds any size
-without allocating, so FLOP and memory tables of 7B models can be computed on a laptop.
+``build(name, **overrides)`` returns an initialised :class:`Transformer`; ``device="meta"`` builds
+any size without allocating (materialise with ``to_empty`` + ``init_weights``), so FLOP and memory tables of 7B models can be computed on a laptop.
 ``sizes()`` lists the names with their parameter counts.
 """
 from __future__ import annotations
@@ -60,10 +60,20 @@ def config(name: str, **overrides) -> TransformerConfig:
 
 
 def build(name: str, device: str | torch.device | None = None, **overrides) -> Transformer:
-    """Build the named model (on ``device``; ``"meta"`` allocates nothing)."""
+    """Build the named model on ``meta``, then (unless ``device`` is ``"meta"``) materialise it
+    on ``device`` and initialise it with :meth:`Transformer.init_weights` from the current seed.
+
+    Construction never allocates, so any size can be planned on a laptop and a sharded run can
+    materialise only its shard; the eager result is bit-identical to building directly on
+    ``device`` with the initialisation in the constructor."""
     cfg = config(name, **overrides)
-    with torch.device(device or "cpu"):
-        return Transformer(cfg)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    device = torch.device(device or "cpu")
+    if device.type != "meta":
+        model.to_empty(device=device)
+        model.init_weights()
+    return model
 
 
 def sizes() -> list[dict]:

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 #: Label value ignored by the loss: padding, and unmasked positions of a masked-LM batch.
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # also impls.loss.IGNORE_INDEX
 
 
 @dataclass
@@ -151,10 +151,12 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Token embedding → blocks → final norm → LM head (tied to the embedding by default).
 
-    ``forward(idx, targets)`` returns ``(logits, loss)``; the loss is the mean cross-entropy over
-    target positions that are not :data:`IGNORE_INDEX`, which makes the causal LM and masked-LM
-    objectives the same call.  ``loss_sum=True`` returns the *sum* instead, for callers that must
-    normalise by a token count spanning several micro-batches.
+    ``forward(idx)`` returns the logits (B, T, V); the loss lives outside the model
+    (:mod:`impls.loss`), as in torchtitan, so the engine can normalise it by a token count that
+    spans micro-batches and ranks, and techniques add their loss terms through the build.
+
+    The constructor allocates but does not initialise: build on ``meta`` (``zoo.build(...,
+    device="meta")``), shard or wrap, then ``to_empty(device=...)`` and :meth:`init_weights`.
     """
 
     def __init__(self, cfg: TransformerConfig):
@@ -172,21 +174,58 @@ class Transformer(nn.Module):
             cos, sin = rope_tables(cfg)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(self._init_weights)
-        # GPT-2: scale the residual projections by 1/sqrt(2·L) so the residual stream's variance
-        # does not grow with depth.
-        for name, p in self.named_parameters():
-            if name.endswith(("attn.proj.weight", "mlp.down.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
-    @staticmethod
-    def _init_weights(module: nn.Module):
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    def to_empty(self, *, device, recurse: bool = True):
+        """``nn.Module.to_empty``, keeping the LM head tied to the embedding: moving a tensor off
+        ``meta`` makes a new Parameter per module, which would silently untie them."""
+        super().to_empty(device=device, recurse=recurse)
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        return self
+
+    def own_modules(self) -> list[tuple[str, nn.Module]]:
+        """The model's own modules, in construction order: (name, module) pairs of
+        ``named_modules()`` minus the subtrees of modules a technique added with their own
+        ``init_weights`` (routers, experts), which the build initialises after these."""
+        out, skip = [], []
+        for name, module in self.named_modules():
+            if any(name.startswith(prefix) for prefix in skip):
+                continue
+            if module is not self and callable(getattr(module, "init_weights", None)):
+                skip.append(name + ".")
+                continue
+            out.append((name, module))
+        return out
+
+    @torch.no_grad()
+    def init_weights(self):
+        """GPT-2's initialisation (Radford et al. 2019; nanoGPT), on whatever device the
+        parameters are: N(0, 0.02) for linear and embedding weights, zero biases, and the
+        residual projections scaled by 1/sqrt(2·L) so the residual stream's variance does not
+        grow with depth.
+
+        It first draws each module's PyTorch default initialisation (``reset_parameters``) in
+        construction order, then overwrites it: that is the random stream an eagerly built model
+        consumed, so a seed gives the same weights whether the model was built eagerly or on
+        ``meta`` and materialised later (and the same as the suite's earlier records).
+        """
+        own = self.own_modules()
+        for _, module in own:
+            if module is not self and callable(getattr(module, "reset_parameters", None)):
+                module.reset_parameters()
+        for _, module in own:
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        for name, module in own:
+            if name.endswith(("attn.proj", "mlp.down")):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
+        if self.cfg.position == "rope":
+            self.rope_cos.copy_(rope_tables(self.cfg, self.rope_cos.device)[0])
+            self.rope_sin.copy_(rope_tables(self.cfg, self.rope_sin.device)[1])
 
     def num_params(self, matmul_only: bool = False) -> int:
         """Distinct parameters; ``matmul_only`` drops the position table, which costs no matmul
@@ -203,8 +242,7 @@ class Transformer(nn.Module):
                 n -= self.tok_emb.weight.numel()
         return n
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None, loss_sum: bool = False):
+    def forward(self, idx: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, t = idx.shape  # (B, T)
         if t > self.cfg.block_size:
             raise ValueError(f"sequence length {t} exceeds block_size {self.cfg.block_size}")
@@ -217,9 +255,4 @@ class Transformer(nn.Module):
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope, attn_mask)
-        logits = self.lm_head(self.norm_f(x))  # (B, T, V)
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum" if loss_sum else "mean")
-        return logits, loss
+        return self.lm_head(self.norm_f(x))  # (B, T, V)

@@ -1,0 +1,199 @@
+"""The :class:`Build`: what a run trains, as the techniques leave it.
+
+A run is built in one pass over the stages of :data:`impls.techniques.STAGES`; each technique
+changes the build instead of returning a patched model.  The build holds
+
+* ``dims`` / ``mesh``: the named parallel dimensions and their device mesh (:mod:`impls.parallel`);
+* ``plan``: how the engine executes a step (autocast dtype, loss scaling, micro-batches);
+* ``model_parts``: the trained modules (one for most runs, one per stage for pipeline
+  parallelism), and ``train_parts``, what the engine *calls* for training (a DDP wrapper, say:
+  the same modules unless a ``wrap`` technique wrapped them);
+* ``loss_terms``: named extra losses with weights (MoD/MoE auxiliary losses, a distillation
+  term), added by the engine in training only, so validation losses stay pure LM losses;
+* ``frozen``: modules that run but never train (a teacher): never in the optimizer, their
+  FLOPs in HFU but not in MFU, their bytes reported on their own;
+* ``optimizer_wrappers``: functions ``(optimizer, build) -> optimizer`` (sharded optimizers);
+* ``hooks``: ``on_batch(x, y, step) -> (x, y)``, ``before_step(step)`` (after backward, before the
+  update) and ``after_step(step)``, for techniques acting on data or on a schedule;
+* ``engine``: the name of the engine that executes it (:mod:`impls.engines`).
+
+Initialisation (torchtitan's meta-device flow): the model is constructed on ``meta``; the build
+materialises it (``to_empty`` + ``init_weights`` from the recipe's seed) right after
+construction, unless a technique declares ``DEFERS_INIT`` (sharded initialisation: it must see
+the model before any storage exists), in which case after that technique's stage.  Modules a
+technique creates are created on ``meta`` and registered with :meth:`Build.own`; they are
+initialised when they are registered if the model is already materialised, else after the model
+in registration order, so a seed gives the same weights on both paths.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from .parallel import ParallelDims
+
+HOOKS = ("on_batch", "before_step", "after_step")
+
+
+@dataclass
+class LossTerm:
+    """An extra training loss: ``weight × value(out)``, where ``value`` returns the term for the
+    micro-batch just run as a mean per target token (None: nothing to add this time).  The
+    engine weighs it by the micro-batch's target tokens, like the LM loss, so it is exact under
+    gradient accumulation and data parallelism."""
+
+    name: str
+    weight: float
+    value: Callable[["StepOutput"], torch.Tensor | None]
+
+
+@dataclass
+class StepOutput:
+    """What a loss term may look at: the micro-batch and the model's logits for it."""
+
+    inputs: torch.Tensor  # (B, T)
+    targets: torch.Tensor  # (B, T)
+    logits: torch.Tensor  # (B, T, V)
+
+
+class Frozen(nn.Module):
+    """A module that runs but never trains (a distillation teacher): no gradients, always in
+    eval mode, outside the optimizer.  The wrapper class names it for the FLOP counter, so its
+    FLOPs can be told apart (counted in HFU, excluded from MFU)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+@dataclass
+class Build:
+    dims: ParallelDims
+    plan: object  # impls.techniques.Plan
+    device: torch.device
+    model_parts: list[nn.Module]
+    train_parts: list[nn.Module] = field(default_factory=list)
+    loss_terms: list[LossTerm] = field(default_factory=list)
+    frozen: dict[str, Frozen] = field(default_factory=dict)
+    optimizer_wrappers: list[Callable] = field(default_factory=list)
+    hooks: dict[str, list[Callable]] = field(default_factory=lambda: {k: [] for k in HOOKS})
+    # Functions returning facts for the record's technique notes, called when the record is made
+    # (e.g. the routing statistics of the last evaluation forward).
+    describers: list[tuple[str, Callable[[], dict]]] = field(default_factory=list)
+    engine: str = "torch"
+    materialized: bool = False
+    _pending: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+    def __post_init__(self):
+        if not self.train_parts:
+            self.train_parts = list(self.model_parts)
+
+    # ------------------------------------------------------------------ the model
+
+    @property
+    def model(self) -> nn.Module:
+        """The model, for the (usual) single-part build."""
+        if len(self.model_parts) != 1:
+            raise RuntimeError(f"this build has {len(self.model_parts)} model parts (pipeline stages); "
+                               f"use build.model_parts")
+        return self.model_parts[0]
+
+    @property
+    def notes(self) -> dict:
+        return self.plan.notes
+
+    def mesh(self):
+        return self.dims.mesh(self.device.type)
+
+    def own(self, module: nn.Module, init: Callable[[], None] | None = None) -> nn.Module:
+        """Register ``module``, created by a technique on ``meta``: it is moved to the run's
+        device and initialised by ``init`` (default: its ``init_weights()``) now if the model is
+        materialised, else right after the model is.  Returns the module."""
+        init = init or module.init_weights
+
+        def materialize():
+            module.to_empty(device=self.device)
+            init()
+
+        if self.materialized:
+            materialize()
+        else:
+            self._pending.append(materialize)
+        return module
+
+    def materialize(self) -> None:
+        """Allocate the model on the run's device and initialise it (the model first, then the
+        modules techniques registered, in registration order).  Idempotent."""
+        if self.materialized:
+            return
+        for part in self.model_parts:
+            part.to_empty(device=self.device)
+            part.init_weights()
+        self.materialized = True
+        pending, self._pending = self._pending, []
+        for fn in pending:
+            fn()
+        for frozen in self.frozen.values():
+            frozen.to(self.device)
+
+    # ------------------------------------------------------------------ what techniques add
+
+    def add_loss_term(self, name: str, weight: float, value: Callable[[StepOutput], torch.Tensor | None]) -> None:
+        if any(t.name == name for t in self.loss_terms):
+            raise ValueError(f"loss term {name!r} registered twice")
+        self.loss_terms.append(LossTerm(name, weight, value))
+
+    def freeze(self, name: str, module: nn.Module) -> Frozen:
+        """Register a frozen module (a teacher) under ``name``; returns the wrapper to call."""
+        frozen = Frozen(module)
+        if self.materialized:
+            frozen.to(self.device)
+        self.frozen[name] = frozen
+        return frozen
+
+    def add_hook(self, kind: str, fn: Callable) -> None:
+        if kind not in HOOKS:
+            raise ValueError(f"unknown hook {kind!r}; valid: {', '.join(HOOKS)}")
+        self.hooks[kind].append(fn)
+
+    def wrap_optimizer(self, fn: Callable) -> None:
+        self.optimizer_wrappers.append(fn)
+
+    def describe(self, name: str, fn: Callable[[], dict]) -> None:
+        """``fn()`` is merged into ``notes[name]`` when the record is made."""
+        self.describers.append((name, fn))
+
+    # ------------------------------------------------------------------ what the engine reads
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Distinct parameters of the model parts that require gradients (frozen modules are not
+        model parts, so a teacher never reaches the optimizer)."""
+        seen, out = set(), []
+        for part in self.model_parts:
+            for p in part.parameters():
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    def frozen_bytes(self) -> int:
+        """Bytes of the frozen modules' parameters and buffers on this rank."""
+        from .measure.memory import tensor_bytes
+
+        tensors = [t for f in self.frozen.values() for t in (*f.parameters(), *f.buffers())]
+        return tensor_bytes(tensors)
+
+    def notes_for_record(self) -> dict:
+        for name, fn in self.describers:
+            self.plan.notes.setdefault(name, {}).update(fn())
+        return self.plan.notes

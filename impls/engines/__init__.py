@@ -1,0 +1,72 @@
+"""Engines: what executes a training step of a :class:`~impls.build.Build`.
+
+The engine owns the optimizer, precision and backward; the training loop (:mod:`impls.train`)
+owns the clock, the data and the record.  Every engine implements :class:`Engine`, so the loop,
+the measurements and checkpoint/resume are the same whichever engine runs:
+
+* ``torch`` (:class:`~impls.engines.torch_engine.TorchEngine`): autograd backward, a
+  ``torch.optim`` optimizer (wrapped by the build's optimizer wrappers), autocast and loss
+  scaling from the plan, micro-batches, whatever wrap technique the build applied (DDP...).
+
+An engine that drives a ``torch.distributed.pipelining`` schedule over several model parts, or
+DeepSpeed's (which owns optimizer, precision and backward itself), plugs in by implementing the
+same protocol and registering here; a technique of the ``engine`` stage selects it by setting
+``build.engine``.  Sharded state (FSDP, ZeRO) saves through ``torch.distributed.checkpoint``
+behind ``state_dict``/``load_state_dict``.
+"""
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from .torch_engine import TorchEngine
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the training loop calls.  ``x``/``y`` are a step's (B·accum, T) inputs and targets on
+    this rank; losses are token-normalised means over the step (all micro-batches, all
+    data-parallel ranks)."""
+
+    optimizer: torch.optim.Optimizer
+    peak_lr: float
+    total_steps: int
+
+    def autocast(self): ...
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Gradients of the step's loss (no update); returns the loss (tensor)."""
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> float:
+        """One optimizer step, the build's hooks included; returns the step's training loss."""
+
+    def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Pure LM loss (no loss terms), evaluation mode, no gradients."""
+
+    def count_flops(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, int]:
+        """Counted FLOPs of one eager step on this rank: ``total`` and ``frozen`` (of them, the
+        frozen modules' share); the gradients it leaves are discarded by the next step."""
+
+    def activation_bytes(self, x: torch.Tensor, y: torch.Tensor) -> int:
+        """Bytes saved for backward by one micro-batch's forward (what backward must keep)."""
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes of parameters, gradients and optimizer state held by this rank."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+REGISTRY: dict[str, type] = {"torch": TorchEngine}
+
+
+def create(build, recipe, total_steps: int) -> Engine:
+    """The engine the build names, constructed over it."""
+    if build.engine not in REGISTRY:
+        raise ValueError(f"unknown engine {build.engine!r}; registered: {', '.join(REGISTRY)}")
+    return REGISTRY[build.engine](build, recipe, total_steps)
+
+
+__all__ = ["Engine", "REGISTRY", "TorchEngine", "create"]
