@@ -27,6 +27,11 @@ def _run_parser(sub) -> None:
     and the flags of the run itself, which do not change its result."""
     p = sub.add_parser("run", help="train one recipe and write its record")
     recipe_lib.add_arguments(p)
+    from .techniques import REGISTRY
+
+    for action in p._actions:  # the registered techniques, listed where the flag is described
+        if "--technique" in action.option_strings:
+            action.help += "; registered: " + ", ".join(sorted(REGISTRY))
     p.add_argument("--nproc", type=int, default=1, help="ranks; > 1 relaunches under torchrun")
     p.add_argument("--out", help="write the JSON record here (atomically)")
     p.add_argument("--save-every", type=int, metavar="N", help="save the training state every N steps")

@@ -85,7 +85,7 @@ class Recipe:
         "none | linear | sqrt: scale lr by global batch / --base-batch"))
     base_batch: int = field(default=8, metadata=_flag("global batch (sequences) --lr is tuned for"))
     # sequences per data-parallel rank per micro-batch (grad_accum multiplies the step's batch)
-    batch_size: int = field(default=8, metadata=_flag("sequences per rank per step"))
+    batch_size: int = field(default=8, metadata=_flag("sequences per data-parallel rank per micro-batch"))
     seq_len: int = field(default=64, metadata=_flag("tokens per sequence"))
     techniques: list[str] = field(default_factory=list, metadata=_flag(
         "apply a technique, e.g. mod:capacity=0.25 (repeatable)", flags=("--technique",), metavar="NAME[:K=V,...]",
