@@ -7,6 +7,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PROFILE ?= quick
+# The device whose peak FLOP/s is re-probed around `make bench` (the quick profile runs on the CPU).
+BENCH_DEVICE ?= $(if $(filter quick,$(PROFILE)),cpu,auto)
 STAMP := $(VENV)/.etbench-stamp
 ASV := $(PY) -m asv
 ASV_CONF := asv.conf.json
@@ -40,9 +42,11 @@ test: $(STAMP)
 bench: $(STAMP)
 	@start=$$(date +%s); \
 	$(ASV) machine --yes --config $(ASV_CONF) >/dev/null && \
+	$(PY) -m impls.cli peak --device $(BENCH_DEVICE) --bench-log $(PLOTS)/peak.json --phase start && \
 	ETBENCH_PROFILE=$(PROFILE) ETBENCH_RUNS_DIR=$(CURDIR)/$(RUNS) \
 	  $(ASV) run --config $(ASV_CONF) --python=same --set-commit-hash $(COMMIT) --show-stderr \
 	  $(if $(BENCH),--bench '$(BENCH)') && \
+	$(PY) -m impls.cli peak --device $(BENCH_DEVICE) --bench-log $(PLOTS)/peak.json --phase end && \
 	$(PY) -m impls.report $(RUNS) -o $(PLOTS) && \
 	$(MAKE) --no-print-directory publish && \
 	echo "make bench: done in $$(( $$(date +%s) - start )) s; plots in $(PLOTS), site in $(HTML_DIR): browse with 'make preview'"

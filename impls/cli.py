@@ -74,6 +74,11 @@ def _cmd_run(args, argv) -> int:
         print(f"{record['label']}: {record['steps']} steps, val loss {record['final_val_loss']:.4f}, "
               f"{record['tokens_per_second']:.0f} tok/s, MFU {record['mfu']:.1%}, HFU {record['hfu']:.1%}"
               + (f" -> {args.out}" if args.out else ""))
+        for error in record["consistency_errors"]:
+            print(f"etbench: warning: inconsistent record: {error}", file=sys.stderr)
+        if record["load"]["noisy"]:
+            print(f"etbench: warning: noisy run: 1-min load {record['load']['load1_end']:.2f} on "
+                  f"{record['load']['cores_in_use']} cores in use; its timings are not comparable", file=sys.stderr)
     from . import dist
 
     dist.shutdown()
@@ -97,6 +102,15 @@ def _cmd_peak(args, argv) -> int:
     from .measure import device_name, peak_flops
 
     device = resolve_device(args.device)
+    if args.bench_log:  # make bench: fresh probes at its start and end, logged side by side
+        from .measure.peak import bench_probe
+
+        log = bench_probe(args.bench_log, args.phase, device)
+        peaks = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in log[args.phase]["peaks"].items())
+        print(f"peak FLOP/s at the {args.phase} of the benchmark run: {peaks} GFLOP/s"
+              + (f"; drift {', '.join(f'{k} {v:+.1%}' for k, v in log['drift'].items())}, "
+                 f"{'NOISY' if log['noisy'] else 'quiet'}" if "drift" in log else ""))
+        return 0
     dtype = getattr(torch, args.dtype)
     peak = peak_flops(device, dtype, reprobe=args.reprobe)
     print(f"{device_name(device)} {args.dtype}: {peak['value'] / 1e9:.1f} GFLOP/s ({peak['source']})")
@@ -119,6 +133,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--reprobe", action="store_true", help="measure again, replacing the cached value")
+    p.add_argument("--bench-log", metavar="JSON", help="re-probe fp32 and bf16 and log them for a benchmark run")
+    p.add_argument("--phase", choices=("start", "end"), default="start", help="with --bench-log: which end of the run")
     sub.add_parser("isoflop", help="isoFLOP sweep: train sizes × budgets × variants, fit optima (see --help)")
     p = sub.add_parser("report", help="plots and tables from run records")
     p.add_argument("paths", nargs="+")

@@ -35,6 +35,14 @@ class DistContext:
         dist.all_reduce(t)
         return t.item() / self.world_size
 
+    def all_max(self, values: list[float]) -> list[float]:
+        """Element-wise maximum of equally long lists over ranks (identity on one rank)."""
+        if self.world_size == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.tolist()
+
     def all_sum_int(self, value: int) -> int:
         """Exact sum of an integer over ranks (identity on one rank)."""
         if self.world_size == 1:

@@ -128,6 +128,13 @@ def validate_record(record) -> None:
         value = _lookup(record, key)
         if value is not None and not _is_number(value):
             raise RecordError(f"{key!r} is {value!r}, expected a number or null")
+    errors = record.get("consistency_errors")
+    if errors is None:  # records written before the check existed: check them here
+        from .measure.timing import consistency_errors
+
+        errors = consistency_errors(record)
+    if errors:
+        raise RecordError("inconsistent record, not plotted: " + "; ".join(map(str, errors)))
     curve = record.get("curve")
     if not isinstance(curve, list):
         raise RecordError("'curve' is missing or not a list")
@@ -282,6 +289,9 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
         "device": [_describe_device(k, n) for k, n in zip(runs["device.type"], runs["device.name"])],
         "tokens/s": runs["tokens_per_second"],
         "s/step": runs["seconds_per_step"],
+        "s/step median [95% CI]": [_median_ci(m, ci) for m, ci in zip(_column(runs, "step_time.median"),
+                                                                        _column(runs, "step_time.ci95"))],
+        "noisy": [None if v is None or v != v else bool(v) for v in _column(runs, "load.noisy")],
         "MFU": runs["mfu"],
         "HFU": runs["hfu"],
         "peak FLOP/s": runs["peak_flops.value"],
@@ -293,6 +303,17 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
         "entropy floor": runs["dataset.entropy_floor"],
     })
     return table.reset_index(drop=True)
+
+
+def _column(runs: pd.DataFrame, name: str) -> list:
+    """A column of the run frame, or Nones for records written before it existed."""
+    return list(runs[name]) if name in runs else [None] * len(runs)
+
+
+def _median_ci(median, ci) -> str | None:
+    if median is None or median != median or not isinstance(ci, (list, tuple)):
+        return None
+    return f"{median:.4g} [{ci[0]:.4g}, {ci[1]:.4g}]"
 
 
 def _markdown_cell(value, fmt: str | None) -> str:
@@ -517,7 +538,7 @@ def write_report(paths: Sequence[Path], out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     table = summary_table(runs)
     written = [write_text(out_dir / "summary.csv", table.to_csv(index=False)),
-               write_text(out_dir / "summary.md", markdown_table(table))]
+               write_text(out_dir / "summary.md", markdown_table(table) + _peak_log_markdown(out_dir))]
     # One set of plots per benchmark family: dozens of runs in one axes would be unreadable.
     families = list(dict.fromkeys(runs["family"]))
     for family in families:
@@ -531,6 +552,25 @@ def write_report(paths: Sequence[Path], out_dir: Path) -> list[Path]:
                         _write_figure(out_dir / f"technique_comparison{suffix}.png",
                                       plot_technique_comparison(comparison))]
     return written
+
+
+def _peak_log_markdown(out_dir: Path) -> str:
+    """The peak FLOP/s probed at the start and end of the benchmark run (``peak.json``, written
+    by ``make bench``), as a paragraph under the table; empty when there is no log."""
+    try:
+        log = json.loads((Path(out_dir) / "peak.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    lines = ["", "Peak FLOP/s probed around the benchmark run (the MFU denominator):", ""]
+    for phase in ("start", "end"):
+        if phase in log:
+            p = log[phase]
+            peaks = ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in p["peaks"].items())
+            lines.append(f"- {phase} ({p['time']}, 1-min load {p['load1']}): {peaks}")
+    if "drift" in log:
+        drift = ", ".join(f"{k} {v:+.1%}" for k, v in log["drift"].items())
+        lines.append(f"- drift {drift}: **{'noisy' if log['noisy'] else 'quiet'}** ({log['rule']})")
+    return "\n".join(lines) + "\n"
 
 
 def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -31,6 +31,7 @@ from . import dist, engines, optimizers, techniques, training_state, zoo
 from .build import Build
 from .files import write_text
 from .measure import PeakMemory, device_name, model_flops_per_step, peak_flops
+from .measure import timing as timing_lib
 from .parallel import ParallelDims
 from .recipe import LR_SCALINGS, SCHEDULES, Recipe, RecipeError
 
@@ -261,6 +262,7 @@ def run(recipe: Recipe, ctx: dist.DistContext | None = None, *, save_every: int 
     if save_every is not None and (save_every < 1 or checkpoint is None):
         raise RecipeError(f"save_every must be >= 1 and needs a checkpoint path, got {save_every}, {checkpoint}")
     resumed = training_state.load(resume, recipe, _world_size(ctx)) if resume else None
+    load_start = timing_lib.load_average()
     session = prepare(recipe, ctx)
     cost = measure_step(session)
     ctx, engine, batches, total = session.ctx, session.engine, session.batches, cost.total_steps
@@ -303,7 +305,9 @@ def run(recipe: Recipe, ctx: dist.DistContext | None = None, *, save_every: int 
     bar.close()
     if not seconds[max(warmup, 0):]:
         raise RecipeError(f"nothing left to train: the checkpoint is at step {start} of {total}")
-    timing = dict(first_step_seconds=seconds[0], step_seconds=seconds[max(warmup, 0):])
+    # A step lasts as long as its slowest rank.
+    timing = dict(first_step_seconds=seconds[0], step_seconds=ctx.all_max(seconds[max(warmup, 0):]),
+                  load_start=load_start, load_end=timing_lib.load_average())
     return make_record(session, cost, curve, timing, state_bytes, peak, resumed_from=start if resumed else None,
                        wall_seconds=time.perf_counter() - t_start)
 
@@ -320,11 +324,12 @@ def make_record(session: Session, cost: StepMeasure, curve: list, timing: dict, 
     """The run record (schema :data:`SCHEMA_VERSION`): recipe, provenance, cost, time, memory, curve."""
     recipe, ctx, plan, dataset, model = session.recipe, session.ctx, session.plan, session.dataset, session.model
     step_seconds = timing["step_seconds"]
-    seconds_per_step = ctx.all_mean(sum(step_seconds) / len(step_seconds))
+    seconds_per_step = sum(step_seconds) / len(step_seconds)  # per-step times are already the slowest rank's
     achieved = 1.0 / seconds_per_step / ctx.world_size  # per-device steps/s
     memory = dict(state_bytes)
     optimizer_state = memory.pop("optimizer_state")
-    return dict(
+    cores_in_use = min(os.cpu_count() or 1, torch.get_num_threads() * int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    record = dict(
         schema=SCHEMA_VERSION,
         label=recipe.label + (f"/ws{ctx.world_size}" if ctx.world_size > 1 else ""),
         recipe=dataclasses.asdict(recipe),
@@ -354,6 +359,8 @@ def make_record(session: Session, cost: StepMeasure, curve: list, timing: dict, 
         seconds_per_step=seconds_per_step,
         first_step_seconds=timing["first_step_seconds"],
         timed_steps=len(step_seconds),
+        step_time=dict(**timing_lib.step_time_stats(step_seconds), samples=step_seconds),
+        load=timing_lib.load_report(timing["load_start"], timing["load_end"], cores_in_use),
         mfu=cost.model_flops_per_step * achieved / cost.peak["value"],
         hfu=cost.flops_per_step * achieved / cost.peak["value"],
         memory=dict(**memory, activations_bytes=cost.activations_bytes, peak_bytes=int(peak.peak_bytes),
@@ -362,6 +369,10 @@ def make_record(session: Session, cost: StepMeasure, curve: list, timing: dict, 
         final_val_loss=curve[-1]["val_loss"],
         wall_seconds=wall_seconds,
     )
+    # Impossible values (an MFU above 100%) are errors of the record, never results: the report
+    # refuses to plot a record that has any.
+    record["consistency_errors"] = timing_lib.consistency_errors(record)
+    return record
 
 
 def _provenance() -> dict:

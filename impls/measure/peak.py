@@ -103,3 +103,40 @@ def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, reprobe
     probe = cache[cache_key]
     where = f"{device.type}/{dtype_name}/matmul-{probe['n']}" + (f"/{threads}threads" if threads else "")
     return {"value": probe["value"], "source": f"probe:{where}"}
+
+
+#: Relative change of the probed peak between the start and the end of a benchmark run above
+#: which the run is flagged noisy (quiet-machine repeats of the fp32 probe agree within a few %).
+PEAK_DRIFT = 0.10
+
+
+def bench_probe(path: str | os.PathLike, phase: str, device: torch.device,
+                dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)) -> dict:
+    """Re-probe the peak FLOP/s at the ``start`` or ``end`` of a benchmark run and log it in
+    ``path`` (JSON).  The start probe replaces the cached value every run's MFU divides by, so a
+    probe cached while the machine was busy never outlives the next ``make bench``; the end probe
+    tells whether the machine stayed as quiet: the log's ``noisy`` flag is set when the two differ
+    by more than :data:`PEAK_DRIFT` for any dtype, or the load exceeded the cores at either end."""
+    if phase not in ("start", "end"):
+        raise ValueError(f"phase must be start or end, got {phase!r}")
+    path = Path(path)
+    try:
+        log = json.loads(path.read_text()) if phase == "end" else {}
+    except (OSError, ValueError):
+        log = {}
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        load = None
+    probes = {str(d).removeprefix("torch."): peak_flops(device, d, reprobe=True) for d in dtypes}
+    log[phase] = dict(time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), load1=load, cpu_count=os.cpu_count(),
+                      peaks={k: v["value"] for k, v in probes.items()}, sources={k: v["source"] for k, v in probes.items()})
+    if "start" in log and "end" in log:
+        start, end = log["start"]["peaks"], log["end"]["peaks"]
+        log["drift"] = {k: end[k] / start[k] - 1 for k in start if k in end}
+        loads = [p["load1"] for p in (log["start"], log["end"]) if p["load1"] is not None]
+        log["noisy"] = (any(abs(v) > PEAK_DRIFT for v in log["drift"].values())
+                        or any(v > (os.cpu_count() or 1) + 0.5 for v in loads))
+        log["rule"] = f"noisy when a probe drifts by > {PEAK_DRIFT:.0%} or the 1-min load exceeds the cores + 0.5"
+    write_text(path, json.dumps(log, indent=1))
+    return log
