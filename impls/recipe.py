@@ -21,6 +21,7 @@ from .errors import ConfigError
 
 SCHEDULES = ("cosine", "constant")
 LR_SCALINGS = ("none", "linear", "sqrt")
+BUDGET_FLOPS = ("model", "counted")
 
 
 class RecipeError(ConfigError):
@@ -93,7 +94,14 @@ class Recipe:
     seed: int = field(default=0, metadata=_flag("seed of the initialisation and the data order"))
     steps: int | None = field(default=None, metadata=_flag("optimizer steps", group="length"))
     flops_budget: float | None = field(default=None, metadata=_flag(
-        "counted FLOPs, all ranks; the run stops before exceeding it", metavar="FLOPS", group="length"))
+        "FLOPs (of --budget-flops' kind), all ranks; the run stops before exceeding it", metavar="FLOPS",
+        group="length"))
+    # What --flops-budget counts.  "model": the algorithm's work (6N+12LHQT for dense models, the
+    # counted FLOPs of conditional computation), so implementations of the same function (math vs
+    # sdpa attention, checkpointing, compile) get the same steps; "counted": hardware FLOPs.
+    budget_flops: str = field(default="model", metadata=_flag(
+        "model | counted: what --flops-budget counts (model: 6N+12LHQT, so recomputation and kernel "
+        "choices do not change the steps)"))
     eval_every: int | None = field(default=None, metadata=_flag(
         "evaluate every N steps (default: ten evaluations per run)", metavar="N"))
     eval_batches: int = field(default=4, metadata=_flag("validation batches per evaluation"))

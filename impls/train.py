@@ -33,7 +33,7 @@ from .files import write_text
 from .measure import PeakMemory, device_name, model_flops_per_step, peak_flops
 from .measure import timing as timing_lib
 from .parallel import ParallelDims
-from .recipe import LR_SCALINGS, SCHEDULES, Recipe, RecipeError
+from .recipe import BUDGET_FLOPS, LR_SCALINGS, SCHEDULES, Recipe, RecipeError
 
 SCHEMA_VERSION = 1
 
@@ -58,6 +58,8 @@ def _check(r: Recipe, world_size: int):
     optimizers.check(r.optimizer)
     if r.lr_scaling not in LR_SCALINGS:
         raise RecipeError(f"unknown lr_scaling {r.lr_scaling!r}; valid: {', '.join(LR_SCALINGS)}")
+    if r.budget_flops not in BUDGET_FLOPS:
+        raise RecipeError(f"unknown budget_flops {r.budget_flops!r}; valid: {', '.join(BUDGET_FLOPS)}")
     if r.schedule not in SCHEDULES:
         raise RecipeError(f"unknown schedule {r.schedule!r}; valid: {', '.join(SCHEDULES)}")
     dist.resolve_device(r.device)
@@ -217,10 +219,11 @@ def measure_step(session: Session) -> StepMeasure:
     if r.steps is not None:
         total_steps = r.steps
     else:
-        total_steps = int(r.flops_budget // flops)
+        per_step = model_flops if r.budget_flops == "model" else flops
+        total_steps = int(r.flops_budget // per_step)
         if total_steps < 1:
             raise RecipeError(f"flops_budget {r.flops_budget:.3g} is smaller than one step "
-                              f"({flops:.3g} counted FLOPs)")
+                              f"({per_step:.3g} {r.budget_flops} FLOPs)")
     engine.total_steps = total_steps
     # The MFU denominator, probed (if not cached) before training and by rank 0 alone while the
     # other ranks wait, so concurrent ranks never disturb the probe; they then read its cache.
@@ -273,7 +276,7 @@ def run(recipe: Recipe, ctx: dist.DistContext | None = None, *, save_every: int 
         training_state.restore_rng(resumed["rng"])
     else:
         start, window = 0, []
-        curve = [dict(step=0, flops=0.0, tokens=0, train_loss=None,
+        curve = [dict(step=0, flops=0.0, model_flops=0.0, tokens=0, train_loss=None,
                       val_loss=_evaluate(engine, batches, ctx, recipe.eval_batches))]
     # The first steps of this process are untimed: allocator and thread-pool warm-up, and the
     # compilation of a compiled model, whose time is reported on its own.
@@ -294,6 +297,7 @@ def run(recipe: Recipe, ctx: dist.DistContext | None = None, *, save_every: int 
             done = step + 1
             if done % eval_every == 0 or done == total:
                 curve.append(dict(step=done, flops=float(done * cost.flops_per_step),
+                                  model_flops=done * cost.model_flops_per_step,
                                   tokens=done * cost.tokens_per_step,
                                   train_loss=ctx.all_mean(sum(window) / len(window)),
                                   val_loss=_evaluate(engine, batches, ctx, recipe.eval_batches)))

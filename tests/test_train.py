@@ -28,7 +28,7 @@ def test_record_holds_every_field_the_suite_promises(record):
     assert record["dataset"]["hash"] and record["dataset"]["entropy_floor"] > 0
     assert [p["step"] for p in record["curve"]] == [0, 10, 20, 30]
     for point in record["curve"]:
-        assert set(point) == {"step", "flops", "tokens", "train_loss", "val_loss"}
+        assert set(point) == {"step", "flops", "model_flops", "tokens", "train_loss", "val_loss"}
         assert point["flops"] == point["step"] * record["flops_per_step"]
     json.dumps(record)  # JSON-able as is
 
@@ -60,9 +60,28 @@ def test_same_seed_gives_a_bit_identical_curve(record):
 
 def test_flops_budget_stops_before_exceeding_it():
     budget = 5e9
-    rec = train.run(train.Recipe(**QUICK, flops_budget=budget))
-    assert rec["steps"] == math.floor(budget / rec["flops_per_step"])
-    assert rec["curve"][-1]["flops"] <= budget < rec["curve"][-1]["flops"] + rec["flops_per_step"]
+    rec = train.run(train.Recipe(**QUICK, flops_budget=budget))  # model FLOPs by default
+    assert rec["recipe"]["budget_flops"] == "model"
+    assert rec["steps"] == math.floor(budget / rec["model_flops_per_step"])
+    last = rec["curve"][-1]
+    assert last["model_flops"] <= budget < last["model_flops"] + rec["model_flops_per_step"]
+    counted = train.run(train.Recipe(**QUICK, flops_budget=budget, budget_flops="counted"))
+    assert counted["steps"] == math.floor(budget / counted["flops_per_step"])
+    assert counted["curve"][-1]["flops"] <= budget < counted["curve"][-1]["flops"] + counted["flops_per_step"]
+
+
+def test_implementations_of_the_same_function_get_the_same_steps_under_a_model_flop_budget():
+    """math and sdpa attention, and activation checkpointing, compute the same function: a budget
+    in model FLOPs gives them the same steps, while their counted (hardware) FLOPs differ."""
+    budget = 4e9
+    runs = {spec: train.run(train.Recipe(**{**QUICK, "eval_every": None}, flops_budget=budget,
+                                         techniques=[spec] if spec else []))
+            for spec in ("attention:kind=sdpa", "attention:kind=math", "checkpoint")}
+    steps = {spec: r["steps"] for spec, r in runs.items()}
+    assert len(set(steps.values())) == 1, steps
+    counted = {spec: r["flops_per_step"] for spec, r in runs.items()}
+    assert len(set(counted.values())) == 3, counted  # recomputation and kernels change the hardware work
+    assert runs["checkpoint"]["hfu"] > runs["checkpoint"]["mfu"]
 
 
 def test_masked_lm_encoder_trains():
