@@ -20,6 +20,9 @@ HTML_DIR := results/html
 SITE_CACHE := .cache/site-vendor
 PREVIEW_PORT ?= 8000
 RANGE ?= HEAD~1..HEAD
+# asv stores and graphs results per machine name: the profile is part of it, so quick and full
+# numbers never land on one graph.
+ASV_MACHINE ?= $(shell hostname)-$(PROFILE)
 # torch.compile caches stay inside the project, not in /tmp.
 export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/.cache/inductor
 
@@ -41,10 +44,10 @@ test: $(STAMP)
 # BENCH=regex limits the suites, e.g. `make bench BENCH=BaselineStep`.
 bench: $(STAMP)
 	@start=$$(date +%s); \
-	$(ASV) machine --yes --config $(ASV_CONF) >/dev/null && \
+	$(ASV) machine --yes --machine $(ASV_MACHINE) --config $(ASV_CONF) >/dev/null && \
 	$(PY) -m impls.cli peak --device $(BENCH_DEVICE) --bench-log $(PLOTS)/peak.json --phase start && \
 	ETBENCH_PROFILE=$(PROFILE) ETBENCH_RUNS_DIR=$(CURDIR)/$(RUNS) \
-	  $(ASV) run --config $(ASV_CONF) --python=same --set-commit-hash $(COMMIT) --show-stderr \
+	  $(ASV) run --config $(ASV_CONF) --machine $(ASV_MACHINE) --python=same --set-commit-hash $(COMMIT) --show-stderr \
 	  $(if $(BENCH),--bench '$(BENCH)') && \
 	$(PY) -m impls.cli peak --device $(BENCH_DEVICE) --bench-log $(PLOTS)/peak.json --phase end && \
 	$(PY) -m impls.report $(RUNS) -o $(PLOTS) && \
@@ -53,9 +56,9 @@ bench: $(STAMP)
 
 # Benchmark past commits, each installed in its own pinned virtualenv (asv.conf.json).
 history: $(STAMP)
-	$(ASV) machine --yes --config $(ASV_CONF) >/dev/null
+	$(ASV) machine --yes --machine $(ASV_MACHINE) --config $(ASV_CONF) >/dev/null
 	ETBENCH_PROFILE=$(PROFILE) ETBENCH_RUNS_DIR=$(CURDIR)/results/runs/history \
-	  $(ASV) run --config $(ASV_CONF) --show-stderr $(RANGE)
+	  $(ASV) run --config $(ASV_CONF) --machine $(ASV_MACHINE) --show-stderr $(RANGE)
 	$(MAKE) --no-print-directory publish
 
 # asv 0.6's pages load jQuery/flot/bootstrap from CDNs: replace them with copies from npm

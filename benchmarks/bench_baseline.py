@@ -9,7 +9,7 @@ from __future__ import annotations
 from . import common
 
 P = common.PROFILE
-MODELS, WORLD_SIZES = P["models"], common.usable_world_sizes()
+MODELS, WORLD_SIZES = P["models"], P["world_sizes"]
 
 
 def _recipe(model: str) -> dict:
@@ -26,9 +26,14 @@ class BaselineTraining:
     def setup_cache(self):
         return {(m, w): common.train_record(f"baseline-{m}-ws{w}", nproc=w, flops_budget=P["flops_budget"],
                                             **_recipe(m))
-                for m in MODELS for w in WORLD_SIZES}
+                for m in MODELS for w in WORLD_SIZES if common.unsupported_world_size(w) is None}
 
     setup_cache.timeout = 3600
+
+    def setup(self, records, model, world_size):
+        why = common.unsupported_world_size(world_size)
+        if why:
+            raise NotImplementedError(why)
 
     track_seconds_per_mtok = common.seconds_per_mtok
     track_val_loss_at_budget = common.tracked_field("final_val_loss", unit="nats/token")

@@ -55,6 +55,16 @@ def profile_name() -> str:
 PROFILE = PROFILES[profile_name()]
 
 
+def unsupported_world_size(world_size: int) -> str | None:
+    """Why this machine cannot run ``world_size`` ranks of the profile (None if it can).  The
+    grids list the profile's world sizes on every machine (fixed grids, as numpy's and pandas'
+    suites keep them); a class's ``setup`` raises ``NotImplementedError`` with this reason, asv's
+    way of skipping a combination."""
+    if world_size in usable_world_sizes():
+        return None
+    return f"world size {world_size} needs {world_size} devices (one rank per GPU or CPU core); this machine has fewer"
+
+
 def usable_world_sizes() -> list[int]:
     """The profile's rank counts that this machine can run: one rank per GPU, or per CPU core."""
     import torch

@@ -55,3 +55,21 @@ def test_asv_discovers_every_suite(tmp_path):
                            str(REPO / "asv.conf.json")], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Error" not in proc.stdout
+
+
+def test_grids_do_not_depend_on_the_machine_and_unsupported_points_are_skipped(monkeypatch):
+    """The baseline grid lists the profile's world sizes everywhere; a machine that cannot run one
+    skips it in ``setup`` with NotImplementedError (asv's skip), with the reason."""
+    common = importlib.import_module("benchmarks.common")
+    assert bench_baseline.BaselineTraining.params == (common.PROFILE["models"], common.PROFILE["world_sizes"])
+    monkeypatch.setattr(common, "usable_world_sizes", lambda: [1])
+    bench = bench_baseline.BaselineTraining()
+    bench.setup({}, "nano", 1)
+    with pytest.raises(NotImplementedError, match="world size 2 needs 2 devices"):
+        bench.setup({}, "nano", 2)
+
+
+def test_each_profile_has_its_own_asv_machine():
+    makefile = (REPO / "Makefile").read_text()
+    assert "ASV_MACHINE ?= $(shell hostname)-$(PROFILE)" in makefile
+    assert makefile.count("--machine $(ASV_MACHINE)") == 4
