@@ -50,7 +50,8 @@ bench: $(STAMP)
 	  $(ASV) run --config $(ASV_CONF) --machine $(ASV_MACHINE) --python=same --set-commit-hash $(COMMIT) --show-stderr \
 	  $(if $(BENCH),--bench '$(BENCH)') && \
 	$(PY) -m impls.cli peak --device $(BENCH_DEVICE) --bench-log $(PLOTS)/peak.json --phase end && \
-	$(PY) -m impls.report $(RUNS) -o $(PLOTS) && \
+	{ if [ -d $(RUNS) ]; then $(PY) -m impls.report $(RUNS) -o $(PLOTS); \
+	  else echo "no run records: the selected suites ($(BENCH)) train nothing, so no plots"; fi; } && \
 	$(MAKE) --no-print-directory publish && \
 	echo "make bench: done in $$(( $$(date +%s) - start )) s; plots in $(PLOTS), site in $(HTML_DIR): browse with 'make preview'"
 
