@@ -13,8 +13,10 @@ from __future__ import annotations
 from . import common
 
 SETTINGS = {
-    # bf16/fp16 matmuls have no native kernels on most CPUs (~100× slower than fp32), so the quick
-    # budget is small enough for the precision variants to finish in about half a minute.
+    # Reduced-precision speed depends on the CPU: `etbench peak --dtype bfloat16|float16` measures
+    # it per machine (make bench logs fp32 and bf16 in peak.json).  Where fp16/bf16 have no native
+    # kernels they run far slower than fp32, so the quick budget stays small enough for the
+    # precision variants to finish in about half a minute there too.
     "quick": dict(model="nano", batch_size=8, seq_len=128, flops_budget=3e10, lr=3e-3, data="synthetic",
                   curve_model="micro", seq_lens=[128, 512, 1024], window=64),
     "full": dict(model="small", batch_size=16, seq_len=512, flops_budget=3e14, lr=1e-3, data="pycode",

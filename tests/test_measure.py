@@ -94,7 +94,7 @@ def test_peak_probe_is_cached_per_machine(tmp_path, monkeypatch):
     first = peak_flops("cpu", torch.float32)
     second = peak_flops("cpu", torch.float32)
     assert first == second and len(calls) == 1
-    assert first["source"].startswith("probe:cpu/float32/matmul-2048/")
+    assert first["source"].startswith("probe:cpu/float32/mm+linear-2048/")
 
 
 def test_known_gpus_use_the_datasheet(monkeypatch):
