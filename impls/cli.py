@@ -6,6 +6,7 @@
     etbench peak                     # the MFU denominator on this machine
     etbench report results/runs -o results/plots
     etbench isoflop --budgets 1e10,3e10 --variants baseline,mod --out results/isoflop/NAME
+    etbench compare SPEC.json --out compare.json   # variants timed interleaved, ratios with intervals
 
 Bad input exits with status 2 and one line on stderr, before any work and without writing files.
 """
@@ -85,6 +86,30 @@ def _cmd_run(args, argv) -> int:
     return 0
 
 
+def _cmd_compare(args, argv) -> int:
+    from . import compare
+    from .files import check_writable
+
+    spec = compare.load_spec(args.spec)
+    if args.nproc < 1:
+        raise recipe_lib.RecipeError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.out:
+        check_writable(args.out)
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        for recipe in spec.recipes.values():
+            train.validate(recipe, world_size=args.nproc)
+        return _relaunch_under_torchrun(argv, args.nproc)
+    record = compare.measure(spec)
+    if int(os.environ.get("RANK", "0")) == 0:
+        if args.out:
+            train.write_record(record, args.out)
+        print(compare.summary_line(record) + (f"\n-> {args.out}" if args.out else ""))
+    from . import dist
+
+    dist.shutdown()
+    return 0
+
+
 def _cmd_zoo(args, argv) -> int:
     from . import zoo
 
@@ -128,6 +153,10 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="etbench", description=__doc__.split("\n")[0])
     sub = top.add_subparsers(dest="command", required=True)
     _run_parser(sub)
+    p = sub.add_parser("compare", help="time variants interleaved (A B C, B C A, ...): speed-ups with 95%% intervals")
+    p.add_argument("spec", help="JSON: {baseline, rounds, steps, warmup, common: {recipe}, variants: {name: {recipe}}}")
+    p.add_argument("--out", help="write the JSON record here (atomically)")
+    p.add_argument("--nproc", type=int, default=1, help="ranks; > 1 relaunches under torchrun")
     sub.add_parser("zoo", help="list model names and parameter counts")
     p = sub.add_parser("peak", help="peak FLOP/s used as the MFU denominator")
     p.add_argument("--device", default="auto")
@@ -153,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"etbench: error: {e}", file=sys.stderr)
             return 2
     args = parser().parse_args(argv)
-    commands = {"run": _cmd_run, "zoo": _cmd_zoo, "peak": _cmd_peak, "report": _cmd_report}
+    commands = {"run": _cmd_run, "compare": _cmd_compare, "zoo": _cmd_zoo, "peak": _cmd_peak, "report": _cmd_report}
     try:
         return commands[args.command](args, argv)
     except ConfigError as e:  # bad input: one line, status 2; anything else keeps its traceback

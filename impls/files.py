@@ -32,3 +32,23 @@ def write_text(destination: str | os.PathLike, text: str) -> Path:
     with atomic_path(destination) as temporary:
         temporary.write_text(text, encoding="utf-8")
     return Path(destination)
+
+
+def check_writable(destination: str | os.PathLike) -> Path:
+    """Refuse, before any work, a destination that cannot be written: an existing directory, a
+    parent that is a file, or a directory without write permission (raises ConfigError)."""
+    from .errors import ConfigError
+
+    path = Path(destination)
+    if path.is_dir():
+        raise ConfigError(f"output path {str(path)!r} is a directory; give a file name")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(f"output path {str(path)!r} is not writable")
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"output path {str(path)!r}: {str(ancestor)!r} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"output path {str(path)!r}: directory {str(ancestor)!r} is not writable")
+    return path

@@ -1,0 +1,283 @@
+"""Interleaved comparison of training variants: ratios a burst of load cannot fake.
+
+Two runs timed one after the other compare the machine's load as much as the techniques: a
+burst that lands in one run and not the other moves a "speed-up" anywhere from 0.1× to 10×.
+This module builds every variant of a family once, in one process (on every rank, under
+``torchrun``), warms each up (allocator, thread pool, compilation), then runs *rounds*: in each
+round every variant trains ``steps`` steps, in an order rotated from round to round
+(A B C, B C A, C A B, …, as pyperf and asv's ``rounds`` interleave), so load hits all variants
+alike and no variant always runs right after the same neighbour.
+
+Per round and variant the figure is the median step time of its ``steps`` steps (the slowest
+rank's, with several ranks).  Ratios are taken *within* a round, against the baseline's step of
+that same round, then summarised over rounds:
+
+* speed-up = (variant tokens/s) / (baseline tokens/s) per round — per token, so variants with a
+  different micro-batch (accumulation) compare fairly;
+* the point estimate is the geometric mean over rounds and the 95% interval is Student-t on
+  the log ratios, exp(mean ± t₀.₉₇₅,ₙ₋₁ · s/√n) — ratios are multiplicative, and a t interval
+  over a handful of independent rounds is honest where a bootstrap of 5 values is not; the
+  median over rounds is kept beside it.
+
+Memory (parameters, gradients, optimizer state, saved activations) is exact and deterministic,
+so its ratios need no interval.  The load average at the start and end flags a noisy run.
+
+    etbench compare SPEC.json --out compare.json [--nproc N]
+
+SPEC: ``{"baseline": "base", "rounds": 5, "steps": 3, "warmup": 2, "common": {recipe fields},
+"variants": {"base": {}, "bf16": {"techniques": ["bf16"]}, ...}}``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+from . import dist
+from .measure import timing as timing_lib
+from .recipe import Recipe, RecipeError
+
+SCHEMA_VERSION = 1
+CI_METHOD = ("Student-t 95% interval of the mean log ratio over rounds (geometric mean); "
+             "per-round values are the median step time of the round's steps")
+SPEC_KEYS = ("baseline", "rounds", "steps", "warmup", "common", "variants")
+
+# Two-sided 95% Student-t quantiles t(0.975, df) for df = 1..30; beyond, the normal 1.96 is
+# within 2% (no scipy dependency for 30 numbers).
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042]
+
+
+def t975(df: int) -> float:
+    return _T975[df - 1] if df <= len(_T975) else 1.96
+
+
+def ratio_stats(per_round: list[float]) -> dict:
+    """Geometric mean of positive per-round ratios with its Student-t 95% interval (on logs)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x = np.log(np.asarray(per_round, dtype=float))
+    if x.size == 0 or not np.all(np.isfinite(x)):
+        raise ValueError(f"ratios must be positive and finite, got {per_round}")
+    mean = float(x.mean())
+    half = t975(x.size - 1) * float(x.std(ddof=1)) / math.sqrt(x.size) if x.size > 1 else 0.0
+    return dict(value=math.exp(mean), ci95=[math.exp(mean - half), math.exp(mean + half)],
+                median=float(np.median(np.exp(x))), n=int(x.size), per_round=[float(v) for v in per_round])
+
+
+@dataclasses.dataclass
+class Spec:
+    baseline: str
+    rounds: int
+    steps: int
+    warmup: int
+    recipes: dict[str, Recipe]
+
+
+def parse_spec(raw: dict) -> Spec:
+    """Check a comparison spec completely (recipes included) before any work."""
+    if not isinstance(raw, dict):
+        raise RecipeError(f"a comparison spec is a JSON object with keys {', '.join(SPEC_KEYS)}; got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(SPEC_KEYS))
+    if unknown:
+        raise RecipeError(f"unknown spec key {unknown[0]!r}; valid: {', '.join(SPEC_KEYS)}")
+    variants = raw.get("variants")
+    if not isinstance(variants, dict) or len(variants) < 2:
+        raise RecipeError("spec 'variants' must map at least two names to recipe fields (one is the baseline)")
+    baseline = raw.get("baseline")
+    if baseline not in variants:
+        raise RecipeError(f"spec baseline {baseline!r} is not a variant; valid: {', '.join(variants)}")
+    numbers = {}
+    for key, default, low in (("rounds", 5, 2), ("steps", 3, 1), ("warmup", 2, 1)):
+        value = raw.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise RecipeError(f"spec {key} must be an integer >= {low}, got {value!r}")
+        numbers[key] = value
+    common = raw.get("common", {})
+    if not isinstance(common, dict):
+        raise RecipeError(f"spec 'common' must be an object of recipe fields, got {common!r}")
+    fields = {f.name for f in dataclasses.fields(Recipe)}
+    total = numbers["warmup"] + numbers["rounds"] * numbers["steps"]
+    recipes = {}
+    for name, overrides in variants.items():
+        if not isinstance(overrides, dict):
+            raise RecipeError(f"variant {name!r} must be an object of recipe fields, got {overrides!r}")
+        merged = {**common, **overrides}
+        bad = sorted(set(merged) - fields)
+        if bad:
+            raise RecipeError(f"variant {name!r}: unknown recipe field {bad[0]!r}; valid: {', '.join(sorted(fields))}")
+        if merged.pop("flops_budget", None) is not None:
+            raise RecipeError(f"variant {name!r}: a comparison times a fixed number of steps; drop flops_budget")
+        # The learning-rate schedule spans the steps the comparison trains.
+        recipes[name] = Recipe(**{**merged, "steps": total})
+    devices = {r.device for r in recipes.values()}
+    if len(devices) > 1:
+        raise RecipeError(f"variants must share one device, got {', '.join(sorted(devices))}")
+    return Spec(baseline, numbers["rounds"], numbers["steps"], numbers["warmup"], recipes)
+
+
+def load_spec(path: str | os.PathLike) -> Spec:
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except OSError as e:
+        raise RecipeError(f"cannot read comparison spec {str(path)!r}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise RecipeError(f"comparison spec {str(path)!r} is not JSON: {e}") from None
+    return parse_spec(raw)
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(spec: Spec, ctx: dist.DistContext | None = None) -> dict:
+    """Build every variant, warm each up, run the interleaved rounds; return the record."""
+    from . import train
+
+    world_size = ctx.world_size if ctx else int(os.environ.get("WORLD_SIZE", "1"))
+    for recipe in spec.recipes.values():  # every recipe checked before anything is built
+        train.validate(recipe, world_size)
+    load_start = timing_lib.load_average()
+    ctx = ctx or dist.init(next(iter(spec.recipes.values())).device)
+    names = list(spec.recipes)
+    sessions, memory, step, warm_seconds = {}, {}, {}, {}
+    for name in names:
+        session = train.prepare(spec.recipes[name], ctx)
+        xm, ym = session.batches.get("train", 0)
+        xm, ym = xm.chunk(session.plan.accum_steps)[0].clone(), ym.chunk(session.plan.accum_steps)[0].clone()
+        activations = session.engine.activation_bytes(xm, ym)
+        t0 = time.perf_counter()
+        for i in range(spec.warmup):
+            session.engine.train_step(*session.batches.get("train", i), i)
+        _sync(ctx.device)
+        state = session.engine.state_bytes()
+        memory[name] = dict(params_bytes=state["params_bytes"], grads_bytes=state["grads_bytes"],
+                            optimizer_bytes=state["optimizer_bytes"], activations_bytes=activations)
+        sessions[name], step[name], warm_seconds[name] = session, spec.warmup, time.perf_counter() - t0
+    per_round = {name: [] for name in names}
+    orders = []
+    for r in range(spec.rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        orders.append(order)
+        for name in order:
+            session = sessions[name]
+            seconds = []
+            for _ in range(spec.steps):
+                x, y = session.batches.get("train", step[name])
+                _sync(ctx.device)
+                t0 = time.perf_counter()
+                session.engine.train_step(x, y, step[name])
+                _sync(ctx.device)
+                seconds.append(time.perf_counter() - t0)
+                step[name] += 1
+            per_round[name].append(float(np.median(ctx.all_max(seconds))))
+    load_end = timing_lib.load_average()
+    cores = min(os.cpu_count() or 1, torch.get_num_threads() * int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    tokens = {name: s.recipe.batch_size * s.plan.accum_steps * s.dims.dp * s.recipe.seq_len
+              for name, s in sessions.items()}
+    base = spec.baseline
+    variants = {}
+    for name in names:
+        seconds = per_round[name]
+        tps = [tokens[name] / s for s in seconds]
+        speedup = [t / (tokens[base] / b) for t, b in zip(tps, per_round[base])]
+        variants[name] = dict(
+            label=sessions[name].recipe.label,
+            recipe=dataclasses.asdict(sessions[name].recipe),
+            tokens_per_step=tokens[name],
+            warmup_seconds=warm_seconds[name],
+            seconds_per_step=_summary(seconds),
+            tokens_per_second=_summary(tps),
+            speedup=ratio_stats(speedup),
+            memory=memory[name],
+            memory_ratio={k: (v / memory[base][k] if memory[base][k] else None) for k, v in memory[name].items()},
+        )
+    return dict(schema=SCHEMA_VERSION, kind="interleaved", baseline=base, rounds=spec.rounds,
+                steps_per_round=spec.steps, warmup_steps=spec.warmup, ci_method=CI_METHOD, order=orders,
+                load=timing_lib.load_report(load_start, load_end, cores),
+                device=dict(type=ctx.device.type, name=_device_name(ctx.device), threads=torch.get_num_threads()),
+                world_size=ctx.world_size, **train._provenance(), variants=variants)
+
+
+def _summary(values: list[float]) -> dict:
+    """Median over rounds, the t interval of the mean of logs, and every round's value."""
+    stats = ratio_stats(values)
+    return dict(median=stats["median"], geomean=stats["value"], ci95=stats["ci95"], per_round=stats["per_round"])
+
+
+def _device_name(device: torch.device) -> str:
+    from .measure import device_name
+
+    return device_name(device)
+
+
+def summary_line(record: dict) -> str:
+    """One line per variant: speed-up with its interval and the activation-memory ratio."""
+    lines = [f"interleaved: {record['rounds']} rounds × {record['steps_per_round']} steps, baseline "
+             f"{record['baseline']!r}" + (", NOISY (load)" if record["load"]["noisy"] else "")]
+    for name, v in record["variants"].items():
+        s = v["speedup"]
+        act = v["memory_ratio"]["activations_bytes"]
+        lines.append(f"  {name:<28} {v['seconds_per_step']['median'] * 1e3:9.2f} ms/step  speed-up "
+                     f"{s['value']:.3f}× [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]"
+                     + (f"  activations {act:.2f}×" if act is not None else ""))
+    return "\n".join(lines)
+
+
+def harness_overhead(recipe: Recipe, rounds: int = 7, steps: int = 5, ctx: dist.DistContext | None = None) -> dict:
+    """The training loop's per-step cost over a bare ``zero_grad / forward / backward / step`` loop
+    of the same model and optimizer on the same batches, timed interleaved (bare, loop, loop,
+    bare, …).  Each round times a block of ``steps`` iterations of each; the overhead is
+    loop/bare − 1 per round, summarised like every ratio here."""
+    from . import train
+    from .loss import lm_loss
+
+    if recipe.techniques:
+        raise RecipeError("the harness overhead is measured on a plain recipe (no techniques): "
+                          f"got {', '.join(recipe.techniques)}")
+    recipe = dataclasses.replace(recipe, steps=2 + 2 * rounds * steps, flops_budget=None)
+    session = train.prepare(recipe, ctx)
+    ctx, engine, batches = session.ctx, session.engine, session.batches
+    model, optimizer = session.build.train_parts[0], engine.optimizer
+    fetched = [batches.get("train", i) for i in range(recipe.steps)]
+
+    def bare(first: int) -> float:
+        t0 = time.perf_counter()
+        for i in range(first, first + steps):
+            x, y = fetched[i]
+            optimizer.zero_grad(set_to_none=True)
+            lm_loss(model(x), y).backward()
+            optimizer.step()
+        _sync(ctx.device)
+        return time.perf_counter() - t0
+
+    def loop(first: int) -> float:
+        seconds = []
+        t0 = time.perf_counter()
+        for i in range(first, first + steps):
+            train.timed_step(engine, batches, ctx.device, i, seconds)
+        return time.perf_counter() - t0
+
+    bare(0), loop(0)  # warm-up of both paths
+    ratios, bare_seconds, loop_seconds = [], [], []
+    for r in range(rounds):
+        first = 2 + 2 * r * steps
+        pair = [(bare, first), (loop, first + steps)]
+        timed = {}
+        for fn, start in (pair if r % 2 == 0 else pair[::-1]):
+            timed[fn.__name__] = max(ctx.all_max([fn(start)]))
+        bare_seconds.append(timed["bare"] / steps)
+        loop_seconds.append(timed["loop"] / steps)
+        ratios.append(timed["loop"] / timed["bare"])
+    stats = ratio_stats(ratios)
+    return dict(kind="harness_overhead", label=recipe.label, rounds=rounds, steps_per_round=steps,
+                ci_method=CI_METHOD, bare_seconds_per_step=_summary(bare_seconds),
+                loop_seconds_per_step=_summary(loop_seconds), ratio=stats,
+                overhead=dict(value=stats["value"] - 1, ci95=[c - 1 for c in stats["ci95"]]))
