@@ -43,17 +43,26 @@ test: $(STAMP)
 # Benchmark the working tree (profile $(PROFILE)) in this environment, then plots and the site.
 # BENCH=regex limits the suites, e.g. `make bench BENCH=BaselineStep`.
 bench: $(STAMP)
-	@start=$$(date +%s); \
+	@t0=$$(date +%s); \
 	$(ASV) machine --yes --machine $(ASV_MACHINE) --config $(ASV_CONF) >/dev/null && \
 	$(PY) -m impls.cli peak --device $(BENCH_DEVICE) --bench-log $(PLOTS)/peak.json --phase start && \
+	t1=$$(date +%s) && \
 	ETBENCH_PROFILE=$(PROFILE) ETBENCH_RUNS_DIR=$(CURDIR)/$(RUNS) \
 	  $(ASV) run --config $(ASV_CONF) --machine $(ASV_MACHINE) --python=same --set-commit-hash $(COMMIT) --show-stderr \
 	  $(if $(BENCH),--bench '$(BENCH)') && \
+	t2=$$(date +%s) && \
 	$(PY) -m impls.cli peak --device $(BENCH_DEVICE) --bench-log $(PLOTS)/peak.json --phase end && \
+	t3=$$(date +%s) && \
 	{ if [ -d $(RUNS) ]; then $(PY) -m impls.report $(RUNS) -o $(PLOTS); \
 	  else echo "no run records: the selected suites ($(BENCH)) train nothing, so no plots"; fi; } && \
+	t4=$$(date +%s) && \
+	$(PY) -m impls.benchtime --machine $(ASV_MACHINE) --commit $(COMMIT) --out $(PLOTS)/bench_time.json \
+	  --phase "peak probes=$$(( t1 - t0 + t3 - t2 ))" --phase "asv=$$(( t2 - t1 ))" --phase "report=$$(( t4 - t3 ))" \
+	  >$(PLOTS)/bench_time.txt && \
 	$(MAKE) --no-print-directory publish && \
-	echo "make bench: done in $$(( $$(date +%s) - start )) s; plots in $(PLOTS), site in $(HTML_DIR): browse with 'make preview'"
+	t5=$$(date +%s) && \
+	cat $(PLOTS)/bench_time.txt && echo "  phase publish                                    $$(( t5 - t4 )).0 s" && \
+	echo "make bench: done in $$(( t5 - t0 )) s; plots in $(PLOTS), site in $(HTML_DIR): browse with 'make preview'"
 
 # Benchmark past commits, each installed in its own pinned virtualenv (asv.conf.json).
 history: $(STAMP)
@@ -62,10 +71,15 @@ history: $(STAMP)
 	  $(ASV) run --config $(ASV_CONF) --machine $(ASV_MACHINE) --show-stderr $(RANGE)
 	$(MAKE) --no-print-directory publish
 
-# asv 0.6's pages load jQuery/flot/bootstrap from CDNs: replace them with copies from npm
-# registry packages (cached in $(SITE_CACHE), so later publishes work offline).
+# asv's site, whose front page becomes etbench's report (asv's own index moves to asv.html): per
+# family the tables, interactive plots (Vega-Lite) and the PNGs of the newest results/runs/<commit>,
+# results/plots/<commit> and results/isoflop/<commit>-*, and compare.html against the commit before.
+# asv 0.6's pages load jQuery/flot/bootstrap from CDNs and the report names Vega's: `vendor` replaces
+# them with copies from pinned npm registry packages (cached in $(SITE_CACHE), so later publishes
+# work offline).
 publish: $(STAMP)
 	$(ASV) publish --config $(ASV_CONF)
+	$(PY) -m impls.site build $(HTML_DIR) --runs-root results/runs --plots-root results/plots --isoflop-root results/isoflop
 	$(PY) -m impls.site vendor $(HTML_DIR) --cache $(SITE_CACHE)
 
 # Served over HTTP (asv's pages fetch JSON with XHR, which browsers refuse for file://), on 127.0.0.1 only.
@@ -74,9 +88,10 @@ preview:
 	@echo "Serving $(HTML_DIR) at http://127.0.0.1:$(PREVIEW_PORT)/  (Ctrl-C to stop)"
 	@$(PY) -m http.server --bind 127.0.0.1 --directory $(HTML_DIR) $(PREVIEW_PORT)
 
-# Render the published site in headless Chromium (apt-get install -y chromium) and screenshot it.
+# Render the published site in headless Chromium (apt-get install -y chromium) and screenshot it:
+# the front page (results/site.png) and asv's page (results/site-asv.png).
 check-site: $(STAMP)
-	$(PY) -m impls.site check $(HTML_DIR) --screenshot results/site.png
+	$(PY) -m impls.site check $(HTML_DIR) --screenshot results/site.png --asv-screenshot results/site-asv.png
 
 clean:
 	rm -rf results/asv results/html results/runs results/plots .asv

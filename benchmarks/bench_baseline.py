@@ -10,6 +10,8 @@ from . import common
 
 P = common.PROFILE
 MODELS, WORLD_SIZES = P["models"], P["world_sizes"]
+OVERHEAD = {"quick": dict(model="small", rounds=8, steps=3),
+            "full": dict(model="small", rounds=20, steps=5)}[common.profile_name()]
 
 
 def _recipe(model: str) -> dict:
@@ -64,3 +66,38 @@ class BaselineStep:
         # Process peak RSS: dominated by `import torch` for small models; the exact per-component
         # bytes are the BaselineTraining.track_*_bytes benchmarks.
         self.session.engine.train_step(*self.batch, 0)
+
+
+class HarnessOverhead:
+    """The training loop's per-step cost over a bare ``zero_grad / forward / backward / step``
+    loop of the same model, optimizer and batches, timed interleaved (impls.compare): the harness
+    must cost under 1% of a step.  The model is the profile's smallest with steps long enough to
+    time (a fixed per-step cost weighs most there)."""
+
+    params = [OVERHEAD["model"]]
+    param_names = ["model"]
+
+    def setup_cache(self):
+        from impls import compare, train
+        from impls.files import write_text
+
+        record = compare.harness_overhead(train.Recipe(**_recipe(OVERHEAD["model"]), steps=1),
+                                          rounds=OVERHEAD["rounds"], steps=OVERHEAD["steps"])
+        import json
+
+        write_text(common.runs_dir() / "overhead" / "harness-overhead.json", json.dumps(record, indent=1))
+        return record
+
+    setup_cache.timeout = 1800
+
+    def track_overhead_percent(self, record, model):
+        """(loop − bare) / bare, geometric mean over rounds, in percent (target: < 1)."""
+        return 100 * record["overhead"]["value"]
+
+    track_overhead_percent.unit = "%"
+
+    def track_overhead_ci95_high_percent(self, record, model):
+        """The upper end of its 95% interval: the claim "< 1%" holds when this is below 1."""
+        return 100 * record["overhead"]["ci95"][1]
+
+    track_overhead_ci95_high_percent.unit = "%"

@@ -1,4 +1,5 @@
-"""Mixture-of-Depths family: isoFLOP curves of the baseline vs MoD (Raposo et al. 2024), fits,
+"""Conditional-computation family: isoFLOP curves of the baseline vs Mixture-of-Depths (Raposo et
+al. 2024), its random-routing control, Mixture-of-Experts and MoDE (staged, integrated), fits,
 the step time of each variant's isoFLOP-optimal model, and the routing-decision figure.
 
 The sweep lives in ``results/isoflop/<commit>-<profile>/`` (resumable: an interrupted benchmark
@@ -13,13 +14,14 @@ import math
 from . import common
 
 SETTINGS = {
-    # Sizes have >= 2 layers: MoD routes every other block, so a 1-layer model has nothing routed.
-    "quick": dict(budgets=[1e10, 3e10], sizes=["L2-D32", "L2-D48", "L2-D64", "L4-D64", "L4-D96"],
-                  variants=["baseline", "mod", "mod-random"], data="synthetic", batch_size=8, seq_len=64, lr=3e-3,
-                  causal_steps=200),
-    "full": dict(budgets=[1e12, 3e12, 1e13], sizes=["L4-D64", "L4-D128", "L6-D192", "L8-D256", "L12-D384"],
-                 variants=["baseline", "mod", "mod-random", "mode-staged", "mode-integrated"],
-                 data="pycode", batch_size=16, seq_len=256, lr=1e-3, causal_steps=3000),
+    # Each budget's sizes start at Chinchilla's N = sqrt(C/120) and widen until every variant's
+    # minimum is inside (isoflop.adaptive_sweep); >= 2 layers, so every size has a routed block.
+    "quick": dict(budgets=[1e10, 3e10], n_sizes=4, flop_sizes=["L2-D16", "L2-D32", "L2-D64"],
+                  variants=["baseline", "mod", "mod-random", "moe", "mode-staged", "mode-integrated"],
+                  data="synthetic", batch_size=8, seq_len=64, lr=3e-3, causal_steps=200, causal_size="L4-D96"),
+    "full": dict(budgets=[1e12, 3e12, 1e13], n_sizes=5, flop_sizes=["L4-D128", "L8-D256", "L12-D384"],
+                 variants=["baseline", "mod", "mod-random", "moe", "mode-staged", "mode-integrated"],
+                 data="pycode", batch_size=16, seq_len=256, lr=1e-3, causal_steps=3000, causal_size="L8-D256"),
 }[common.profile_name()]
 _RECIPE = {k: SETTINGS[k] for k in ("data", "batch_size", "seq_len", "lr")}
 
@@ -38,7 +40,7 @@ def _routing_and_causal_sampling(out_dir) -> dict:
     from impls.files import write_text
     from impls.techniques import mod
 
-    size = isoflop.parse_size(SETTINGS["sizes"][-1])
+    size = isoflop.parse_size(SETTINGS["causal_size"])
     steps = SETTINGS["causal_steps"]
     session = train.prepare(train.Recipe(**_RECIPE, model=size.model, model_args=dict(size.model_args),
                                          techniques=["mod:causal=predictor"], steps=steps))
@@ -59,24 +61,57 @@ def _routing_and_causal_sampling(out_dir) -> dict:
 
 
 def _sweep_results() -> dict:
-    """Run (or resume) the sweep, fit and plot it; the routing figure once per sweep directory."""
+    """Run (or resume) the adaptive sweep, fit and plot it; the routing figure once per sweep directory."""
     from impls import isoflop
 
     out_dir = _sweep_dir()
-    points = isoflop.sweep(out_dir, SETTINGS["budgets"], SETTINGS["variants"], SETTINGS["sizes"],
-                           progress=False, **_RECIPE)
+    points, grids = isoflop.adaptive_sweep(out_dir, SETTINGS["budgets"], SETTINGS["variants"],
+                                           n_sizes=SETTINGS["n_sizes"], progress=False, **_RECIPE)
     tables = isoflop.analyse(points, out_dir)
     causal_file = out_dir / "causal_sampling.json"
     causal = json.loads(causal_file.read_text()) if causal_file.exists() else _routing_and_causal_sampling(out_dir)
     fits = tables["fits"].set_index(["variant", "budget"])
     done = points[points["status"] == "ok"]
-    tokens_per_step = SETTINGS["batch_size"] * SETTINGS["seq_len"]
-    return dict(fits=fits.to_dict("index"),
+    return dict(fits=fits.to_dict("index"), grids=grids,
                 best=done.groupby(["variant", "budget"])["final_val_loss"].min().to_dict(),
-                flops_per_token=(done["flops_per_step"] / tokens_per_step)
-                .groupby([done["variant"], done["size"]]).first().to_dict(),
-                step_time=tables["step_time"].set_index(["variant", "budget"]).to_dict("index"),
-                causal=causal)
+                step_time=_optimal_step_times(tables["fits"]), causal=causal)
+
+
+def _optimal_step_times(fits) -> dict:
+    """Per budget, every variant's isoFLOP-optimal model (the trained size nearest N*) timed
+    interleaved with the baseline's (impls.compare): (variant, budget) -> speed-up record.
+    Same batch and sequence length, so a step of each holds the same tokens."""
+    from impls import isoflop
+
+    out = {}
+    for budget, group in fits.dropna(subset=["nearest_size"]).groupby("budget"):
+        chosen = dict(zip(group["variant"], group["nearest_size"]))
+        if "baseline" not in chosen:
+            continue
+        variants = {}
+        for variant, size_name in chosen.items():
+            size = isoflop.parse_size(size_name)
+            variants[variant] = dict(model=size.model, model_args=dict(size.model_args),
+                                     techniques=isoflop.VARIANTS[variant])
+        record = common.compare_record("isoflop", variants, common=_RECIPE, name=f"isoflop-{budget:.0e}")
+        for variant, v in record["variants"].items():
+            out[variant, budget] = dict(size=chosen[variant], speedup=v["speedup"])
+    return out
+
+
+def _flops_per_token() -> dict:
+    """Counted training FLOPs per token of each variant at the fixed sizes (no training)."""
+    from impls import isoflop, train
+
+    out = {}
+    for variant in SETTINGS["variants"]:
+        for name in SETTINGS["flop_sizes"]:
+            size = isoflop.parse_size(name)
+            session = train.prepare(train.Recipe(**_RECIPE, model=size.model, model_args=dict(size.model_args),
+                                                 techniques=isoflop.VARIANTS[variant], steps=1))
+            cost = train.measure_step(session)
+            out[variant, name] = cost.flops_per_step / cost.tokens_per_step
+    return out
 
 
 class MoDIsoFLOP:
@@ -109,25 +144,27 @@ class MoDIsoFLOP:
     track_optimal_params.unit = "parameters"
 
     def track_optimal_step_time_vs_baseline(self, cache, variant, budget):
-        """Seconds per step of the variant's isoFLOP-optimal model ÷ the baseline's."""
-        return cache["step_time"].get((variant, budget), {}).get("step_time_vs_baseline", math.nan)
+        """Seconds per step of the variant's isoFLOP-optimal model ÷ the baseline's, timed
+        interleaved (geometric mean over rounds; the interval is in compare-isoflop-*.json)."""
+        timed = cache["step_time"].get((variant, budget))
+        return 1.0 / timed["speedup"]["value"] if timed else math.nan
 
     track_optimal_step_time_vs_baseline.unit = "ratio"
 
 
 class MoDForwardFLOPs:
-    """Counted training FLOPs per token of each variant at each size (MoD: ~0.56× of the blocks)."""
+    """Counted training FLOPs per token of each variant at fixed sizes (MoD: ~0.56× of the blocks)."""
 
-    params = (SETTINGS["variants"], SETTINGS["sizes"])
+    params = (SETTINGS["variants"], SETTINGS["flop_sizes"])
     param_names = ["variant", "size"]
 
     def setup_cache(self):
-        return _sweep_results()  # resumes the finished sweep: nothing is trained twice
+        return _flops_per_token()
 
-    setup_cache.timeout = 3600
+    setup_cache.timeout = 1800
 
     def track_flops_per_token(self, cache, variant, size):
-        return cache["flops_per_token"].get((variant, size), math.nan)
+        return cache[variant, size]
 
     track_flops_per_token.unit = "FLOPs/token"
 

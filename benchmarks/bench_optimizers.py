@@ -133,6 +133,20 @@ class Optimizers:
     track_val_loss_at_budget = _track("final_val_loss", "nats/token")
 
 
+@common.speed_tracks
+class OptimizerSpeed:
+    """Every optimizer's step timed interleaved with AdamW's on the same model (impls.compare)."""
+
+    params = OPTIMIZERS
+    param_names = ["optimizer"]
+
+    def setup_cache(self):
+        return common.compare_record("optimizers", {name: dict(optimizer_recipe(name), flops_budget=None)
+                                                    for name in OPTIMIZERS}, baseline="adamw")
+
+    setup_cache.timeout = 1800
+
+
 class LargeBatch:
     """Loss at a fixed budget against the global batch: AdamW (linear lr scaling) vs LAMB, LARS (sqrt)."""
 

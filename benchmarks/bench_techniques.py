@@ -1,8 +1,9 @@
 """Single-device techniques beside the baseline: throughput, exact memory, loss at a fixed budget.
 
-Every variant trains the same model on the same data to the same counted-FLOP budget, so the
-records (``results/runs/<commit>/technique-*.json``) line up for the per-technique comparison
-plot (normalised to the baseline).  Adding a technique = one line in :data:`VARIANTS`.
+Every variant trains the same model on the same data to the same model-FLOP budget, so the
+records (``results/runs/<commit>/technique-*.json``) line up for the loss-at-budget comparison;
+speed ratios come from :class:`TechniqueSpeed`, which times all variants interleaved in rounds
+(``compare-technique.json``).  Adding a technique = one line in :data:`VARIANTS`.
 
 Further classes draw the curves each technique is known for: activation memory vs recompute
 over the checkpointing interval (Chen et al. 2016's √n trade-off), activation memory vs effective
@@ -73,6 +74,22 @@ class Techniques:
     track_optimizer_bytes = common.tracked_field("memory", "optimizer_bytes", unit="bytes")
     # Compilation (and first-step allocation) time, kept out of the timed steps.
     track_first_step_seconds = common.tracked_field("first_step_seconds", unit="seconds")
+
+
+@common.speed_tracks
+class TechniqueSpeed:
+    """Every variant timed interleaved with the baseline (impls.compare: rotated rounds, ratios
+    per round, t intervals): the speed-ups of the comparison plot, immune to a burst of load."""
+
+    params = list(VARIANTS)
+    param_names = ["variant"]
+
+    def setup_cache(self):
+        return common.compare_record("technique", {name: dict(techniques=techniques, **overrides)
+                                                   for name, (techniques, overrides) in VARIANTS.items()},
+                                     common=_recipe())
+
+    setup_cache.timeout = 1800
 
 
 class CheckpointCurve:

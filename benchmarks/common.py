@@ -30,6 +30,10 @@ PROFILES = {
         data="synthetic",
         # asv timing of time_/peakmem_: one call per sample, a few samples.
         timing=dict(number=1, repeat=(1, 5, 10.0), rounds=1, warmup_time=0.5),
+        # Loss figures: one seed here (the record says so); the full profile reports the spread.
+        seeds=[0],
+        # Interleaved comparisons (impls.compare): rounds × steps per variant after warm-up.
+        interleave=dict(rounds=7, steps=4, warmup=2),
     ),
     "full": dict(
         models=["small", "gpt2", "gpt2-medium"],
@@ -41,6 +45,8 @@ PROFILES = {
         device="auto",
         data="pycode",
         timing=dict(number=1, repeat=(2, 10, 30.0), rounds=2, warmup_time=2.0),
+        seeds=[0, 1, 2],
+        interleave=dict(rounds=10, steps=5, warmup=3),
     ),
 }
 
@@ -90,22 +96,108 @@ def runs_dir() -> Path:
 
 
 def train_record(name: str, *, nproc: int = 1, **recipe) -> dict:
-    """Run ``etbench run`` with ``recipe`` (Recipe field names) on ``nproc`` ranks; return its record.
+    """Train ``recipe`` (Recipe field names) on ``nproc`` ranks once per seed of the profile;
+    return the first seed's record with the loss over all seeds in ``record["seeds"]``.
 
     The record is kept as ``<runs dir>/<family>/<name>.json``, the family being the name's first
-    dash-separated word, so the report plots each benchmark family on its own.
+    dash-separated word, so the report plots each benchmark family on its own.  One rank runs in
+    this process, through :func:`impls.train.run` as ``etbench run`` does (saving the ~2 s of
+    interpreter and torch start-up per run); several ranks go through ``etbench run --nproc``
+    under torchrun.
     """
+    out = runs_dir() / name.split("-")[0] / f"{name}.json"
+    base_seed = recipe.pop("seed", 0)
+    records = [_train_one(out if i == 0 else None, nproc, {**recipe, "seed": base_seed + s})
+               for i, s in enumerate(PROFILE["seeds"])]
+    record = records[0]
+    record["seeds"] = seed_summary(records)
+    _write(out, record)
+    return record
+
+
+def seed_summary(records: list[dict]) -> dict:
+    """The final validation loss over seeds: every value, mean, sample std and a t interval."""
+    from impls.compare import t975
+
+    losses = [r["final_val_loss"] for r in records]
+    n = len(losses)
+    mean = sum(losses) / n
+    std = (sum((v - mean) ** 2 for v in losses) / (n - 1)) ** 0.5 if n > 1 else None
+    half = t975(n - 1) * std / n ** 0.5 if n > 1 else None
+    return dict(n=n, seeds=[r["seed"] for r in records], final_val_loss=losses, mean=mean, std=std,
+                ci95=[mean - half, mean + half] if n > 1 else None,
+                note="one seed: no spread measured (quick profile)" if n == 1 else f"{n} seeds")
+
+
+def _write(out: Path, record: dict) -> None:
+    from impls.train import write_record
+
+    write_record(record, out)
+
+
+def _train_one(out: Path | None, nproc: int, recipe: dict) -> dict:
+    from impls import train
     from impls.recipe import Recipe, to_argv  # imported on use, as the suites import impls
 
-    out = runs_dir() / name.split("-")[0] / f"{name}.json"
-    args = [sys.executable, "-m", "impls.cli", "run", "--nproc", str(nproc), "--out", str(out),
-            *to_argv(Recipe(**recipe))]
+    if nproc == 1:
+        return train.run(Recipe(**recipe))
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        target = out or Path(tmp) / "record.json"
+        args = [sys.executable, "-m", "impls.cli", "run", "--nproc", str(nproc), "--out", str(target),
+                *to_argv(Recipe(**recipe))]
+        _child(args, f"etbench run {target.stem}")
+        return json.loads(target.read_text())
+
+
+def _child(args: list[str], what: str) -> None:
     # asv strips PYTHONPATH from benchmark processes: hand the child our import path explicitly.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     proc = subprocess.run(args, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"etbench run {name} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"{what} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+
+
+def compare_record(family: str, variants: dict[str, dict], *, baseline: str = "baseline", common: dict | None = None,
+                   nproc: int = 1, name: str | None = None) -> dict:
+    """Time ``variants`` (name -> recipe fields over ``common``) interleaved, the profile's rounds
+    and steps (:mod:`impls.compare`); the record is kept as ``<runs>/<family>/compare-<name or family>.json``."""
+    from impls import compare
+
+    spec = dict(baseline=baseline, common=common or {}, variants=variants, **PROFILE["interleave"])
+    out = runs_dir() / family / f"compare-{name or family}.json"
+    if nproc == 1:
+        record = compare.measure(compare.parse_spec(spec))
+        _write(out, record)
+        return record
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_file = Path(tmp) / "spec.json"
+        spec_file.write_text(json.dumps(spec))
+        _child([sys.executable, "-m", "impls.cli", "compare", str(spec_file), "--nproc", str(nproc), "--out", str(out)],
+               f"etbench compare {family}")
     return json.loads(out.read_text())
+
+
+def speed_tracks(cls):
+    """Class decorator for interleaved-comparison classes (``setup_cache`` returns a compare
+    record; one param, the variant): per-token time and activation memory relative to the
+    baseline, lower is better as asv's ``track_`` values are."""
+    def track_time_per_token_vs_baseline(self, record, variant):
+        """1 / speed-up: the variant's seconds per token ÷ the baseline's, same rounds."""
+        return 1.0 / record["variants"][variant]["speedup"]["value"]
+
+    track_time_per_token_vs_baseline.unit = "ratio"
+
+    def track_activations_vs_baseline(self, record, variant):
+        return record["variants"][variant]["memory_ratio"]["activations_bytes"]
+
+    track_activations_vs_baseline.unit = "ratio"
+    cls.track_time_per_token_vs_baseline = track_time_per_token_vs_baseline
+    cls.track_activations_vs_baseline = track_activations_vs_baseline
+    return cls
 
 
 def apply_timing(cls):

@@ -50,6 +50,7 @@ VARIANTS: dict[str, list[str]] = {
     "baseline": [],
     "mod": ["mod"],  # Mixture-of-Depths (Raposo et al. 2024): 12.5% capacity, every other block
     "mod-random": ["mod:router=random"],  # the paper's random top-k baseline
+    "moe": ["moe"],  # Switch-style top-1 over 4 experts every other block (Fedus et al. 2022)
     "mode-staged": ["mode:kind=staged"],
     "mode-integrated": ["mode:kind=integrated"],
     "local16": ["attention:kind=local,window=16"],
@@ -105,6 +106,75 @@ def parse_size(spec: str) -> Size:
     if d_model % n_head:
         raise ConfigError(f"bad size spec {spec!r}: d_model {d_model} is not divisible by {n_head} heads")
     return Size(spec, "nano", dict(n_layer=n_layer, d_model=d_model, n_head=n_head))
+
+
+#: Sizes the budget-driven grid picks from, in increasing parameter count (>= 2 layers, so MoD,
+#: MoE and MoDE have a routed block in every size).
+LADDER = ("L2-D8", "L2-D16", "L2-D24", "L2-D32", "L2-D48", "L2-D64", "L3-D64", "L4-D64", "L4-D96", "L4-D128",
+          "L6-D128", "L6-D192", "L8-D256", "L12-D384", "L12-D512", "L16-D768")
+
+
+def chinchilla_params(budget: float) -> float:
+    """Compute-optimal N for C FLOPs by Hoffmann et al. (2022): C ≈ 6·N·D with D ≈ 20·N tokens,
+    so N ≈ √(C/120) — the starting guess of a budget's grid, not a claim about this data."""
+    return math.sqrt(budget / 120)
+
+
+def size_params(size: str, vocab_size: int) -> int:
+    spec = parse_size(size)
+    return zoo.build(spec.model, device="meta", **spec.model_args, vocab_size=vocab_size).num_params()
+
+
+def grid_for_budget(budget: float, vocab_size: int, n_sizes: int = 5, ladder: Sequence[str] = LADDER) -> list[str]:
+    """``n_sizes`` consecutive ladder sizes centred (in ln N) on :func:`chinchilla_params`."""
+    if not 3 <= n_sizes <= len(ladder):
+        raise ConfigError(f"a budget's grid needs 3 to {len(ladder)} sizes, got {n_sizes}")
+    logs = np.log([size_params(s, vocab_size) for s in ladder])
+    centre = int(np.abs(logs - math.log(chinchilla_params(budget))).argmin())
+    first = min(max(0, centre - n_sizes // 2), len(ladder) - n_sizes)
+    return list(ladder[first:first + n_sizes])
+
+
+def widen(points: pd.DataFrame, grids: Mapping[float, list[str]], ladder: Sequence[str] = LADDER) -> dict[float, list[str]]:
+    """Each budget's grid, extended by the next ladder size on a side where some variant's
+    lowest measured loss sits at the grid's edge (its parabola cannot have an interior minimum
+    there); budgets whose every variant has an interior minimum keep their grid."""
+    out = {}
+    for budget, sizes in grids.items():
+        order = sorted(sizes, key=ladder.index)
+        lo, hi = ladder.index(order[0]), ladder.index(order[-1])
+        done = points[(points["budget"] == budget) & (points["status"] == "ok")]
+        low_edge = high_edge = False
+        for _, g in done.groupby("variant"):
+            best = g.loc[g["final_val_loss"].idxmin(), "size"]
+            low_edge |= best == order[0]
+            high_edge |= best == order[-1]
+        extra = ([ladder[lo - 1]] if low_edge and lo > 0 else []) + ([ladder[hi + 1]] if high_edge and hi + 1 < len(ladder) else [])
+        out[budget] = sorted(set(order) | set(extra), key=ladder.index)
+    return out
+
+
+def adaptive_sweep(out_dir: str | os.PathLike, budgets: Sequence[float], variants, *, n_sizes: int = 5,
+                   max_widenings: int = 3, ladder: Sequence[str] = LADDER, progress: bool = True,
+                   runner: Callable[[train.Recipe], dict] | None = None, **base) -> tuple[pd.DataFrame, dict[float, list[str]]]:
+    """A sweep whose sizes follow the budget: start from :func:`grid_for_budget` and widen
+    (:func:`widen`) until every variant's minimum is inside its budget's sizes, or
+    ``max_widenings`` rounds have passed (the fits then say "optimum outside sampled sizes").
+    Resumable like :func:`sweep`: finished points are never retrained.  Returns the points of
+    the final grids and the grids."""
+    from . import data as data_lib
+
+    vocab = data_lib.load(base.get("data", train.Recipe.data)).vocab_size
+    grids = {b: grid_for_budget(b, vocab, n_sizes, ladder) for b in budgets}
+    for attempt in range(max_widenings + 1):
+        frames = [sweep(out_dir, [b], variants, sizes, runner=runner, progress=progress, **base)
+                  for b, sizes in grids.items()]
+        points = pd.concat(frames, ignore_index=True)
+        wider = widen(points, grids, ladder)
+        if wider == grids or attempt == max_widenings:
+            return points, grids
+        grids = wider
+    raise AssertionError("unreachable")
 
 
 def resolve_variants(variants: Sequence[str] | Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
@@ -655,7 +725,11 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budgets", required=True, help="comma-separated counted-FLOP budgets, e.g. 1e10,3e10,1e11")
     p.add_argument("--variants", default="baseline", help=f"comma-separated; known: {', '.join(VARIANTS)}")
-    p.add_argument("--sizes", default=",".join(DEFAULT_SIZES), help=SIZE_GRAMMAR)
+    p.add_argument("--sizes", default=",".join(DEFAULT_SIZES),
+                   help=SIZE_GRAMMAR + "; 'auto': 5 sizes per budget around Chinchilla's N=sqrt(C/120), "
+                        "widened until every variant's minimum is inside")
+    p.add_argument("--grid-sizes", type=int, default=5, metavar="K",
+                   help="with --sizes auto: sizes per budget before widening (>= 3; default 5)")
     p.add_argument("--out", required=True, help="sweep directory (resumable)")
     p.add_argument("--isolate", action="store_true",
                    help="train each point in its own subprocess (memory freed, a crash loses one point)")
@@ -686,8 +760,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.fit_sizes is not None and args.fit_sizes < 3:
             raise ConfigError(f"--fit-sizes must be >= 3, got {args.fit_sizes}")
         base = _base(args)
-        points = sweep(args.out, budgets, _names(args.variants), _names(args.sizes),
-                       runner=subprocess_runner if args.isolate else None, **base)
+        runner = subprocess_runner if args.isolate else None
+        if args.sizes == "auto":
+            points, _ = adaptive_sweep(args.out, budgets, _names(args.variants), n_sizes=args.grid_sizes,
+                                       runner=runner, **base)
+        else:
+            points = sweep(args.out, budgets, _names(args.variants), _names(args.sizes), runner=runner, **base)
     except ConfigError as e:
         print(f"etbench isoflop: error: {e}", file=sys.stderr)
         return 2

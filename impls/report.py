@@ -8,7 +8,15 @@ which writes into ``OUT_DIR``
 
 * ``summary.csv`` / ``summary.md``: one row per run (throughput, MFU/HFU, memory, final loss);
 * ``loss_vs_flops.png``: validation loss against cumulative FLOPs, one panel per dataset;
-* ``throughput_memory.png``: tokens/s and the exact memory breakdown of every run.
+* ``throughput_memory.png``: tokens/s and the exact memory breakdown of every run;
+* ``technique_comparison.png``/``.csv``: each run normalised to its family's baseline;
+* ``interleaved-<family>.png``/``.csv``: interleaved comparisons (records of kind
+  ``"interleaved"``): speed-up vs the baseline with its 95% interval, and memory ratios.
+
+Records whose consistency check failed (e.g. MFU above 100%) are refused: listed in
+``summary.md`` with the reason, never plotted.  ``python -m impls.report --compare RUNS_A RUNS_B
+-o OUT_DIR`` compares two runs directories (two commits or two machines): per record, s/step of A
+and B, the ratio B/A with a bootstrap interval, and whether the interval excludes 1.
 
 Runs share an axes only when their dataset *hashes* agree: losses measured on different token
 streams are not comparable, even when the dataset names match.  All figures are drawn on the Agg
@@ -25,6 +33,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -91,6 +100,19 @@ class NoRecordsError(RuntimeError):
     """No valid run record was found, so there is nothing to report."""
 
 
+class InconsistentRecordError(RecordError):
+    """A well-formed record whose consistency check failed (e.g. MFU above 100%): the report
+    refuses to plot it and shows it as refused, with ``reasons``."""
+
+    def __init__(self, reasons: Sequence[str]):
+        self.reasons = [str(r) for r in reasons]
+        super().__init__("inconsistent record, not plotted: " + "; ".join(self.reasons))
+
+
+class BadInputError(ValueError):
+    """A command-line value that cannot be used (reported as one line, exit status 2)."""
+
+
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
@@ -128,13 +150,9 @@ def validate_record(record) -> None:
         value = _lookup(record, key)
         if value is not None and not _is_number(value):
             raise RecordError(f"{key!r} is {value!r}, expected a number or null")
-    errors = record.get("consistency_errors")
-    if errors is None:  # records written before the check existed: check them here
-        from .measure.timing import consistency_errors
-
-        errors = consistency_errors(record)
+    errors = record_consistency_errors(record)
     if errors:
-        raise RecordError("inconsistent record, not plotted: " + "; ".join(map(str, errors)))
+        raise InconsistentRecordError(errors)
     curve = record.get("curve")
     if not isinstance(curve, list):
         raise RecordError("'curve' is missing or not a list")
@@ -146,6 +164,17 @@ def validate_record(record) -> None:
             required = key in ("step", "flops")
             if (value is None and required) or (value is not None and not _is_number(value)):
                 raise RecordError(f"curve[{i}].{key} is {value!r}, expected a number")
+
+
+def record_consistency_errors(record: dict) -> list[str]:
+    """The record's own ``consistency_errors``, or for records written before the check existed,
+    the check run here."""
+    errors = record.get("consistency_errors")
+    if errors is None:
+        from .measure.timing import consistency_errors
+
+        errors = consistency_errors(record)
+    return [str(e) for e in errors or []]
 
 
 def read_record(path: Path) -> dict:
@@ -176,21 +205,101 @@ def _find_json_files(paths: Iterable[Path]) -> list[Path]:
     return list(found.values())
 
 
+#: ``kind`` of the interleaved-comparison records (``<runs>/<family>/compare-<family>.json``);
+#: training-run records have no ``kind``.
+INTERLEAVED_KIND = "interleaved"
+_INTERLEAVED_STATS = ("seconds_per_step", "tokens_per_second", "speedup")
+
+
+class Loaded(NamedTuple):
+    """Everything found under a set of paths, routed by kind.
+
+    ``runs``: the run frame of valid training-run records (:func:`records_frame`); ``refused``:
+    well-formed records whose consistency check failed, as dicts with ``family``, ``label``,
+    ``source``, ``reasons`` and the ``record``; ``interleaved``: valid interleaved-comparison
+    records, each with ``source`` and ``family`` added (the record's own family, else its folder).
+    """
+
+    runs: pd.DataFrame
+    refused: list[dict]
+    interleaved: list[dict]
+
+
+def validate_interleaved(record) -> None:
+    """Raise :class:`RecordError` unless ``record`` is a usable interleaved-comparison record:
+    a family, a baseline among its variants, and per variant a label and median/CI numbers."""
+    if not isinstance(record, dict) or record.get("kind") != INTERLEAVED_KIND:
+        raise RecordError("not an interleaved-comparison record")
+    if record.get("schema") != SCHEMA_VERSION:
+        raise RecordError(f"schema is {record.get('schema')!r}, expected {SCHEMA_VERSION}")
+    variants = record.get("variants")
+    if not isinstance(variants, dict) or not variants:
+        raise RecordError("'variants' is missing or empty")
+    if record.get("baseline") not in variants:
+        raise RecordError(f"baseline {record.get('baseline')!r} is not one of the variants")
+    for name, variant in variants.items():
+        if not isinstance(variant, dict) or not isinstance(variant.get("label"), str):
+            raise RecordError(f"variants.{name}.label is missing or not a string")
+        for stat in _INTERLEAVED_STATS:
+            value = variant.get(stat)
+            if not isinstance(value, dict) or not _is_number(value.get("median")):
+                raise RecordError(f"variants.{name}.{stat}.median is missing or not a number")
+            ci = value.get("ci95")
+            if ci is not None and not (isinstance(ci, list) and len(ci) == 2 and all(map(_is_number, ci))):
+                raise RecordError(f"variants.{name}.{stat}.ci95 is {ci!r}, expected [low, high]")
+        for group in ("memory", "memory_ratio"):
+            for key, value in (variant.get(group) or {}).items():
+                if value is not None and not _is_number(value):
+                    raise RecordError(f"variants.{name}.{group}.{key} is {value!r}, expected a number")
+
+
+def load_all(paths: Sequence[Path]) -> Loaded:
+    """Load every record under ``paths`` (files, or directories searched recursively for
+    ``*.json``) and route it: training runs, refused (inconsistent) runs, interleaved comparisons.
+
+    Files that are none of these are skipped with a :class:`RecordWarning` naming the file.
+    """
+    records, sources, refused, interleaved = [], [], [], []
+    for path in _find_json_files(paths):
+        try:
+            document = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            warnings.warn(f"skipping {path}: cannot read JSON: {exc}", RecordWarning, stacklevel=2)
+            continue
+        try:
+            if isinstance(document, dict) and document.get("kind") is not None:
+                validate_interleaved(document)
+                interleaved.append({**document, "source": str(path),
+                                    "family": document.get("family") or Path(path).parent.name})
+                continue
+            validate_record(document)
+        except InconsistentRecordError as exc:
+            refused.append({"family": Path(path).parent.name, "label": document["label"],
+                            "source": str(path), "reasons": exc.reasons, "record": document})
+            continue
+        except RecordError as exc:
+            warnings.warn(f"skipping {path}: {exc}", RecordWarning, stacklevel=2)
+            continue
+        records.append(document)
+        sources.append(path)
+    interleaved.sort(key=lambda r: (r["family"], r["source"]))
+    refused.sort(key=lambda r: (r["family"], r["label"]))
+    return Loaded(records_frame(records, sources), refused, interleaved)
+
+
 def load_records(paths: Sequence[Path]) -> pd.DataFrame:
     """Load run records from files and directories (searched recursively for ``*.json``).
 
     Files that are not valid run records are skipped with a :class:`RecordWarning` naming the
-    file.  Returns the run frame of :func:`records_frame` (empty if nothing valid was found).
+    file, refused (inconsistent) records too; interleaved-comparison records are not training runs
+    and are left out silently (:func:`load_all` returns them).  Returns the run frame of
+    :func:`records_frame` (empty if nothing valid was found).
     """
-    records, sources = [], []
-    for path in _find_json_files(paths):
-        try:
-            records.append(read_record(path))
-        except RecordError as exc:
-            warnings.warn(f"skipping {path}: {exc}", RecordWarning, stacklevel=2)
-            continue
-        sources.append(path)
-    return records_frame(records, sources)
+    loaded = load_all(paths)
+    for entry in loaded.refused:
+        warnings.warn(f"skipping {entry['source']}: inconsistent record, not plotted: "
+                      + "; ".join(entry["reasons"]), RecordWarning, stacklevel=2)
+    return loaded.runs
 
 
 def _unique_run_names(labels: Sequence[str], sources: Sequence[Path | None]) -> list[str]:
@@ -324,11 +433,13 @@ def _markdown_cell(value, fmt: str | None) -> str:
     return text.replace("|", r"\|")
 
 
-def markdown_table(table: pd.DataFrame) -> str:
-    """GitHub-flavoured markdown for :func:`summary_table`, numeric columns right-aligned."""
+def markdown_table(table: pd.DataFrame, formats: dict | None = None) -> str:
+    """GitHub-flavoured markdown for :func:`summary_table`, numeric columns right-aligned;
+    ``formats`` adds display formats for other tables' columns."""
+    formats = {**_MARKDOWN_FORMATS, **(formats or {})}
     header = "| " + " | ".join(table.columns) + " |"
-    rule = "|" + "|".join("---:" if c in _MARKDOWN_FORMATS else "---" for c in table.columns) + "|"
-    rows = ["| " + " | ".join(_markdown_cell(v, _MARKDOWN_FORMATS.get(c))
+    rule = "|" + "|".join("---:" if c in formats else "---" for c in table.columns) + "|"
+    rows = ["| " + " | ".join(_markdown_cell(v, formats.get(c))
                               for c, v in zip(table.columns, row)) + " |"
             for row in table.itertuples(index=False)]
     return "\n".join([header, rule, *rows]) + "\n"
@@ -513,6 +624,412 @@ def plot_technique_comparison(comparison: pd.DataFrame) -> Figure:
 
 
 # --------------------------------------------------------------------------------------------
+# Interleaved comparisons (records of kind "interleaved")
+# --------------------------------------------------------------------------------------------
+
+def _ci_text(stat: dict | None, fmt: str = "{:.4g}") -> str | None:
+    """``"median [lo, hi]"`` of a ``{"median", "ci95"}`` statistic (median alone without CI)."""
+    if not isinstance(stat, dict) or not _is_number(stat.get("median")):
+        return None
+    ci = stat.get("ci95")
+    if isinstance(ci, (list, tuple)) and len(ci) == 2:
+        return f"{fmt.format(stat['median'])} [{fmt.format(ci[0])}, {fmt.format(ci[1])}]"
+    return fmt.format(stat["median"])
+
+
+def _ci_bounds(stat: dict | None) -> tuple[float, float]:
+    ci = stat.get("ci95") if isinstance(stat, dict) else None
+    if isinstance(ci, (list, tuple)) and len(ci) == 2:
+        return float(ci[0]), float(ci[1])
+    return math.nan, math.nan
+
+
+def interleaved_table(record: dict) -> pd.DataFrame:
+    """One row per variant of an interleaved comparison, the baseline first: medians over the
+    rounds with their 95% intervals, the speed-up vs the baseline (per-round ratios) and whether
+    its interval excludes 1, and the memory ratios per component."""
+    rows = []
+    names = sorted(record["variants"], key=lambda n: (n != record["baseline"], n))
+    for name in names:
+        v = record["variants"][name]
+        speed_lo, speed_hi = _ci_bounds(v["speedup"])
+        if name == record["baseline"]:
+            verdict = "baseline"
+        elif math.isnan(speed_lo):
+            verdict = "no interval"
+        elif speed_lo > 1:
+            verdict = "faster"
+        elif speed_hi < 1:
+            verdict = "slower"
+        else:
+            verdict = "no clear difference"
+        row = {
+            "family": record["family"], "variant": name, "label": v["label"],
+            "s/step": v["seconds_per_step"]["median"],
+            "s/step [95% CI]": _ci_text(v["seconds_per_step"]),
+            "tokens/s": v["tokens_per_second"]["median"],
+            "tokens/s [95% CI]": _ci_text(v["tokens_per_second"], "{:,.0f}"),
+            "speedup": v["speedup"]["median"], "speedup lo": speed_lo, "speedup hi": speed_hi,
+            "speedup [95% CI]": _ci_text(v["speedup"], "{:.3f}"),
+            "verdict": verdict,
+        }
+        for column, short in MEMORY_COMPONENTS.items():
+            ratio = (v.get("memory_ratio") or {}).get(column.split(".", 1)[1])
+            row[f"{short} ratio"] = np.nan if ratio is None else float(ratio)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def interleaved_markdown(record: dict) -> str:
+    """A paragraph on how the comparison was measured, then its table (markdown)."""
+    table = interleaved_table(record)
+    columns = ["variant", "label", "s/step [95% CI]", "tokens/s [95% CI]", "speedup [95% CI]", "verdict",
+               *[f"{short} ratio" for short in MEMORY_COMPONENTS.values()]]
+    load = record.get("load") or {}
+    head = (f"### Interleaved comparison: {record['family']} (baseline {record['baseline']})\n\n"
+            f"{record.get('rounds', '?')} rounds of {record.get('steps_per_round', '?')} steps per variant, "
+            f"run interleaved; {record.get('ci_method', 'interval method not recorded')}. "
+            f"Load: {'**noisy**' if load.get('noisy') else 'quiet'}"
+            f" (1-min load {load.get('load1_start', '?')} → {load.get('load1_end', '?')}, "
+            f"{load.get('cores_in_use', '?')} cores in use).\n\n")
+    formats = {f"{short} ratio": "{:.3f}" for short in MEMORY_COMPONENTS.values()}
+    return head + markdown_table(table[columns], formats)
+
+
+def plot_interleaved(record: dict) -> Figure:
+    """Speed-up vs the baseline with its 95% interval (log x), and memory ratios per component."""
+    table = interleaved_table(record)
+    figure = _new_figure(14.0, 1.8 + 0.45 * max(len(table), 1))
+    with sns.axes_style("whitegrid"):
+        ax_speed, ax_memory = figure.subplots(1, 2, sharey=True)
+    y = np.arange(len(table))
+    speed = table["speedup"].to_numpy()
+    lo = np.where(np.isnan(table["speedup lo"]), speed, table["speedup lo"])
+    hi = np.where(np.isnan(table["speedup hi"]), speed, table["speedup hi"])
+    colours = {"faster": "#55a868", "slower": "#c44e52"}
+    ax_speed.barh(y, speed, color=[colours.get(v, "#8c8c8c") for v in table["verdict"]], alpha=0.8)
+    ax_speed.errorbar(speed, y, xerr=[speed - lo, hi - speed], fmt="none", ecolor="black", capsize=4)
+    ax_speed.axvline(1.0, color="0.3", linestyle="--", linewidth=1)
+    for yi, text in zip(y, table["speedup [95% CI]"]):
+        ax_speed.annotate(f"{text}×", (hi[yi], yi), xytext=(4, 0), textcoords="offset points",
+                          va="center", fontsize="small")
+    ax_speed.set_yticks(y, table["label"])
+    ax_speed.invert_yaxis()
+    ax_speed.margins(x=0.35)
+    ax_speed.set_title("Speed-up vs baseline (median of per-round ratios, 95% CI)")
+    ax_speed.set_xlabel("baseline s/step ÷ variant s/step")
+
+    components = list(MEMORY_COMPONENTS.values())
+    height = 0.8 / len(components)
+    for i, (short, colour) in enumerate(zip(components, sns.color_palette("Set2", len(components)))):
+        ax_memory.barh(y - 0.4 + height * (i + 0.5), table[f"{short} ratio"].fillna(0.0), height=height,
+                       color=colour, label=short)
+    ax_memory.axvline(1.0, color="0.3", linestyle="--", linewidth=1)
+    ax_memory.set_title("Memory vs baseline, per component")
+    ax_memory.set_xlabel("bytes ÷ baseline bytes")
+    ax_memory.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
+    load = record.get("load") or {}
+    figure.suptitle(f"{record['family']}: interleaved comparison, {record.get('rounds', '?')} rounds"
+                    + (" (NOISY: load exceeded the cores in use)" if load.get("noisy") else ""))
+    return figure
+
+
+def refused_markdown(refused: Sequence[dict]) -> str:
+    """The records the report refused to plot, with the reason (markdown); empty if none."""
+    if not refused:
+        return ""
+    lines = ["", "### Refused records (failed the consistency check, not plotted)", ""]
+    lines += [f"- {r['family']} / {r['label']} (`{Path(r['source']).name}`): " + "; ".join(r["reasons"])
+              for r in refused]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Comparing two sets of runs (two commits, or two machines)
+# --------------------------------------------------------------------------------------------
+
+#: Resamples of the ratio-of-medians bootstrap; the generator is seeded so a page is reproducible.
+COMPARE_RESAMPLES = 10_000
+#: Fewer per-step samples than this on either side give no interval: the bootstrap of a median of
+#: one or two values is degenerate (zero width) and would call every difference real.
+COMPARE_MIN_SAMPLES = 3
+COMPARE_METHOD = (f"ratio of medians B/A of the per-step times; 95% percentile bootstrap interval, "
+                  f"{COMPARE_RESAMPLES} resamples of each record's step_time.samples independently")
+
+
+def bootstrap_ratio(a_samples: Sequence[float], b_samples: Sequence[float], *,
+                    resamples: int = COMPARE_RESAMPLES, level: float = 0.95,
+                    seed: int = 0) -> tuple[float, float, float]:
+    """``(median(b) / median(a), low, high)``: the ratio of medians and its percentile-bootstrap
+    interval, resampling each sample set with replacement independently of the other."""
+    a = np.asarray(a_samples, dtype=float)
+    b = np.asarray(b_samples, dtype=float)
+    if a.size == 0 or b.size == 0:
+        raise ValueError("bootstrap_ratio needs at least one sample on each side")
+    rng = np.random.default_rng(seed)
+    a_medians = np.median(a[rng.integers(0, a.size, (resamples, a.size))], axis=1)
+    b_medians = np.median(b[rng.integers(0, b.size, (resamples, b.size))], axis=1)
+    ratios = b_medians / a_medians
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(ratios, [tail, 1.0 - tail])
+    return float(np.median(b) / np.median(a)), float(low), float(high)
+
+
+def _record_key(source: str, root: Path) -> str:
+    """A record's identity across two runs directories: its path under the root, no suffix
+    (``technique/technique-bf16``), the file name being derived from the benchmark's parameters."""
+    path = Path(source)
+    try:
+        path = path.resolve().relative_to(Path(root).resolve())
+    except ValueError:
+        path = Path(path.parent.name) / path.name
+    return path.with_suffix("").as_posix()
+
+
+def _step_stats(run) -> dict:
+    """Median s/step, its interval text, samples and noisy flag of a run-frame row."""
+    samples = run.get("step_time.samples")
+    samples = list(samples) if isinstance(samples, (list, tuple)) and samples else None
+    median = run.get("step_time.median")
+    if not _is_number(median) or median != median:
+        median = float(np.median(samples)) if samples else run.get("seconds_per_step")
+    noisy = run.get("load.noisy")
+    return {"median": median, "ci": _median_ci(median, run.get("step_time.ci95")), "samples": samples,
+            "noisy": None if noisy is None or noisy != noisy else bool(noisy)}
+
+
+def compare_table(dir_a: Path, dir_b: Path, *, resamples: int = COMPARE_RESAMPLES) -> pd.DataFrame:
+    """Per record present in both runs directories (matched by family and file name): A and B
+    s/step side by side, the ratio B/A with its bootstrap interval (:func:`bootstrap_ratio`) and
+    a verdict: ``slower``/``faster`` when the interval excludes 1, ``no change`` when it holds 1,
+    ``no samples`` when a record has no per-step samples (ratio of the point values, no interval).
+    Records of only one side, or refused on either side, are listed with that verdict."""
+    sides = {}
+    for name, root in (("A", dir_a), ("B", dir_b)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RecordWarning)
+            loaded = load_all([root])
+        entries = {}
+        for _, run in loaded.runs.iterrows():
+            entries[_record_key(run["source"], root)] = {"family": run["family"], "label": run["label"],
+                                                         "refused": None, **_step_stats(run)}
+        for r in loaded.refused:
+            entries[_record_key(r["source"], root)] = {"family": r["family"], "label": r["label"],
+                                                       "refused": "; ".join(r["reasons"]), "median": None,
+                                                       "ci": None, "samples": None, "noisy": None}
+        sides[name] = entries
+    rows = []
+    for key in sorted(set(sides["A"]) | set(sides["B"])):
+        a, b = sides["A"].get(key), sides["B"].get(key)
+        some = a or b
+        row = {"record": key, "family": some["family"], "label": some["label"],
+               "A s/step": a and a["median"], "A [95% CI]": a and a["ci"], "A noisy": a and a["noisy"],
+               "B s/step": b and b["median"], "B [95% CI]": b and b["ci"], "B noisy": b and b["noisy"],
+               "ratio B/A": math.nan, "ratio lo": math.nan, "ratio hi": math.nan}
+        if a is None or b is None:
+            row["verdict"] = "only in A" if b is None else "only in B"
+        elif a["refused"] or b["refused"]:
+            row["verdict"] = "refused: " + (a["refused"] or b["refused"])
+        elif min(len(a["samples"] or ()), len(b["samples"] or ())) >= COMPARE_MIN_SAMPLES:
+            ratio, low, high = bootstrap_ratio(a["samples"], b["samples"], resamples=resamples)
+            row.update({"ratio B/A": ratio, "ratio lo": low, "ratio hi": high})
+            row["verdict"] = "slower" if low > 1 else "faster" if high < 1 else "no change"
+        else:
+            if _is_number(a["median"]) and _is_number(b["median"]) and a["median"] > 0:
+                row["ratio B/A"] = b["median"] / a["median"]
+            few = min(len(a["samples"] or ()), len(b["samples"] or ()))
+            row["verdict"] = "no samples" if few == 0 else f"too few samples ({few})"
+        row["noisy"] = bool(row["A noisy"] or row["B noisy"])
+        rows.append(row)
+    columns = ["record", "family", "label", "A s/step", "A [95% CI]", "A noisy", "B s/step", "B [95% CI]",
+               "B noisy", "ratio B/A", "ratio lo", "ratio hi", "verdict", "noisy"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def verdict_counts(table: pd.DataFrame) -> Counter:
+    """How many records got each verdict (all refusals counted as one kind)."""
+    return Counter("refused" if v.startswith("refused") else v for v in table["verdict"])
+
+
+def _ratio_text(row) -> str | None:
+    if not _is_number(row["ratio B/A"]) or math.isnan(row["ratio B/A"]):
+        return None
+    if math.isnan(row["ratio lo"]):
+        return f"{row['ratio B/A']:.3f}"
+    return f"{row['ratio B/A']:.3f} [{row['ratio lo']:.3f}, {row['ratio hi']:.3f}]"
+
+
+def compare_markdown(table: pd.DataFrame, name_a: str, name_b: str) -> str:
+    counts = verdict_counts(table)
+    shown = table.assign(**{"ratio B/A [95% CI]": [_ratio_text(r) for _, r in table.iterrows()],
+                            "noisy": ["**noisy**" if n else "" for n in table["noisy"]]})
+    columns = ["record", "label", "A [95% CI]", "B [95% CI]", "ratio B/A [95% CI]", "verdict", "noisy"]
+    shown["A [95% CI]"] = [c or _fmt(v) for c, v in zip(shown["A [95% CI]"], shown["A s/step"])]
+    shown["B [95% CI]"] = [c or _fmt(v) for c, v in zip(shown["B [95% CI]"], shown["B s/step"])]
+    head = (f"# s/step: B = {name_b} vs A = {name_a}\n\n{COMPARE_METHOD}. A ratio above 1 is slower. "
+            "A change is reported only where the interval excludes 1; a record measured under load "
+            "(noisy) needs re-measuring before a change is believed.\n\n"
+            + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + "\n\n")
+    return head + markdown_table(shown[columns].rename(columns={"A [95% CI]": "A s/step [95% CI]",
+                                                                "B [95% CI]": "B s/step [95% CI]"}))
+
+
+def _fmt(value) -> str | None:
+    return None if value is None or not _is_number(value) or value != value else f"{value:.4g}"
+
+
+# --------------------------------------------------------------------------------------------
+# HTML tables (the site's front page and the compare page)
+# --------------------------------------------------------------------------------------------
+
+#: Vanilla JS sorting every ``table.sortable`` by a click on its header: numeric by the cells'
+#: ``data-sort`` values where present, text otherwise; a second click reverses.
+SORTABLE_JS = """
+document.querySelectorAll('table.sortable').forEach(function (table) {
+  table.querySelectorAll('thead th').forEach(function (th, col) {
+    th.addEventListener('click', function () {
+      var asc = th.getAttribute('aria-sort') !== 'ascending';
+      table.querySelectorAll('thead th').forEach(function (h) { h.removeAttribute('aria-sort'); });
+      th.setAttribute('aria-sort', asc ? 'ascending' : 'descending');
+      var body = table.tBodies[0];
+      var rows = Array.prototype.slice.call(body.rows);
+      function key(row) {
+        var cell = row.cells[col];
+        var v = cell ? cell.getAttribute('data-sort') : null;
+        if (v !== null && v !== '' && !isNaN(Number(v))) return [0, Number(v)];
+        return [1, cell ? cell.textContent.trim().toLowerCase() : ''];
+      }
+      rows.sort(function (a, b) {
+        var ka = key(a), kb = key(b);
+        if (ka[0] !== kb[0]) return ka[0] - kb[0];
+        var c = ka[1] < kb[1] ? -1 : ka[1] > kb[1] ? 1 : 0;
+        return asc ? c : -c;
+      });
+      rows.forEach(function (row) { body.appendChild(row); });
+    });
+  });
+});
+"""
+
+TABLE_CSS = """
+table.sortable { border-collapse: collapse; font-size: 13px; margin: 8px 0 16px; }
+table.sortable th, table.sortable td { border: 1px solid #ddd; padding: 3px 7px; text-align: right; }
+table.sortable td.text, table.sortable th.text { text-align: left; }
+table.sortable th { background: #f3f5f8; cursor: pointer; user-select: none; position: sticky; top: 0; }
+table.sortable th::after { content: ' \\2195'; color: #aaa; font-size: 11px; }
+table.sortable th[aria-sort=ascending]::after { content: ' \\25B2'; color: #333; }
+table.sortable th[aria-sort=descending]::after { content: ' \\25BC'; color: #333; }
+table.sortable tr.refused td { background: #fdecea; color: #8a1c10; }
+table.sortable tr.noisy td { background: #fff8e1; }
+table.sortable td.faster { color: #1b7a3a; font-weight: bold; }
+table.sortable td.slower { color: #b3261e; font-weight: bold; }
+"""
+
+
+def html_table(rows: Sequence[dict], columns: Sequence[str], *, formats: dict | None = None,
+               text_columns: Sequence[str] = (), raw_html: Sequence[str] = (),
+               row_class: Sequence[str] | None = None, cell_class: dict | None = None,
+               table_id: str | None = None) -> str:
+    """A ``<table class="sortable">`` (see :data:`SORTABLE_JS`): numbers formatted with
+    ``formats`` and their full value kept in ``data-sort``; a ``(text, number)`` tuple shows the
+    text and sorts by the number; ``raw_html`` columns hold markup built by the caller (already
+    escaped), every other value is escaped here."""
+    import html as _html
+
+    formats = formats or {}
+    out = [f'<table class="sortable"{f" id={_html.escape(table_id)!r}" if table_id else ""}><thead><tr>']
+    out += [f'<th class="{"text" if c in text_columns else "num"}" scope="col">{_html.escape(c)}</th>'
+            for c in columns]
+    out.append("</tr></thead><tbody>")
+    for i, row in enumerate(rows):
+        css = row_class[i] if row_class else ""
+        out.append(f'<tr class="{_html.escape(css)}">' if css else "<tr>")
+        for c in columns:
+            value = row.get(c)
+            classes = ["text"] if c in text_columns else []
+            if cell_class and c in cell_class:
+                classes.append(cell_class[c](row))
+            cls = f' class="{" ".join(x for x in classes if x)}"' if any(classes) else ""
+            if c in raw_html:
+                out.append(f"<td{cls}>{value or ''}</td>")
+                continue
+            if isinstance(value, tuple):  # (text shown, number sorted by), e.g. "0.5 [0.4, 0.6]"
+                text, key = value
+                key = "" if key is None or not _is_number(key) or key != key else repr(float(key))
+                out.append(f'<td{cls} data-sort="{key}">{_html.escape(text or "n/a")}</td>')
+                continue
+            missing = value is None or (isinstance(value, float) and math.isnan(value))
+            if missing:
+                out.append(f'<td{cls} data-sort="">n/a</td>')
+            elif _is_number(value):
+                fmt = formats.get(c, "{:.4g}")
+                out.append(f'<td{cls} data-sort="{value!r}">{_html.escape(fmt.format(value))}</td>')
+            else:
+                text = "yes" if value is True else "no" if value is False else str(value)
+                out.append(f"<td{cls}>{_html.escape(text)}</td>")
+        out.append("</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def compare_html(table: pd.DataFrame, name_a: str, name_b: str, *, head_extra: str = "",
+                 nav: str = "") -> str:
+    """A standalone page (no external resources) with the compare table, sortable."""
+    import html as _html
+
+    counts = verdict_counts(table)
+    rows = []
+    for _, r in table.iterrows():
+        row = r.to_dict()
+        row["ratio B/A [95% CI]"] = _ratio_text(r)
+        row["A s/step [95% CI]"] = r["A [95% CI]"] or _fmt(r["A s/step"])
+        row["B s/step [95% CI]"] = r["B [95% CI]"] or _fmt(r["B s/step"])
+        row["A noisy"] = "noisy" if r["A noisy"] else ("" if r["A noisy"] is None else "quiet")
+        row["B noisy"] = "noisy" if r["B noisy"] else ("" if r["B noisy"] is None else "quiet")
+        rows.append(row)
+    columns = ["record", "label", "A s/step [95% CI]", "A noisy", "B s/step [95% CI]", "B noisy",
+               "ratio B/A", "ratio B/A [95% CI]", "verdict"]
+    body = html_table(
+        rows, columns, formats={"ratio B/A": "{:.3f}"},
+        text_columns=[c for c in columns if c != "ratio B/A"],
+        row_class=["refused" if str(r["verdict"]).startswith("refused") else "noisy" if r["noisy"] else ""
+                   for r in rows],
+        cell_class={"verdict": lambda row: row["verdict"] if row["verdict"] in ("faster", "slower") else ""},
+        table_id="compare")
+    summary = ", ".join(f"{n} {_html.escape(k)}" for k, n in sorted(counts.items()))
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>etbench compare: {_html.escape(name_b)} vs {_html.escape(name_a)}</title>
+<style>body {{ font-family: system-ui, sans-serif; margin: 20px 32px; color: #222; }}{TABLE_CSS}</style>{head_extra}
+</head><body>{nav}
+<h1>Seconds per step: B = {_html.escape(name_b)} vs A = {_html.escape(name_a)}</h1>
+<p>{_html.escape(COMPARE_METHOD)}. A ratio above 1 means B is slower. A change is claimed only where the
+interval excludes 1 (<b>faster</b>/<b>slower</b>); rows measured under load (noisy, shaded) need
+re-measuring before a change is believed. Records without per-step samples get the ratio of their
+point values and no verdict.</p>
+<p>{summary}</p>
+{body}
+<script>{SORTABLE_JS}</script>
+</body></html>
+"""
+
+
+def write_compare(dir_a: Path, dir_b: Path, out_dir: Path) -> list[Path]:
+    """Write ``compare.csv``, ``compare.md`` and ``compare.html`` for two runs directories."""
+    for label, path in (("RUNS_A", dir_a), ("RUNS_B", dir_b)):
+        if not Path(path).is_dir():
+            raise BadInputError(f"--compare {label} {str(path)!r} is not a directory")
+    table = compare_table(Path(dir_a), Path(dir_b))
+    if table.empty:
+        raise NoRecordsError(f"no run records in {dir_a} or {dir_b}: nothing to compare")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name_a, name_b = Path(dir_a).name, Path(dir_b).name
+    return [write_text(out_dir / "compare.csv", table.to_csv(index=False)),
+            write_text(out_dir / "compare.md", compare_markdown(table, name_a, name_b)),
+            write_text(out_dir / "compare.html", compare_html(table, name_a, name_b))]
+
+
+# --------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------
 
@@ -525,25 +1042,35 @@ def _write_figure(destination: Path, figure: Figure) -> Path:
 def write_report(paths: Sequence[Path], out_dir: Path) -> list[Path]:
     """Load the records under ``paths`` and write the summary and plots into ``out_dir``.
 
-    Every file is written atomically.  Returns the written paths; raises
-    :class:`NoRecordsError` when no valid record is found.
+    Training runs give the summary table and, per family, loss-vs-FLOPs, throughput/memory and
+    (where a family has a baseline) the technique comparison; interleaved-comparison records give
+    ``interleaved-<family>.png``/``.csv`` and a section of ``summary.md``; refused records are
+    listed in ``summary.md`` with the reason.  Every file is written atomically.  Returns the
+    written paths; raises :class:`NoRecordsError` when no valid record is found.
     """
     paths = [Path(p) for p in paths]
-    runs = load_records(paths)
-    if runs.empty:
+    loaded = load_all(paths)
+    for entry in loaded.refused:
+        warnings.warn(f"not plotted: {entry['source']}: " + "; ".join(entry["reasons"]), RecordWarning,
+                      stacklevel=2)
+    runs = loaded.runs
+    if runs.empty and not loaded.interleaved:
         looked = ", ".join(str(p) for p in paths) or "(no paths given)"
         raise NoRecordsError(f"no valid run records found in {looked} "
                              "(searched recursively for *.json)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = summary_table(runs)
+    markdown = markdown_table(table) + refused_markdown(loaded.refused)
+    markdown += "".join("\n" + interleaved_markdown(record) for record in loaded.interleaved)
     written = [write_text(out_dir / "summary.csv", table.to_csv(index=False)),
-               write_text(out_dir / "summary.md", markdown_table(table) + _peak_log_markdown(out_dir))]
+               write_text(out_dir / "summary.md", markdown + _peak_log_markdown(out_dir))]
     # One set of plots per benchmark family: dozens of runs in one axes would be unreadable.
     families = list(dict.fromkeys(runs["family"]))
+    multi = len(set(families) | {r["family"] for r in loaded.interleaved}) > 1
     for family in families:
         group = runs[runs["family"] == family].reset_index(drop=True)
-        suffix = f"-{family}" if len(families) > 1 else ""
+        suffix = f"-{family}" if multi else ""
         written += [_write_figure(out_dir / f"loss_vs_flops{suffix}.png", plot_loss_vs_flops(group)),
                     _write_figure(out_dir / f"throughput_memory{suffix}.png", plot_throughput_memory(group))]
         comparison = technique_comparison(group)
@@ -551,6 +1078,10 @@ def write_report(paths: Sequence[Path], out_dir: Path) -> list[Path]:
             written += [write_text(out_dir / f"technique_comparison{suffix}.csv", comparison.to_csv(index=False)),
                         _write_figure(out_dir / f"technique_comparison{suffix}.png",
                                       plot_technique_comparison(comparison))]
+    for record in loaded.interleaved:
+        name = f"interleaved-{record['family']}"
+        written += [write_text(out_dir / f"{name}.csv", interleaved_table(record).to_csv(index=False)),
+                    _write_figure(out_dir / f"{name}.png", plot_interleaved(record))]
     return written
 
 
@@ -579,12 +1110,18 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: ``python -m impls.report RESULTS_DIR_OR_FILES... -o OUT_DIR``; returns the exit code."""
+    """CLI: ``python -m impls.report RESULTS_DIR_OR_FILES... -o OUT_DIR`` or
+    ``python -m impls.report --compare RUNS_A RUNS_B -o OUT_DIR``; returns the exit code
+    (1: no records, 2: a bad argument, named in one line)."""
     parser = argparse.ArgumentParser(
         prog="python -m impls.report",
-        description="Summarise etbench run records as a table (CSV, markdown) and PNG plots.")
-    parser.add_argument("paths", nargs="+", type=Path, metavar="RESULTS_DIR_OR_FILE",
+        description="Summarise etbench run records as a table (CSV, markdown) and PNG plots, or "
+                    "compare two runs directories (two commits or two machines).")
+    parser.add_argument("paths", nargs="*", type=Path, metavar="RESULTS_DIR_OR_FILE",
                         help="run record files, or directories searched recursively for *.json")
+    parser.add_argument("--compare", nargs=2, type=Path, metavar=("RUNS_A", "RUNS_B"),
+                        help="write compare.{csv,md,html}: per record, s/step of B vs A with the ratio "
+                             "B/A and its bootstrap 95%% interval")
     parser.add_argument("-o", "--out", type=Path, required=True, metavar="OUT_DIR",
                         help="directory the report is written to (created if missing)")
     args = parser.parse_args(argv)
@@ -593,7 +1130,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.simplefilter("always", RecordWarning)
         warnings.showwarning = _print_warning
         try:
-            written = write_report(args.paths, args.out)
+            if args.compare:
+                if args.paths:
+                    raise BadInputError(f"--compare takes no other paths (got {str(args.paths[0])!r})")
+                written = write_compare(*args.compare, args.out)
+            else:
+                if not args.paths:
+                    raise BadInputError("no RESULTS_DIR_OR_FILE given (or use --compare RUNS_A RUNS_B)")
+                missing = [p for p in args.paths if not p.exists()]
+                if missing:
+                    raise BadInputError(f"RESULTS_DIR_OR_FILE {str(missing[0])!r} does not exist")
+                written = write_report(args.paths, args.out)
+        except BadInputError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         except NoRecordsError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1

@@ -47,7 +47,23 @@ def test_every_isoflop_variant_and_size_is_valid():
     from impls import isoflop
 
     settings = bench_mod.SETTINGS
-    isoflop.plan_points(settings["budgets"], settings["variants"], settings["sizes"], bench_mod._RECIPE)
+    isoflop.plan_points(settings["budgets"], settings["variants"], isoflop.LADDER, bench_mod._RECIPE)
+    isoflop.plan_points(settings["budgets"], settings["variants"], settings["flop_sizes"], bench_mod._RECIPE)
+
+
+def test_every_interleaved_comparison_spec_is_valid():
+    """The specs the speed classes hand to impls.compare parse (recipes and spec keys)."""
+    from impls import compare
+
+    common = importlib.import_module("benchmarks.common")
+    techniques_spec = {name: dict(techniques=t, **o) for name, (t, o) in bench_techniques.VARIANTS.items()}
+    optimizer_spec = {name: dict(bench_optimizers.optimizer_recipe(name), flops_budget=None)
+                      for name in bench_optimizers.OPTIMIZERS}
+    for variants, baseline, base in ((techniques_spec, "baseline", bench_techniques._recipe()),
+                                     (optimizer_spec, "adamw", {})):
+        spec = compare.parse_spec(dict(baseline=baseline, common=base, variants=variants, **common.PROFILE["interleave"]))
+        for recipe in spec.recipes.values():
+            train.validate(recipe)
 
 
 def test_asv_discovers_every_suite(tmp_path):
@@ -72,4 +88,5 @@ def test_grids_do_not_depend_on_the_machine_and_unsupported_points_are_skipped(m
 def test_each_profile_has_its_own_asv_machine():
     makefile = (REPO / "Makefile").read_text()
     assert "ASV_MACHINE ?= $(shell hostname)-$(PROFILE)" in makefile
-    assert makefile.count("--machine $(ASV_MACHINE)") == 4
+    asv_commands = [line for line in makefile.splitlines() if "$(ASV) run" in line or "$(ASV) machine" in line]
+    assert len(asv_commands) == 4 and all("--machine $(ASV_MACHINE)" in line for line in asv_commands)

@@ -251,3 +251,57 @@ def test_subprocess_runner(tmp_path):
                            progress=False, **BASE)
     assert points.iloc[0]["status"] == "ok" and points.iloc[0]["steps"] >= 5
     assert json.loads((tmp_path / points.iloc[0]["record"]).read_text())["recipe"]["flops_budget"] == 1.5e8
+
+
+def test_budget_driven_grid_starts_at_chinchilla_and_widens_toward_the_edge_minimum():
+    import pandas as pd
+
+    assert isoflop.chinchilla_params(1.08e11) == pytest.approx(3e4)
+    ladder = isoflop.LADDER
+    params = [isoflop.size_params(s, 64) for s in ladder]
+    assert params == sorted(params)  # the ladder grows
+    for budget in (1e10, 1e12, 1e14):
+        grid = isoflop.grid_for_budget(budget, 64, 5)
+        assert len(grid) == 5 and grid == list(ladder[ladder.index(grid[0]):ladder.index(grid[0]) + 5])
+        logs = [math.log(isoflop.size_params(s, 64)) for s in grid]
+        assert logs[0] <= math.log(isoflop.chinchilla_params(budget)) <= logs[-1] or grid[0] == ladder[0]
+    with pytest.raises(ConfigError, match="needs 3 to"):
+        isoflop.grid_for_budget(1e10, 64, 2)
+
+    grids = {1e10: ["L2-D16", "L2-D24", "L2-D32"], 3e10: ["L2-D16", "L2-D24", "L2-D32"]}
+
+    def points(losses):
+        return pd.DataFrame([dict(variant=v, budget=b, size=s, final_val_loss=l, status="ok")
+                             for (v, b), row in losses.items() for s, l in zip(grids[b], row)])
+
+    interior = points({("a", 1e10): [2.0, 1.5, 2.0], ("b", 1e10): [2.0, 1.9, 2.0],
+                       ("a", 3e10): [2.0, 1.5, 1.9], ("b", 3e10): [2.0, 1.5, 1.6]})
+    assert isoflop.widen(interior, grids) == grids
+    edges = points({("a", 1e10): [1.0, 1.5, 2.0], ("b", 1e10): [2.0, 1.5, 2.0],   # a: minimum at the small edge
+                    ("a", 3e10): [2.0, 1.5, 1.0], ("b", 3e10): [1.0, 1.5, 2.0]})  # both edges
+    assert isoflop.widen(edges, grids) == {1e10: ["L2-D8", "L2-D16", "L2-D24", "L2-D32"],
+                                           3e10: ["L2-D8", "L2-D16", "L2-D24", "L2-D32", "L2-D48"]}
+    at_end = {1e10: ["L2-D8", "L2-D16", "L2-D24"]}  # nothing below the ladder's first size
+    assert isoflop.widen(pd.DataFrame([dict(variant="a", budget=1e10, size=s, final_val_loss=l, status="ok")
+                                       for s, l in zip(at_end[1e10], [1.0, 2.0, 3.0])]), at_end) == at_end
+
+
+def test_adaptive_sweep_widens_until_the_minimum_is_inside(tmp_path, monkeypatch):
+    """A fake runner whose loss is lowest at L2-D48: the sweep starts around Chinchilla's guess
+    for 1e10 FLOPs (~9K parameters, far below) and widens to the right until D48 is interior."""
+    best = math.log(isoflop.size_params("L2-D48", 64))
+
+    def runner(recipe):
+        n = isoflop.size_params(f"L{recipe.model_args['n_layer']}-D{recipe.model_args['d_model']}", 64)
+        return dict(final_val_loss=1.0 + (math.log(n) - best) ** 2, params=n, matmul_params=n, steps=1,
+                    tokens_per_step=1, seconds_per_step=0.01, flops_per_step=1.0, dataset=dict(hash=data_hash))
+
+    from impls import data
+
+    data_hash = data.load("synthetic").content_hash
+    points, grids = isoflop.adaptive_sweep(tmp_path, [1e10], ["baseline"], n_sizes=3, max_widenings=4,
+                                           progress=False, runner=runner, data="synthetic", seq_len=16,
+                                           batch_size=1)
+    sizes = grids[1e10]
+    assert "L2-D48" in sizes and sizes[-1] != "L2-D48" and sizes[0] == "L2-D8"
+    assert len(points) == len(sizes)

@@ -214,3 +214,195 @@ def test_technique_comparison_is_normalised_to_the_baseline(results):
     assert sum(base[f"{n} / baseline memory"] for n in report.MEMORY_COMPONENTS.values()) == pytest.approx(1.0)
     # A run on another dataset is never compared with this baseline.
     assert "nano/adamw/fp32 (fp32-b)" not in comparison.index
+
+
+# --------------------------------------------------------------------------------------------
+# Refused records, interleaved comparisons, the compare view
+# --------------------------------------------------------------------------------------------
+
+def make_interleaved(family: str = "technique", *, noisy: bool = False) -> dict:
+    """An interleaved-comparison record as ``etbench compare`` writes it: a baseline (speedup 1),
+    one variant clearly faster, one whose interval holds 1."""
+    def stat(median, lo, hi):
+        return {"median": median, "ci95": [lo, hi], "per_round": [lo, median, hi]}
+
+    def variant(label, sps, speed, lo, hi, activations):
+        return {"label": label, "recipe": {"model": "nano", "techniques": [] if label == "nano" else [label]},
+                "tokens_per_step": 1024, "seconds_per_step": stat(sps, sps * 0.95, sps * 1.05),
+                "tokens_per_second": stat(1024 / sps, 1024 / sps * 0.95, 1024 / sps * 1.05),
+                "speedup": stat(speed, lo, hi),
+                "memory": {"params_bytes": 1, "grads_bytes": 1, "optimizer_bytes": 2, "activations_bytes": 4},
+                "memory_ratio": {"params_bytes": 1.0, "grads_bytes": 1.0, "optimizer_bytes": 1.0,
+                                 "activations_bytes": activations}}
+
+    return {"schema": 1, "kind": "interleaved", "family": family, "baseline": "baseline",
+            "rounds": 5, "steps_per_round": 3, "warmup_steps": 2,
+            "ci_method": "bootstrap percentile 95% interval of the median over rounds (10000 resamples)",
+            "load": {"load1_start": 0.8, "load1_end": 1.1, "cores_in_use": 2, "noisy": noisy},
+            "device": {"type": "cpu", "name": "Test CPU", "threads": 2}, "world_size": 1, "git_commit": "abc",
+            "variants": {"baseline": variant("nano", 0.03, 1.0, 1.0, 1.0, 1.0),
+                         "bf16": variant("nano+bf16", 0.02, 1.5, 1.4, 1.6, 0.5),
+                         "fuse": variant("nano+fuse", 0.0299, 1.01, 0.97, 1.05, 1.0)}}
+
+
+def make_refused(label: str = "nano/adamw/fp16") -> dict:
+    record = make_record(label, HASH_A, techniques=["fp16"])
+    record.update(mfu=2.8, hfu=2.9, consistency_errors=["MFU 280.0% exceeds 100%: peak too low"])
+    return record
+
+
+@pytest.fixture
+def mixed(tmp_path):
+    """A runs dir with two training runs, a refused one and an interleaved comparison."""
+    family = tmp_path / "runs" / "technique"
+    family.mkdir(parents=True)
+    (family / "technique-baseline.json").write_text(json.dumps(make_record("nano/adamw", HASH_A)))
+    (family / "technique-bf16.json").write_text(json.dumps(
+        make_record("nano/adamw/bf16", HASH_A, speed=1500.0, techniques=["bf16"])))
+    (family / "technique-fp16.json").write_text(json.dumps(make_refused()))
+    (family / "compare-technique.json").write_text(json.dumps(make_interleaved()))
+    return tmp_path / "runs"
+
+
+def test_load_all_routes_runs_refused_and_interleaved(mixed):
+    loaded = report.load_all([mixed])
+    assert sorted(loaded.runs["run"]) == ["nano/adamw", "nano/adamw/bf16"]
+    assert [r["label"] for r in loaded.refused] == ["nano/adamw/fp16"]
+    assert loaded.refused[0]["reasons"] == ["MFU 280.0% exceeds 100%: peak too low"]
+    assert [r["family"] for r in loaded.interleaved] == ["technique"]
+    # load_records keeps its contract: runs only, the refused one warned about, the interleaved
+    # record not taken for a broken run record.
+    with pytest.warns(report.RecordWarning) as caught:
+        runs = report.load_records([mixed])
+    assert len(runs) == 2
+    assert [str(w.message) for w in caught] == [
+        f"skipping {mixed / 'technique' / 'technique-fp16.json'}: inconsistent record, not plotted: "
+        "MFU 280.0% exceeds 100%: peak too low"]
+
+
+def test_interleaved_table_verdicts_and_ratios():
+    table = report.interleaved_table(make_interleaved()).set_index("variant")
+    assert list(table.index) == ["baseline", "bf16", "fuse"]  # baseline first
+    assert table.loc["bf16", "verdict"] == "faster"
+    assert table.loc["fuse", "verdict"] == "no clear difference"  # [0.97, 1.05] holds 1
+    assert table.loc["bf16", "speedup [95% CI]"] == "1.500 [1.400, 1.600]"
+    assert table.loc["bf16", "activations ratio"] == 0.5
+    slower = make_interleaved()
+    slower["variants"]["fuse"]["speedup"]["ci95"] = [0.8, 0.9]
+    assert report.interleaved_table(slower).set_index("variant").loc["fuse", "verdict"] == "slower"
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda r: r.update(baseline="nope"), "baseline 'nope'"),
+    (lambda r: r["variants"]["bf16"]["speedup"].update(median="fast"), r"bf16\.speedup\.median"),
+    (lambda r: r["variants"]["bf16"]["speedup"].update(ci95=[1.0]), r"bf16\.speedup\.ci95"),
+])
+def test_invalid_interleaved_record_is_skipped_with_reason(tmp_path, damage, message):
+    record = make_interleaved()
+    damage(record)
+    (tmp_path / "compare-x.json").write_text(json.dumps(record))
+    with pytest.warns(report.RecordWarning, match=message):
+        assert report.load_all([tmp_path]).interleaved == []
+
+
+def test_write_report_includes_interleaved_and_refused(mixed, tmp_path):
+    out = tmp_path / "out"
+    with pytest.warns(report.RecordWarning, match="not plotted"):
+        written = {p.name for p in report.write_report([mixed], out)}
+    assert {"interleaved-technique.png", "interleaved-technique.csv"} <= written
+    assert (out / "interleaved-technique.png").read_bytes().startswith(b"\x89PNG")
+    markdown = (out / "summary.md").read_text()
+    assert "### Refused records" in markdown and "nano/adamw/fp16" in markdown and "280.0%" in markdown
+    assert "### Interleaved comparison: technique (baseline baseline)" in markdown
+    assert "| bf16 | nano+bf16 |" in markdown and "1.500 [1.400, 1.600]" in markdown
+    # The refused record is not a row of the results table.
+    table_rows = [line for line in markdown.splitlines() if line.startswith("| technique |")]
+    assert len(table_rows) == 2 and not any("fp16" in line for line in table_rows)
+
+
+def test_bootstrap_ratio_of_medians():
+    a = [1.0, 1.1, 0.9, 1.05, 0.95, 1.0, 1.02]
+    ratio, low, high = report.bootstrap_ratio(a, [2 * x for x in a], resamples=2000)
+    assert ratio == pytest.approx(2.0)
+    assert 1.6 < low <= 2.0 <= high < 2.5  # clearly excludes 1
+    ratio, low, high = report.bootstrap_ratio(a, a, resamples=2000)
+    assert ratio == 1.0 and low < 1.0 < high
+    # The interval is that of the ratio of resampled medians: within the extreme ratios possible.
+    assert low >= min(a) / max(a) and high <= max(a) / min(a)
+    # Reproducible (seeded), and the seed matters.
+    assert report.bootstrap_ratio(a, a[::-1], resamples=500) == report.bootstrap_ratio(a, a[::-1], resamples=500)
+    with pytest.raises(ValueError):
+        report.bootstrap_ratio([], a)
+
+
+def _timed(label, samples, *, noisy=False):
+    record = make_record(label, HASH_A)
+    if samples:
+        median = float(sorted(samples)[len(samples) // 2])
+        record["step_time"] = {"median": median, "ci95": [min(samples), max(samples)], "samples": samples}
+        record["seconds_per_step"] = median
+    record["load"] = {"noisy": noisy}
+    return record
+
+
+def test_compare_table_verdicts(tmp_path):
+    base = [0.100, 0.101, 0.099, 0.102, 0.098, 0.100, 0.1005]
+    sides = {
+        "a": {"slow": _timed("slow", base), "same": _timed("same", base), "bare": _timed("bare", None),
+              "few": _timed("few", [0.1, 0.1]), "gone": _timed("gone", base), "refused": make_refused("refused")},
+        "b": {"slow": _timed("slow", [1.5 * x for x in base]), "same": _timed("same", base[::-1], noisy=True),
+              "bare": _timed("bare", None), "few": _timed("few", [0.2, 0.2]), "new": _timed("new", base),
+              "refused": _timed("refused", base)},
+    }
+    for side, records in sides.items():
+        (tmp_path / side / "fam").mkdir(parents=True)
+        for stem, record in records.items():
+            (tmp_path / side / "fam" / f"{stem}.json").write_text(json.dumps(record))
+    table = report.compare_table(tmp_path / "a", tmp_path / "b", resamples=2000).set_index("record")
+    assert table.loc["fam/slow", "verdict"] == "slower"
+    assert table.loc["fam/slow", "ratio B/A"] == pytest.approx(1.5)
+    assert table.loc["fam/slow", "ratio lo"] > 1
+    assert table.loc["fam/same", "verdict"] == "no change"
+    assert table.loc["fam/same", "ratio lo"] <= 1 <= table.loc["fam/same", "ratio hi"]
+    assert bool(table.loc["fam/same", "noisy"]) and table.loc["fam/same", "B noisy"]
+    assert not table.loc["fam/slow", "noisy"]
+    assert table.loc["fam/bare", "verdict"] == "no samples"
+    assert table.loc["fam/bare", "ratio B/A"] == pytest.approx(1.0)  # point values, no interval
+    assert math.isnan(table.loc["fam/bare", "ratio lo"])
+    assert table.loc["fam/few", "verdict"] == "too few samples (2)"  # no degenerate zero-width interval
+    assert table.loc["fam/gone", "verdict"] == "only in A" and table.loc["fam/new", "verdict"] == "only in B"
+    assert table.loc["fam/refused", "verdict"].startswith("refused: MFU 280.0%")
+
+
+def test_compare_cli_writes_page_and_rejects_bad_dirs(tmp_path, capsys):
+    for side, scale in (("a", 1.0), ("b", 1.3)):
+        (tmp_path / side / "fam").mkdir(parents=True)
+        samples = [scale * x for x in (0.10, 0.11, 0.09, 0.10, 0.105)]
+        (tmp_path / side / "fam" / "run.json").write_text(json.dumps(_timed("nano/adamw", samples)))
+    out = tmp_path / "out"
+    assert report.main(["--compare", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(out)]) == 0
+    page = (out / "compare.html").read_text()
+    assert '<table class="sortable" id=\'compare\'>' in page and "slower" in page
+    assert "http://" not in page and "https://" not in page  # standalone, works offline
+    assert "1.300 [" in (out / "compare.md").read_text()
+    capsys.readouterr()
+
+    missing = tmp_path / "nope"
+    assert report.main(["--compare", str(missing), str(tmp_path / "b"), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(missing) in err[0] and "RUNS_A" in err[0]
+    assert report.main([str(missing), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(missing) in err[0]
+
+
+def test_html_table_sorts_by_numbers_and_escapes():
+    html = report.html_table(
+        [{"name": "<b>x</b>", "v": 1234.5, "ci": ("0.5 [0.4, 0.6]", 0.5), "link": '<a href="#a">a</a>'},
+         {"name": "y", "v": float("nan"), "ci": (None, None), "link": ""}],
+        ["name", "v", "ci", "link"], formats={"v": "{:,.0f}"}, raw_html=("link",), text_columns=("name",))
+    assert '<table class="sortable">' in html
+    assert "&lt;b&gt;x&lt;/b&gt;" in html and '<a href="#a">a</a>' in html
+    assert '<td data-sort="1234.5">1,234</td>' in html
+    assert '<td data-sort="0.5">0.5 [0.4, 0.6]</td>' in html
+    assert html.count('data-sort="">n/a</td>') == 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -21,6 +22,7 @@ import pytest
 
 import asv
 from impls import site
+from test_frontpage import results as frontpage_results  # noqa: F401 - fixture
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VENDOR_CACHE = REPO_ROOT / ".cache" / "site-vendor"
@@ -165,8 +167,11 @@ def test_table_covers_every_cdn_url_of_installed_asv():
     urls = [t.get("src") or t.get("href") for t in tags if t.name in ("script", "link")]
     cdn = [u for u in urls if site.is_external(u)]
     assert cdn, "asv's template no longer uses CDNs? then vendoring may be unnecessary"
-    assert sorted(cdn) == sorted(site.CDN_ASSETS)
+    assert sorted(cdn) == sorted(site.ASV_CDN_ASSETS)
     assert {a.package for a in site.CDN_ASSETS.values()} == set(site.PACKAGE_INTEGRITY)
+    # The front page's plotting library comes from the same pinned registry packages.
+    assert site.CDN_ASSETS == {**site.ASV_CDN_ASSETS, **site.REPORT_CDN_ASSETS}
+    assert {a.package for a in site.REPORT_CDN_ASSETS.values()} == {site.VEGA, site.VEGA_LITE, site.VEGA_EMBED}
 
 
 def test_cli_reports_one_line_errors(tmp_path, capsys):
@@ -285,4 +290,35 @@ def test_published_site_renders_offline(asv_project, tmp_path):
     # A site whose scripts can't load must be caught, not pass silently.
     os.remove(html_dir / "vendor" / "jquery-3.3.1" / "dist" / "jquery.min.js")
     with pytest.raises(site.SiteError, match="error.html"):
+        site.check_site(html_dir, chromium=chromium)
+
+
+def test_front_page_plots_are_drawn_offline_by_the_vendored_library(asv_project, frontpage_results, tmp_path):
+    """etbench's report as the front page of a real asv site: vendored, then rendered in Chromium
+    with every other host unreachable; the Vega-Lite charts must be drawn as SVG."""
+    try:
+        chromium = site.find_chromium()
+    except site.SiteError as err:
+        pytest.skip(str(err))
+    html_dir = tmp_path / "site"
+    shutil.copytree(asv_project / "html", html_dir)  # the module's site stays as published
+    results = frontpage_results
+    site.build_front_page(html_dir, results / "runs", results / "plots", results / "isoflop")
+    try:
+        vendored = site.vendor_offline(html_dir, VENDOR_CACHE)
+    except site.FetchError as err:
+        pytest.skip(f"npm registry not reachable: {err}")
+    assert "vendor/vega-embed-7.3.0/build/vega-embed.min.js" in vendored
+    page = (html_dir / "index.html").read_text()
+    assert "cdn.jsdelivr.net" not in page and 'src="vendor/vega-6.4.0/build/vega.min.js"' in page
+
+    shot = tmp_path / "front.png"
+    summary = site.check_site(html_dir, screenshot=shot, chromium=chromium)
+    assert "5 benchmarks" in summary[0] and "asv.html" in summary[0]  # asv's page still works
+    assert summary[1].startswith("front page: 5 of 5 charts drawn as SVG")
+    assert shot.stat().st_size > 30_000
+
+    # Without the plotting library the check must fail, not pass on the static markup.
+    os.remove(html_dir / "vendor" / "vega-embed-7.3.0" / "build" / "vega-embed.min.js")
+    with pytest.raises(site.SiteError, match="vega-embed\\) did not load"):
         site.check_site(html_dir, chromium=chromium)
