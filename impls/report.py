@@ -208,6 +208,8 @@ def _find_json_files(paths: Iterable[Path]) -> list[Path]:
 #: ``kind`` of the interleaved-comparison records (``<runs>/<family>/compare-<family>.json``);
 #: training-run records have no ``kind``.
 INTERLEAVED_KIND = "interleaved"
+#: ``kind`` of the harness-overhead records (the training loop vs a bare loop, timed interleaved).
+OVERHEAD_KIND = "harness_overhead"
 _INTERLEAVED_STATS = ("seconds_per_step", "tokens_per_second", "speedup")
 
 
@@ -223,6 +225,40 @@ class Loaded(NamedTuple):
     runs: pd.DataFrame
     refused: list[dict]
     interleaved: list[dict]
+    #: Records of other kinds the report knows (``harness_overhead``), with ``source``/``family``.
+    extra: list[dict] = []
+
+
+def _estimate(stat: dict):
+    """The point estimate an interval belongs to: ``impls.compare`` gives the geometric mean over
+    rounds (``value``/``geomean``) with a t interval on logs, and the median beside it."""
+    for key in ("value", "geomean", "median"):
+        if isinstance(stat, dict) and _is_number(stat.get(key)):
+            return stat[key]
+    return None
+
+
+def validate_overhead(record) -> None:
+    """Raise :class:`RecordError` unless ``record`` is a usable harness-overhead record."""
+    overhead = record.get("overhead") if isinstance(record, dict) else None
+    if not isinstance(overhead, dict) or not _is_number(overhead.get("value")):
+        raise RecordError("'overhead.value' is missing or not a number")
+    ci = overhead.get("ci95")
+    if ci is not None and not (isinstance(ci, list) and len(ci) == 2 and all(map(_is_number, ci))):
+        raise RecordError(f"'overhead.ci95' is {ci!r}, expected [low, high]")
+
+
+def overhead_markdown(records: Sequence[dict]) -> str:
+    """The harness-overhead measurements (loop vs bare loop), one line each; empty if none."""
+    if not records:
+        return ""
+    lines = ["", "### Harness overhead (training loop vs a bare loop, interleaved)", ""]
+    for r in records:
+        o = r["overhead"]
+        ci = o.get("ci95") or [math.nan, math.nan]
+        lines.append(f"- {r.get('label', '?')}: {o['value']:+.2%} [{ci[0]:+.2%}, {ci[1]:+.2%}] over "
+                     f"{r.get('rounds', '?')} rounds; {r.get('ci_method', '')}")
+    return "\n".join(lines) + "\n"
 
 
 def validate_interleaved(record) -> None:
@@ -242,8 +278,8 @@ def validate_interleaved(record) -> None:
             raise RecordError(f"variants.{name}.label is missing or not a string")
         for stat in _INTERLEAVED_STATS:
             value = variant.get(stat)
-            if not isinstance(value, dict) or not _is_number(value.get("median")):
-                raise RecordError(f"variants.{name}.{stat}.median is missing or not a number")
+            if _estimate(value) is None:
+                raise RecordError(f"variants.{name}.{stat} has no number (value/geomean/median)")
             ci = value.get("ci95")
             if ci is not None and not (isinstance(ci, list) and len(ci) == 2 and all(map(_is_number, ci))):
                 raise RecordError(f"variants.{name}.{stat}.ci95 is {ci!r}, expected [low, high]")
@@ -259,7 +295,7 @@ def load_all(paths: Sequence[Path]) -> Loaded:
 
     Files that are none of these are skipped with a :class:`RecordWarning` naming the file.
     """
-    records, sources, refused, interleaved = [], [], [], []
+    records, sources, refused, interleaved, extra = [], [], [], [], []
     for path in _find_json_files(paths):
         try:
             document = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -267,6 +303,10 @@ def load_all(paths: Sequence[Path]) -> Loaded:
             warnings.warn(f"skipping {path}: cannot read JSON: {exc}", RecordWarning, stacklevel=2)
             continue
         try:
+            if isinstance(document, dict) and document.get("kind") == OVERHEAD_KIND:
+                validate_overhead(document)
+                extra.append({**document, "source": str(path), "family": Path(path).parent.name})
+                continue
             if isinstance(document, dict) and document.get("kind") is not None:
                 validate_interleaved(document)
                 interleaved.append({**document, "source": str(path),
@@ -284,7 +324,7 @@ def load_all(paths: Sequence[Path]) -> Loaded:
         sources.append(path)
     interleaved.sort(key=lambda r: (r["family"], r["source"]))
     refused.sort(key=lambda r: (r["family"], r["label"]))
-    return Loaded(records_frame(records, sources), refused, interleaved)
+    return Loaded(records_frame(records, sources), refused, interleaved, extra)
 
 
 def load_records(paths: Sequence[Path]) -> pd.DataFrame:
@@ -629,12 +669,13 @@ def plot_technique_comparison(comparison: pd.DataFrame) -> Figure:
 
 def _ci_text(stat: dict | None, fmt: str = "{:.4g}") -> str | None:
     """``"median [lo, hi]"`` of a ``{"median", "ci95"}`` statistic (median alone without CI)."""
-    if not isinstance(stat, dict) or not _is_number(stat.get("median")):
+    point = _estimate(stat)
+    if point is None:
         return None
     ci = stat.get("ci95")
     if isinstance(ci, (list, tuple)) and len(ci) == 2:
-        return f"{fmt.format(stat['median'])} [{fmt.format(ci[0])}, {fmt.format(ci[1])}]"
-    return fmt.format(stat["median"])
+        return f"{fmt.format(point)} [{fmt.format(ci[0])}, {fmt.format(ci[1])}]"
+    return fmt.format(point)
 
 
 def _ci_bounds(stat: dict | None) -> tuple[float, float]:
@@ -645,8 +686,8 @@ def _ci_bounds(stat: dict | None) -> tuple[float, float]:
 
 
 def interleaved_table(record: dict) -> pd.DataFrame:
-    """One row per variant of an interleaved comparison, the baseline first: medians over the
-    rounds with their 95% intervals, the speed-up vs the baseline (per-round ratios) and whether
+    """One row per variant of an interleaved comparison, the baseline first: the estimate over the
+    rounds (geometric mean where the record gives one, else the median) with its 95% interval, the speed-up vs the baseline (per-round ratios) and whether
     its interval excludes 1, and the memory ratios per component."""
     rows = []
     names = sorted(record["variants"], key=lambda n: (n != record["baseline"], n))
@@ -665,11 +706,11 @@ def interleaved_table(record: dict) -> pd.DataFrame:
             verdict = "no clear difference"
         row = {
             "family": record["family"], "variant": name, "label": v["label"],
-            "s/step": v["seconds_per_step"]["median"],
+            "s/step": _estimate(v["seconds_per_step"]),
             "s/step [95% CI]": _ci_text(v["seconds_per_step"]),
-            "tokens/s": v["tokens_per_second"]["median"],
+            "tokens/s": _estimate(v["tokens_per_second"]),
             "tokens/s [95% CI]": _ci_text(v["tokens_per_second"], "{:,.0f}"),
-            "speedup": v["speedup"]["median"], "speedup lo": speed_lo, "speedup hi": speed_hi,
+            "speedup": _estimate(v["speedup"]), "speedup lo": speed_lo, "speedup hi": speed_hi,
             "speedup [95% CI]": _ci_text(v["speedup"], "{:.3f}"),
             "verdict": verdict,
         }
@@ -680,13 +721,22 @@ def interleaved_table(record: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def interleaved_name(record: dict) -> str:
+    """File name stem of a comparison's outputs: ``interleaved-<name>``, the name taken from the
+    record's file (``compare-<name>.json``; a family may hold several), else its family."""
+    source = record.get("source")
+    stem = Path(source).stem if source else ""
+    name = stem[len("compare-"):] if stem.startswith("compare-") else (stem or record.get("family", "comparison"))
+    return f"interleaved-{name}"
+
+
 def interleaved_markdown(record: dict) -> str:
     """A paragraph on how the comparison was measured, then its table (markdown)."""
     table = interleaved_table(record)
     columns = ["variant", "label", "s/step [95% CI]", "tokens/s [95% CI]", "speedup [95% CI]", "verdict",
                *[f"{short} ratio" for short in MEMORY_COMPONENTS.values()]]
     load = record.get("load") or {}
-    head = (f"### Interleaved comparison: {record['family']} (baseline {record['baseline']})\n\n"
+    head = (f"### Interleaved comparison: {interleaved_name(record).removeprefix('interleaved-')} (baseline {record['baseline']})\n\n"
             f"{record.get('rounds', '?')} rounds of {record.get('steps_per_round', '?')} steps per variant, "
             f"run interleaved; {record.get('ci_method', 'interval method not recorded')}. "
             f"Load: {'**noisy**' if load.get('noisy') else 'quiet'}"
@@ -716,7 +766,7 @@ def plot_interleaved(record: dict) -> Figure:
     ax_speed.set_yticks(y, table["label"])
     ax_speed.invert_yaxis()
     ax_speed.margins(x=0.35)
-    ax_speed.set_title("Speed-up vs baseline (median of per-round ratios, 95% CI)")
+    ax_speed.set_title("Speed-up vs baseline over rounds, 95% CI")
     ax_speed.set_xlabel("baseline s/step ÷ variant s/step")
 
     components = list(MEMORY_COMPONENTS.values())
@@ -1054,7 +1104,7 @@ def write_report(paths: Sequence[Path], out_dir: Path) -> list[Path]:
         warnings.warn(f"not plotted: {entry['source']}: " + "; ".join(entry["reasons"]), RecordWarning,
                       stacklevel=2)
     runs = loaded.runs
-    if runs.empty and not loaded.interleaved:
+    if runs.empty and not loaded.interleaved and not loaded.extra:
         looked = ", ".join(str(p) for p in paths) or "(no paths given)"
         raise NoRecordsError(f"no valid run records found in {looked} "
                              "(searched recursively for *.json)")
@@ -1063,6 +1113,7 @@ def write_report(paths: Sequence[Path], out_dir: Path) -> list[Path]:
     table = summary_table(runs)
     markdown = markdown_table(table) + refused_markdown(loaded.refused)
     markdown += "".join("\n" + interleaved_markdown(record) for record in loaded.interleaved)
+    markdown += overhead_markdown(loaded.extra)
     written = [write_text(out_dir / "summary.csv", table.to_csv(index=False)),
                write_text(out_dir / "summary.md", markdown + _peak_log_markdown(out_dir))]
     # One set of plots per benchmark family: dozens of runs in one axes would be unreadable.
@@ -1079,7 +1130,7 @@ def write_report(paths: Sequence[Path], out_dir: Path) -> list[Path]:
                         _write_figure(out_dir / f"technique_comparison{suffix}.png",
                                       plot_technique_comparison(comparison))]
     for record in loaded.interleaved:
-        name = f"interleaved-{record['family']}"
+        name = interleaved_name(record)
         written += [write_text(out_dir / f"{name}.csv", interleaved_table(record).to_csv(index=False)),
                     _write_figure(out_dir / f"{name}.png", plot_interleaved(record))]
     return written

@@ -789,13 +789,13 @@ def spec_interleaved(record: dict) -> dict:
                 "techniques", "model", "batch")]
     return {
         "$schema": VEGA_LITE_SCHEMA,
-        "title": {"text": f"Interleaved comparison ({record.get('rounds', '?')} rounds)",
+        "title": {"text": f"{report.interleaved_name(record)} ({record.get('rounds', '?')} rounds)",
                   "subtitle": record.get("ci_method", "")},
         "hconcat": [
             {"width": 330, "height": height, "data": {"values": _json_safe(values)}, "layer": [
                 {"mark": {"type": "bar", "opacity": 0.85},
                  "encoding": {"y": y, "x": {"field": "speedup", "type": "quantitative",
-                                            "title": "speed-up vs baseline (median of per-round ratios)"},
+                                            "title": "speed-up vs baseline (whisker: 95% CI)"},
                               "x2": {"datum": 1},
                               "color": {"field": "verdict", "type": "nominal",
                                         "scale": {"domain": ["faster", "slower", "no clear difference", "baseline",
@@ -952,8 +952,9 @@ def _interleaved_block(record: dict, page: _Page, png: str | None) -> str:
         rows, columns, formats={c: "{:.3f}" for c in ratio_columns},
         text_columns=("variant", "label", "s/step [95% CI]", "tokens/s [95% CI]", "speedup [95% CI]", "verdict"),
         cell_class={"verdict": lambda row: row["verdict"] if row["verdict"] in ("faster", "slower") else ""},
-        table_id=f"interleaved-{record['family']}")
-    return (f"<h3>Interleaved comparison vs {_esc(record['baseline'])} {badge}</h3>"
+        table_id=report.interleaved_name(record))
+    return (f"<h3>Interleaved comparison {_esc(report.interleaved_name(record)[len('interleaved-'):])} "
+            f"vs {_esc(record['baseline'])} {badge}</h3>"
             f'<p class="note">{_esc(record.get("rounds"))} rounds × {_esc(record.get("steps_per_round"))} steps per variant '
             f"(after {_esc(record.get('warmup_steps'))} warm-up steps), variants run interleaved so a burst of load hits "
             f"all alike; {_esc(record.get('ci_method', ''))}. 1-min load {_esc(load.get('load1_start'))} → "
@@ -1096,7 +1097,7 @@ def build_front_page(html_dir: Path, runs_root: Path = Path("results/runs"),
     page = _Page()
 
     families = sorted(set(loaded.runs["family"]) | {r["family"] for r in loaded.refused}
-                      | {r["family"] for r in loaded.interleaved},
+                      | {r["family"] for r in loaded.interleaved} | {r["family"] for r in loaded.extra},
                       key=lambda f: (_FAMILY_ORDER.index(f) if f in _FAMILY_ORDER else len(_FAMILY_ORDER), f))
     multi = len(families) > 1
 
@@ -1117,9 +1118,17 @@ def build_front_page(html_dir: Path, runs_root: Path = Path("results/runs"),
         if links:
             parts.append('<p class="links">asv history: ' + " · ".join(
                 f'<a href="{_esc(h)}">{_esc(t)}</a>' for t, h in links) + "</p>")
-        parts.append(_family_table(group, refused, asv, family))
+        if not group.empty or refused:
+            parts.append(_family_table(group, refused, asv, family))
+        for record in (r for r in loaded.extra if r["family"] == family):
+            o = record["overhead"]
+            ci = o.get("ci95") or [float("nan")] * 2
+            parts.append(f'<p class="note"><b>Harness overhead</b> of the training loop over a bare loop '
+                         f'({_esc(record.get("label"))}, {_esc(record.get("rounds"))} interleaved rounds): '
+                         f'<b>{o["value"]:+.2%}</b> [{ci[0]:+.2%}, {ci[1]:+.2%}]; {_esc(record.get("ci_method", ""))}</p>')
         for record in (r for r in loaded.interleaved if r["family"] == family):
-            parts.append(_interleaved_block(record, page, png("interleaved", family) and f"{rel_plots}/interleaved-{family}.png"))
+            name = f"{report.interleaved_name(record)}.png"
+            parts.append(_interleaved_block(record, page, f"{rel_plots}/{name}" if name in copied else None))
         if not group.empty:
             charts = []
             comparison = report.technique_comparison(group)

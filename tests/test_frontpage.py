@@ -97,7 +97,7 @@ def test_front_page_replaces_asv_index_and_shows_the_report(results):
     specs = json.dumps(_specs(page))
     assert "nano/adamw/fp16" not in specs
     # The interleaved comparison: table with verdicts and a chart.
-    assert "<h3>Interleaved comparison vs baseline" in page
+    assert "<h3>Interleaved comparison technique vs baseline" in page
     assert "1.500 [1.400, 1.600]" in page and '<td class="text faster">faster</td>' in page
     # Links into asv: the family's graphs, and each run's benchmark with its parameter.
     assert 'href="asv.html#bench_techniques.Techniques.track_val_loss_at_budget"' in page

@@ -294,7 +294,7 @@ def test_interleaved_table_verdicts_and_ratios():
 
 @pytest.mark.parametrize("damage, message", [
     (lambda r: r.update(baseline="nope"), "baseline 'nope'"),
-    (lambda r: r["variants"]["bf16"]["speedup"].update(median="fast"), r"bf16\.speedup\.median"),
+    (lambda r: r["variants"]["bf16"]["speedup"].update(median="fast"), r"bf16\.speedup has no number"),
     (lambda r: r["variants"]["bf16"]["speedup"].update(ci95=[1.0]), r"bf16\.speedup\.ci95"),
 ])
 def test_invalid_interleaved_record_is_skipped_with_reason(tmp_path, damage, message):
@@ -406,3 +406,42 @@ def test_html_table_sorts_by_numbers_and_escapes():
     assert '<td data-sort="1234.5">1,234</td>' in html
     assert '<td data-sort="0.5">0.5 [0.4, 0.6]</td>' in html
     assert html.count('data-sort="">n/a</td>') == 2
+
+
+def test_records_as_impls_compare_writes_them(tmp_path):
+    """impls.compare's records carry no family (the folder gives it), estimate the geometric mean
+    (``value``/``geomean``, with the t interval) beside the median, may be several per family, and
+    the harness-overhead record is another kind: routed, reported, never warned about."""
+    record = make_interleaved()
+    del record["family"]
+    record["variants"]["bf16"]["speedup"] = {"value": 1.45, "median": 1.5, "ci95": [1.4, 1.5], "n": 5,
+                                             "per_round": [1.4, 1.5, 1.45, 1.5, 1.42]}
+    record["variants"]["bf16"]["seconds_per_step"]["geomean"] = 0.021
+    record["variants"]["fuse"]["memory_ratio"]["activations_bytes"] = None
+    family = tmp_path / "runs" / "isoflop"
+    family.mkdir(parents=True)
+    (family / "compare-isoflop-1e10.json").write_text(json.dumps(record))
+    (family / "compare-isoflop-3e10.json").write_text(json.dumps(record))
+    overhead = tmp_path / "runs" / "overhead"
+    overhead.mkdir()
+    (overhead / "harness-overhead.json").write_text(json.dumps({
+        "kind": "harness_overhead", "label": "small/adamw", "rounds": 7, "steps_per_round": 5,
+        "ci_method": "t interval", "overhead": {"value": 0.004, "ci95": [-0.002, 0.011]}}))
+
+    import warnings as _warnings
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("error", report.RecordWarning)
+        loaded = report.load_all([tmp_path / "runs"])
+    assert [r["family"] for r in loaded.interleaved] == ["isoflop", "isoflop"]
+    assert [r["label"] for r in loaded.extra] == ["small/adamw"]
+    table = report.interleaved_table(loaded.interleaved[0]).set_index("variant")
+    assert table.loc["bf16", "speedup"] == 1.45 and table.loc["bf16", "speedup [95% CI]"] == "1.450 [1.400, 1.500]"
+    assert table.loc["bf16", "s/step"] == 0.021
+    assert math.isnan(table.loc["fuse", "activations ratio"])
+
+    out = tmp_path / "out"
+    written = {p.name for p in report.write_report([tmp_path / "runs"], out)}
+    assert {"interleaved-isoflop-1e10.png", "interleaved-isoflop-3e10.png"} <= written
+    markdown = (out / "summary.md").read_text()
+    assert "### Interleaved comparison: isoflop-3e10" in markdown
+    assert "- small/adamw: +0.40% [-0.20%, +1.10%] over 7 rounds" in markdown
