@@ -145,7 +145,7 @@ class MoDIsoFLOP:
 
     def track_optimal_step_time_vs_baseline(self, cache, variant, budget):
         """Seconds per step of the variant's isoFLOP-optimal model ÷ the baseline's, timed
-        interleaved (geometric mean over rounds; the interval is in compare-isoflop-*.json)."""
+        interleaved (median over rounds; the interval is in compare-isoflop-*.json)."""
         timed = cache["step_time"].get((variant, budget))
         return 1.0 / timed["speedup"]["value"] if timed else math.nan
 

@@ -79,7 +79,7 @@ class Techniques:
 @common.speed_tracks
 class TechniqueSpeed:
     """Every variant timed interleaved with the baseline (impls.compare: rotated rounds, ratios
-    per round, t intervals): the speed-ups of the comparison plot, immune to a burst of load."""
+    per round, order-statistic intervals): the speed-ups of the comparison plot, immune to a burst of load."""
 
     params = list(VARIANTS)
     param_names = ["variant"]

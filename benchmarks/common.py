@@ -33,7 +33,7 @@ PROFILES = {
         # Loss figures: one seed here (the record says so); the full profile reports the spread.
         seeds=[0],
         # Interleaved comparisons (impls.compare): rounds × steps per variant after warm-up.
-        interleave=dict(rounds=7, steps=4, warmup=2),
+        interleave=dict(rounds=12, steps=2, warmup=3),
     ),
     "full": dict(
         models=["small", "gpt2", "gpt2-medium"],
@@ -46,7 +46,7 @@ PROFILES = {
         data="pycode",
         timing=dict(number=1, repeat=(2, 10, 30.0), rounds=2, warmup_time=2.0),
         seeds=[0, 1, 2],
-        interleave=dict(rounds=10, steps=5, warmup=3),
+        interleave=dict(rounds=20, steps=3, warmup=3),
     ),
 }
 

@@ -14,10 +14,11 @@ that same round, then summarised over rounds:
 
 * speed-up = (variant tokens/s) / (baseline tokens/s) per round — per token, so variants with a
   different micro-batch (accumulation) compare fairly;
-* the point estimate is the geometric mean over rounds and the 95% interval is Student-t on
-  the log ratios, exp(mean ± t₀.₉₇₅,ₙ₋₁ · s/√n) — ratios are multiplicative, and a t interval
-  over a handful of independent rounds is honest where a bootstrap of 5 values is not; the
-  median over rounds is kept beside it.
+* the point estimate is the median over rounds and its 95% interval the distribution-free one
+  of order statistics (x₍ₖ₎, x₍ₙ₋ₖ₊₁₎ with binomial coverage ≥ 95%, e.g. 3rd and 10th of 12
+  rounds): a burst of load that spoils a round or two moves neither, where a mean and a t
+  interval would swing (a quiet machine gives a tight interval either way).  The geometric mean
+  with its Student-t interval on the log ratios is kept beside it.
 
 Memory (parameters, gradients, optimizer state, saved activations) is exact and deterministic,
 so its ratios need no interval.  The load average at the start and end flags a noisy run.
@@ -43,8 +44,9 @@ from .measure import timing as timing_lib
 from .recipe import Recipe, RecipeError
 
 SCHEMA_VERSION = 1
-CI_METHOD = ("Student-t 95% interval of the mean log ratio over rounds (geometric mean); "
-             "per-round values are the median step time of the round's steps")
+CI_METHOD = ("median of per-round values with the distribution-free 95% interval of order statistics "
+             "(binomial coverage >= 95%); per-round values are the median step time of the round's steps, "
+             "ratios taken within a round")
 SPEC_KEYS = ("baseline", "rounds", "steps", "warmup", "common", "variants")
 
 # Two-sided 95% Student-t quantiles t(0.975, df) for df = 1..30; beyond, the normal 1.96 is
@@ -58,16 +60,33 @@ def t975(df: int) -> float:
     return _T975[df - 1] if df <= len(_T975) else 1.96
 
 
+def median_interval(n: int) -> tuple[int, int, float]:
+    """1-based ranks (k, n-k+1) of the order statistics bracketing the median with coverage >= 95%
+    (the largest k with P(Binomial(n, 1/2) < k) <= 2.5%), and the exact coverage.  Below 6 values
+    no pair reaches 95%: the extremes are returned with their (lower) coverage."""
+    k, tail = 1, 0.5 ** n  # tail = P(X < k) for k = 1
+    while k < n // 2:
+        nxt = tail + math.comb(n, k) * 0.5 ** n
+        if nxt > 0.025:
+            break
+        k, tail = k + 1, nxt
+    return k, n - k + 1, 1 - 2 * tail
+
+
 def ratio_stats(per_round: list[float]) -> dict:
-    """Geometric mean of positive per-round ratios with its Student-t 95% interval (on logs)."""
+    """Median of positive per-round values with its order-statistic 95% interval; the geometric
+    mean and its Student-t interval (on logs) beside them."""
     with np.errstate(divide="ignore", invalid="ignore"):
         x = np.log(np.asarray(per_round, dtype=float))
     if x.size == 0 or not np.all(np.isfinite(x)):
         raise ValueError(f"ratios must be positive and finite, got {per_round}")
+    ordered = np.sort(np.exp(x))
+    lo, hi, coverage = median_interval(x.size)
     mean = float(x.mean())
     half = t975(x.size - 1) * float(x.std(ddof=1)) / math.sqrt(x.size) if x.size > 1 else 0.0
-    return dict(value=math.exp(mean), ci95=[math.exp(mean - half), math.exp(mean + half)],
-                median=float(np.median(np.exp(x))), n=int(x.size), per_round=[float(v) for v in per_round])
+    return dict(value=float(np.median(ordered)), ci95=[float(ordered[lo - 1]), float(ordered[hi - 1])],
+                coverage=coverage, geomean=math.exp(mean), geomean_ci95=[math.exp(mean - half), math.exp(mean + half)],
+                n=int(x.size), per_round=[float(v) for v in per_round])
 
 
 @dataclasses.dataclass
@@ -207,9 +226,9 @@ def measure(spec: Spec, ctx: dist.DistContext | None = None) -> dict:
 
 
 def _summary(values: list[float]) -> dict:
-    """Median over rounds, the t interval of the mean of logs, and every round's value."""
+    """Median over rounds with its interval (:func:`ratio_stats`), and every round's value."""
     stats = ratio_stats(values)
-    return dict(median=stats["median"], geomean=stats["value"], ci95=stats["ci95"], per_round=stats["per_round"])
+    return dict(stats, median=stats["value"])
 
 
 def _device_name(device: torch.device) -> str:
@@ -235,7 +254,7 @@ def harness_overhead(recipe: Recipe, rounds: int = 7, steps: int = 5, ctx: dist.
     """The training loop's per-step cost over a bare ``zero_grad / forward / backward / step`` loop
     of the same model and optimizer on the same batches, timed interleaved (bare, loop, loop,
     bare, …).  Each round times a block of ``steps`` iterations of each; the overhead is
-    loop/bare − 1 per round, summarised like every ratio here."""
+    loop/bare − 1 per round, summarised like every ratio here (median, order-statistic interval)."""
     from . import train
     from .loss import lm_loss
 

@@ -230,8 +230,8 @@ class Loaded(NamedTuple):
 
 
 def _estimate(stat: dict):
-    """The point estimate an interval belongs to: ``impls.compare`` gives the geometric mean over
-    rounds (``value``/``geomean``) with a t interval on logs, and the median beside it."""
+    """The point estimate an interval belongs to: ``impls.compare`` gives ``value`` (the median over
+    rounds) with ``ci95`` (order statistics); older records only a ``geomean`` or ``median``."""
     for key in ("value", "geomean", "median"):
         if isinstance(stat, dict) and _is_number(stat.get(key)):
             return stat[key]
@@ -687,7 +687,7 @@ def _ci_bounds(stat: dict | None) -> tuple[float, float]:
 
 def interleaved_table(record: dict) -> pd.DataFrame:
     """One row per variant of an interleaved comparison, the baseline first: the estimate over the
-    rounds (geometric mean where the record gives one, else the median) with its 95% interval, the speed-up vs the baseline (per-round ratios) and whether
+    rounds (the record's ``value``: the median) with its 95% interval, the speed-up vs the baseline (per-round ratios) and whether
     its interval excludes 1, and the memory ratios per component."""
     rows = []
     names = sorted(record["variants"], key=lambda n: (n != record["baseline"], n))

@@ -14,22 +14,29 @@ from impls.recipe import RecipeError
 TINY = dict(model="nano", data="synthetic", batch_size=2, seq_len=32, eval_batches=1, device="cpu")
 
 
-def test_ratio_stats_geometric_mean_and_t_interval():
+def test_ratio_stats_median_with_order_statistic_interval_and_geometric_mean():
     stats = compare.ratio_stats([2.0, 2.0, 2.0])
     assert stats["value"] == pytest.approx(2.0) and stats["ci95"] == pytest.approx([2.0, 2.0])
-    x = [1.0, 1.2, 0.9, 1.1, 1.05]
+    x = [1.0, 1.2, 0.9, 1.1, 1.05, 1.02, 0.98, 30.0, 1.01, 0.97, 1.03, 0.2]  # two rounds hit by bursts
     stats = compare.ratio_stats(x)
+    ordered = sorted(x)
+    assert stats["value"] == pytest.approx((1.01 + 1.02) / 2)
+    assert stats["ci95"] == [ordered[2], ordered[9]] and stats["coverage"] == pytest.approx(1 - 2 * 79 / 4096)
+    assert 0.9 < stats["ci95"][0] and stats["ci95"][1] < 1.2  # the bursts move neither end
     logs = [math.log(v) for v in x]
-    mean = sum(logs) / 5
-    sd = (sum((v - mean) ** 2 for v in logs) / 4) ** 0.5
-    assert stats["value"] == pytest.approx(math.exp(mean))
-    assert stats["ci95"][1] == pytest.approx(math.exp(mean + 2.776 * sd / 5 ** 0.5))  # t(0.975, 4) = 2.776
-    assert stats["ci95"][0] < stats["value"] < stats["ci95"][1]
-    assert stats["median"] == pytest.approx(1.05) and stats["per_round"] == x
+    mean = sum(logs) / 12
+    sd = (sum((v - mean) ** 2 for v in logs) / 11) ** 0.5
+    assert stats["geomean"] == pytest.approx(math.exp(mean))
+    assert stats["geomean_ci95"][1] == pytest.approx(math.exp(mean + 2.201 * sd / 12 ** 0.5))  # t(0.975, 11)
+    assert stats["per_round"] == x
     assert compare.ratio_stats([1.5])["ci95"] == [1.5, 1.5]
     with pytest.raises(ValueError):
         compare.ratio_stats([1.0, 0.0])
     assert compare.t975(1) == 12.706 and compare.t975(100) == 1.96
+    # Order-statistic ranks: n=7 -> 1st and 7th (98.4%); n=20 -> 6th and 15th (95.9%); n=5 -> extremes (93.8%).
+    assert compare.median_interval(7)[:2] == (1, 7) and compare.median_interval(7)[2] == pytest.approx(1 - 2 / 128)
+    assert compare.median_interval(20)[:2] == (6, 15) and compare.median_interval(20)[2] > 0.95
+    assert compare.median_interval(5)[2] == pytest.approx(1 - 2 / 32)
 
 
 @pytest.mark.parametrize("raw, message", [
@@ -76,7 +83,7 @@ def test_interleaved_record(measured):
     assert ckpt["memory_ratio"]["activations_bytes"] < 0.5 and ckpt["memory_ratio"]["params_bytes"] == 1.0
     assert accum["tokens_per_step"] == base["tokens_per_step"] == 64
     assert accum["memory_ratio"]["activations_bytes"] == pytest.approx(0.5, rel=0.05)
-    assert set(r["load"]) >= {"noisy", "load1_start", "load1_end"} and "Student-t" in r["ci_method"]
+    assert set(r["load"]) >= {"noisy", "load1_start", "load1_end"} and "order statistics" in r["ci_method"]
     json.dumps(r, allow_nan=False)  # strict JSON
 
 
