@@ -18,7 +18,7 @@ SETTINGS = {
     # minimum is inside (isoflop.adaptive_sweep); >= 2 layers, so every size has a routed block.
     "quick": dict(budgets=[1e10, 3e10], n_sizes=4, flop_sizes=["L2-D16", "L2-D32", "L2-D64"],
                   variants=["baseline", "mod", "mod-random", "moe", "mode-staged", "mode-integrated"],
-                  data="synthetic", batch_size=8, seq_len=64, lr=3e-3, causal_steps=200, causal_size="L4-D96"),
+                  data="synthetic", batch_size=16, seq_len=64, lr=3e-3, causal_steps=200, causal_size="L4-D96"),
     "full": dict(budgets=[1e12, 3e12, 1e13], n_sizes=5, flop_sizes=["L4-D128", "L8-D256", "L12-D384"],
                  variants=["baseline", "mod", "mod-random", "moe", "mode-staged", "mode-integrated"],
                  data="pycode", batch_size=16, seq_len=256, lr=1e-3, causal_steps=3000, causal_size="L8-D256"),

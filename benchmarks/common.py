@@ -111,8 +111,7 @@ def train_record(name: str, *, nproc: int = 1, **recipe) -> dict:
                for i, s in enumerate(PROFILE["seeds"])]
     record = records[0]
     record["seeds"] = seed_summary(records)
-    _write(out, record)
-    return record
+    return _write(out, record)
 
 
 def seed_summary(records: list[dict]) -> dict:
@@ -129,10 +128,13 @@ def seed_summary(records: list[dict]) -> dict:
                 note="one seed: no spread measured (quick profile)" if n == 1 else f"{n} seeds")
 
 
-def _write(out: Path, record: dict) -> None:
+def _write(out: Path, record: dict) -> dict:
+    """Write ``record`` (atomically) and return it as read back: plain JSON types only, so asv's
+    per-parameter processes unpickle ``setup_cache`` results without importing torch (~1 s each)."""
     from impls.train import write_record
 
     write_record(record, out)
+    return json.loads(out.read_text())
 
 
 def _train_one(out: Path | None, nproc: int, recipe: dict) -> dict:
@@ -168,9 +170,7 @@ def compare_record(family: str, variants: dict[str, dict], *, baseline: str = "b
     spec = dict(baseline=baseline, common=common or {}, variants=variants, **PROFILE["interleave"])
     out = runs_dir() / family / f"compare-{name or family}.json"
     if nproc == 1:
-        record = compare.measure(compare.parse_spec(spec))
-        _write(out, record)
-        return record
+        return _write(out, compare.measure(compare.parse_spec(spec)))
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -600,10 +600,19 @@ def _comparison_key(runs: pd.DataFrame) -> pd.Series:
     return pd.Series(["|".join(map(str, row)) for row in keys.itertuples(index=False)], index=runs.index)
 
 
-def technique_comparison(runs: pd.DataFrame) -> pd.DataFrame:
+def technique_comparison(runs: pd.DataFrame, interleaved: Sequence[dict] = ()) -> pd.DataFrame:
     """Each technique run relative to the baseline of its comparison group (the run without
-    techniques, optimizer AdamW): throughput ratio, memory components as fractions of the
-    baseline's total exact memory, and the loss difference at the same FLOP budget."""
+    techniques, optimizer AdamW): memory components as fractions of the baseline's total exact
+    memory, the loss difference at the same FLOP budget, and the speed ratio -- taken only from
+    an interleaved comparison (``interleaved`` records, matched by label: rounds A B A B ..., with
+    its 95% interval), never from two separately timed runs; NaN where no such timing exists."""
+    timed = {}
+    for record in interleaved:
+        for variant in record.get("variants", {}).values():
+            speedup = variant.get("speedup") or {}
+            if _is_number(_estimate(speedup)):
+                ci = speedup.get("ci95") or [math.nan, math.nan]
+                timed.setdefault(variant.get("label"), (_estimate(speedup), ci[0], ci[1]))
     runs = runs.assign(_key=_comparison_key(runs))
     is_baseline = runs["recipe.techniques"].map(lambda t: isinstance(t, list) and not t) & (
         runs.get("recipe.optimizer", pd.Series("adamw", index=runs.index)) == "adamw")
@@ -614,8 +623,11 @@ def technique_comparison(runs: pd.DataFrame) -> pd.DataFrame:
             continue
         base = baselines.iloc[0]
         base_total = sum(base[c] for c in MEMORY_COMPONENTS)
-        for _, run in group.iterrows():
-            row = {"run": run["run"], "speed ratio": run["tokens_per_second"] / base["tokens_per_second"],
+        for index, run in group.iterrows():
+            speed, low, high = timed.get(run.get("label"), (math.nan, math.nan, math.nan))
+            if index == base.name and timed:  # the reference itself: 1 by definition
+                speed, low, high = 1.0, 1.0, 1.0
+            row = {"run": run["run"], "speed ratio": speed, "speed ratio lo": low, "speed ratio hi": high,
                    "loss delta": run["final_val_loss"] - base["final_val_loss"]}
             for column, name in MEMORY_COMPONENTS.items():
                 row[f"{name} / baseline memory"] = run[column] / base_total
@@ -630,15 +642,23 @@ def plot_technique_comparison(comparison: pd.DataFrame) -> Figure:
     with sns.axes_style("whitegrid"):
         ax_speed, ax_memory, ax_loss = figure.subplots(1, 3, sharey=True)
     y = np.arange(len(comparison))
-    ax_speed.barh(y, comparison["speed ratio"], color="#4c72b0")
+    speed = comparison["speed ratio"].to_numpy(float)
+    timed = np.isfinite(speed)
+    if timed.any():
+        err = np.abs(np.vstack([speed - comparison["speed ratio lo"], comparison["speed ratio hi"] - speed]))
+        ax_speed.errorbar(speed[timed], y[timed], xerr=err[:, timed], fmt="o", color="#4c72b0", capsize=3)
+        for yi, value in zip(y[timed], speed[timed]):
+            ax_speed.annotate(f"{value:.2f}×", (value, yi), textcoords="offset points", xytext=(6, 4), fontsize="small")
+        ax_speed.set_xscale("log")
+    for yi in y[~timed]:
+        ax_speed.text(0.02, yi, "not timed interleaved", transform=ax_speed.get_yaxis_transform(),
+                      va="center", fontsize="small", color="0.4")
     ax_speed.axvline(1.0, color="0.3", linestyle="--", linewidth=1)
-    ax_speed.bar_label(ax_speed.containers[0], fmt="{:.2f}×", padding=3, fontsize="small")
     ax_speed.set_yticks(y, comparison["run"])
     ax_speed.invert_yaxis()
     ax_speed.margins(x=0.2)
-    ax_speed.set_title("Throughput vs baseline")
+    ax_speed.set_title("Throughput vs baseline (interleaved rounds, 95% CI)")
     ax_speed.set_xlabel("tokens/s ÷ baseline (log scale)")
-    ax_speed.set_xscale("log")
 
     left = np.zeros(len(comparison))
     for (column, name), colour in zip(MEMORY_COMPONENTS.items(), sns.color_palette("Set2", len(MEMORY_COMPONENTS))):
@@ -1124,7 +1144,7 @@ def write_report(paths: Sequence[Path], out_dir: Path) -> list[Path]:
         suffix = f"-{family}" if multi else ""
         written += [_write_figure(out_dir / f"loss_vs_flops{suffix}.png", plot_loss_vs_flops(group)),
                     _write_figure(out_dir / f"throughput_memory{suffix}.png", plot_throughput_memory(group))]
-        comparison = technique_comparison(group)
+        comparison = technique_comparison(group, [r for r in loaded.interleaved if r["family"] == family])
         if len(comparison) > 1:
             written += [write_text(out_dir / f"technique_comparison{suffix}.csv", comparison.to_csv(index=False)),
                         _write_figure(out_dir / f"technique_comparison{suffix}.png",

@@ -736,6 +736,7 @@ def spec_technique_comparison(comparison, runs) -> dict:
     """Speed ratio vs the baseline (log x, bars from 1) and the loss delta at the same budget."""
     fields = {run["run"]: _run_fields(run) for _, run in runs.iterrows()}
     values = [{**fields.get(r["run"], {"run": r["run"]}), "speed ratio": r["speed ratio"],
+               "speed lo": r.get("speed ratio lo"), "speed hi": r.get("speed ratio hi"),
                "loss delta": r["loss delta"]} for _, r in comparison.iterrows()]
     order = list(comparison["run"])
     y = {"field": "run", "type": "nominal", "sort": order, "title": None, "axis": {"labelLimit": 300}}
@@ -747,10 +748,15 @@ def spec_technique_comparison(comparison, runs) -> dict:
         "title": "Techniques normalised to the baseline (same model, data and FLOP budget)",
         "hconcat": [
             {"width": 330, "height": height, "layer": [
-                {"mark": {"type": "bar", "color": "#4c72b0"},
-                 "encoding": {"y": y, "x": {"field": "speed ratio", "type": "quantitative", "scale": {"type": "log"},
-                                            "title": "tokens/s ÷ baseline (log)"},
-                              "x2": {"datum": 1}, "tooltip": tooltip}},
+                {"transform": [{"filter": "isValid(datum['speed lo']) && isFinite(datum['speed lo'])"}],
+                 "mark": {"type": "rule", "color": "#4c72b0"},
+                 "encoding": {"y": y, "x": {"field": "speed lo", "type": "quantitative", "scale": {"type": "log"},
+                                            "title": "tokens/s ÷ baseline (log; interleaved, 95% CI)"},
+                              "x2": {"field": "speed hi"}}},
+                {"transform": [{"filter": "isValid(datum['speed ratio']) && isFinite(datum['speed ratio'])"}],
+                 "mark": {"type": "point", "filled": True, "color": "#4c72b0", "size": 50},
+                 "encoding": {"y": y, "x": {"field": "speed ratio", "type": "quantitative", "scale": {"type": "log"}},
+                              "tooltip": tooltip}},
                 {"mark": {"type": "rule", "strokeDash": [4, 3]}, "encoding": {"x": {"datum": 1}}}]},
             {"width": 260, "height": height, "layer": [
                 {"mark": "bar",
@@ -1131,10 +1137,11 @@ def build_front_page(html_dir: Path, runs_root: Path = Path("results/runs"),
             parts.append(_interleaved_block(record, page, f"{rel_plots}/{name}" if name in copied else None))
         if not group.empty:
             charts = []
-            comparison = report.technique_comparison(group)
+            comparison = report.technique_comparison(group, [r for r in loaded.interleaved if r["family"] == family])
             if len(comparison) > 1:
                 charts.append(page.chart(spec_technique_comparison(comparison, group), png=png("technique_comparison", family),
-                                         caption="Single runs to the same FLOP budget (not interleaved). Hover for the record."))
+                                         caption="Speed: interleaved rounds (median, 95% CI), absent where the family has "
+                                                 "no interleaved timing; loss: runs to the same FLOP budget. Hover for the record."))
             for spec in spec_loss_vs_flops(group):
                 charts.append(page.chart(spec, png=png("loss_vs_flops", family),
                                          caption="Click a legend entry to highlight a run; hover a point for the record."))

@@ -398,7 +398,7 @@ def _provenance() -> dict:
                                         capture_output=True, text=True).stdout.strip())
         except (OSError, subprocess.CalledProcessError):
             commit = "unknown"
-    versions = dict(python=platform.python_version(), torch=torch.__version__)
+    versions = dict(python=platform.python_version(), torch=str(torch.__version__))  # str: a TorchVersion would need torch to unpickle
     for package in ("deepspeed", "etbench"):
         try:
             from importlib.metadata import version

@@ -205,9 +205,16 @@ def test_records_frame_rejects_invalid_records():
 
 def test_technique_comparison_is_normalised_to_the_baseline(results):
     runs, _ = load(results)
-    comparison = report.technique_comparison(runs[runs["family"] == "results"]).set_index("run")
+    group = runs[runs["family"] == "results"]
+    untimed = report.technique_comparison(group).set_index("run")
+    # Two separately timed runs give no speed ratio: only an interleaved record does.
+    assert untimed["speed ratio"].isna().all()
+    interleaved = {"variants": {"base": {"label": "nano/adamw", "speedup": {"value": 1.0, "ci95": [1.0, 1.0]}},
+                                "bf16": {"label": "nano/adamw/bf16", "speedup": {"value": 2.0, "ci95": [1.8, 2.2]}}}}
+    comparison = report.technique_comparison(group, [interleaved]).set_index("run")
     bf16, base = comparison.loc["nano/adamw/bf16"], comparison.loc["nano/adamw/fp32 (fp32)"]
     assert bf16["speed ratio"] == pytest.approx(2.0) and base["speed ratio"] == 1.0
+    assert (bf16["speed ratio lo"], bf16["speed ratio hi"]) == (1.8, 2.2)
     assert bf16["loss delta"] == pytest.approx(0.25)  # 2.75 - 2.5
     # Memory components as fractions of the baseline's total exact memory (2+2+4+1.5 MiB).
     assert bf16["optimizer state / baseline memory"] == pytest.approx(4 / 9.5)
