@@ -916,6 +916,52 @@ def compare_table(dir_a: Path, dir_b: Path, *, resamples: int = COMPARE_RESAMPLE
     return pd.DataFrame(rows, columns=columns)
 
 
+def ratio_agreement(dir_a: Path, dir_b: Path) -> pd.DataFrame:
+    """Interleaved speed-ups of two runs directories side by side (matched by record file and
+    variant): ``agree`` when the two 95% intervals overlap, ``differ`` when they do not -- a
+    ratio that moved more than its stated uncertainty, to re-measure before believing either --
+    and each side's noisy flag."""
+    sides = {}
+    for name, root in (("A", Path(dir_a)), ("B", Path(dir_b))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RecordWarning)
+            loaded = load_all([root])
+        sides[name] = {(_record_key(r["source"], root), variant): (r, v)
+                       for r in loaded.interleaved for variant, v in r["variants"].items()}
+    rows = []
+    for key in sorted(set(sides["A"]) & set(sides["B"])):
+        (ra, va), (rb, vb) = sides["A"][key], sides["B"][key]
+        if key[1] == ra.get("baseline"):
+            continue  # 1 by definition
+        sa, sb = va.get("speedup") or {}, vb.get("speedup") or {}
+        a, b = _estimate(sa), _estimate(sb)
+        (alo, ahi), (blo, bhi) = sa.get("ci95") or (math.nan, math.nan), sb.get("ci95") or (math.nan, math.nan)
+        overlap = _is_number(alo) and _is_number(blo) and max(alo, blo) <= min(ahi, bhi)
+        rows.append({"record": key[0], "variant": key[1], "A speed-up": a, "A lo": alo, "A hi": ahi,
+                     "B speed-up": b, "B lo": blo, "B hi": bhi,
+                     "verdict": "agree" if overlap else "differ",
+                     "A noisy": bool((ra.get("load") or {}).get("noisy")),
+                     "B noisy": bool((rb.get("load") or {}).get("noisy"))})
+    return pd.DataFrame(rows, columns=["record", "variant", "A speed-up", "A lo", "A hi", "B speed-up", "B lo",
+                                       "B hi", "verdict", "A noisy", "B noisy"])
+
+
+def ratio_agreement_markdown(table: pd.DataFrame, name_a: str, name_b: str) -> str:
+    if table.empty:
+        return ""
+    counts = Counter(table["verdict"])
+    shown = pd.DataFrame({
+        "record": table["record"], "variant": table["variant"],
+        f"A = {name_a}": [f"{a:.3f} [{lo:.3f}, {hi:.3f}]" for a, lo, hi in zip(table["A speed-up"], table["A lo"], table["A hi"])],
+        f"B = {name_b}": [f"{b:.3f} [{lo:.3f}, {hi:.3f}]" for b, lo, hi in zip(table["B speed-up"], table["B lo"], table["B hi"])],
+        "verdict": ["**differ**" if v == "differ" else v for v in table["verdict"]],
+        "noisy": [", ".join(s for s, n in (("A", a), ("B", b)) if n) for a, b in zip(table["A noisy"], table["B noisy"])]})
+    return ("\n\n# Interleaved speed-ups: do the two runs agree?\n\nSpeed-up vs the family's baseline, "
+            "median over rounds [95% interval]; `agree` when the intervals overlap, **differ** otherwise "
+            "(re-measure before believing either).\n\n"
+            + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + "\n\n" + markdown_table(shown))
+
+
 def verdict_counts(table: pd.DataFrame) -> Counter:
     """How many records got each verdict (all refusals counted as one kind)."""
     return Counter("refused" if v.startswith("refused") else v for v in table["verdict"])
@@ -1094,8 +1140,11 @@ def write_compare(dir_a: Path, dir_b: Path, out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     name_a, name_b = Path(dir_a).name, Path(dir_b).name
+    ratios = ratio_agreement(Path(dir_a), Path(dir_b))
     return [write_text(out_dir / "compare.csv", table.to_csv(index=False)),
-            write_text(out_dir / "compare.md", compare_markdown(table, name_a, name_b)),
+            write_text(out_dir / "compare_ratios.csv", ratios.to_csv(index=False)),
+            write_text(out_dir / "compare.md", compare_markdown(table, name_a, name_b)
+                       + ratio_agreement_markdown(ratios, name_a, name_b)),
             write_text(out_dir / "compare.html", compare_html(table, name_a, name_b))]
 
 

@@ -452,3 +452,20 @@ def test_records_as_impls_compare_writes_them(tmp_path):
     markdown = (out / "summary.md").read_text()
     assert "### Interleaved comparison: isoflop-3e10" in markdown
     assert "- small/adamw: +0.40% [-0.20%, +1.10%] over 7 rounds" in markdown
+
+
+def test_interleaved_ratios_of_two_runs_agree_or_differ(tmp_path):
+    """Two benchmark runs' interleaved speed-ups: overlapping intervals agree, disjoint ones are
+    flagged ``differ``; the baseline (1 by definition) is not listed."""
+    for name, bf16 in (("a", (1.5, 1.4, 1.6)), ("b", (1.2, 1.1, 1.3))):
+        family = tmp_path / name / "technique"
+        family.mkdir(parents=True)
+        record = make_interleaved(noisy=name == "b")
+        record["variants"]["bf16"]["speedup"] = {"value": bf16[0], "ci95": list(bf16[1:])}
+        (family / "compare-technique.json").write_text(json.dumps(record))
+    table = report.ratio_agreement(tmp_path / "a", tmp_path / "b").set_index("variant")
+    assert list(table.index) == ["bf16", "fuse"]
+    assert table.loc["bf16", "verdict"] == "differ" and table.loc["fuse", "verdict"] == "agree"
+    assert table.loc["bf16", "B noisy"] and not table.loc["bf16", "A noisy"]
+    text = report.ratio_agreement_markdown(table.reset_index(), "a", "b")
+    assert "**differ**" in text and "1 agree, 1 differ" in text
