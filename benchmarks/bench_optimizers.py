@@ -129,7 +129,7 @@ class Optimizers:
 
     track_optimizer_bytes = _track("optimizer_bytes", "bytes")
     track_optimizer_bytes_per_param = _track("optimizer_bytes", "bytes/param", lambda v, r: v / r["params"])
-    track_seconds_per_mtok = _track("tokens_per_second", "s/Mtok", lambda v, r: 1e6 / v)
+    track_seconds_per_mtok = common.seconds_per_mtok
     track_val_loss_at_budget = _track("final_val_loss", "nats/token")
 
 

@@ -1212,12 +1212,15 @@ def _peak_log_markdown(out_dir: Path) -> str:
         log = json.loads((Path(out_dir) / "peak.json").read_text())
     except (OSError, ValueError):
         return ""
-    lines = ["", "Peak FLOP/s probed around the benchmark run (the MFU denominator):", ""]
+    lines = ["", "Peak FLOP/s probed around the benchmark run (MFU divides by the best probe kept, "
+             "never by a lower one taken under load):", ""]
     for phase in ("start", "end"):
         if phase in log:
             p = log[phase]
             peaks = ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in p["peaks"].items())
-            lines.append(f"- {phase} ({p['time']}, 1-min load {p['load1']}): {peaks}")
+            kept = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in p.get("kept", {}).items())
+            lines.append(f"- {phase} ({p['time']}, 1-min load {p['load1']}): {peaks}"
+                         + (f" (denominator kept: {kept} GFLOP/s)" if kept else ""))
     if "drift" in log:
         drift = ", ".join(f"{k} {v:+.1%}" for k, v in log["drift"].items())
         lines.append(f"- drift {drift}: **{'noisy' if log['noisy'] else 'quiet'}** ({log['rule']})")

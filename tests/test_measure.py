@@ -93,8 +93,22 @@ def test_peak_probe_is_cached_per_machine(tmp_path, monkeypatch):
     monkeypatch.setattr(peak_module, "probe_matmul_flops", lambda *a, **k: calls.append(1) or (1e11, 2048))
     first = peak_flops("cpu", torch.float32)
     second = peak_flops("cpu", torch.float32)
-    assert first == second and len(calls) == 1
+    assert first["fresh"] == first["value"] and "fresh" not in second and len(calls) == 1
+    assert (first["value"], first["source"]) == (second["value"], second["source"])
     assert first["source"].startswith("probe:cpu/float32/mm+linear-2048/")
+
+
+def test_peak_cache_keeps_the_best_probe(tmp_path, monkeypatch):
+    """A probe is a lower bound of the peak: one taken under load (lower) never replaces a higher
+    cached one, so it cannot push MFU above 100%; a higher one does replace it."""
+    monkeypatch.setenv("ETBENCH_CACHE", str(tmp_path))
+    rates = iter([190e9, 121e9, 195e9])
+    monkeypatch.setattr(peak_module, "probe_matmul_flops", lambda *a, **k: (next(rates), 2048))
+    assert peak_flops("cpu", torch.float32)["value"] == 190e9
+    busy = peak_flops("cpu", torch.float32, reprobe=True)
+    assert busy["fresh"] == 121e9 and busy["value"] == 190e9 and busy["source"].endswith("best-of-2")
+    assert peak_flops("cpu", torch.float32, reprobe=True)["value"] == 195e9
+    assert peak_flops("cpu", torch.float32)["value"] == 195e9
 
 
 def test_known_gpus_use_the_datasheet(monkeypatch):

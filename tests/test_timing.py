@@ -69,12 +69,14 @@ def test_bench_probe_logs_start_and_end_and_flags_drift(tmp_path, monkeypatch):
     from impls.measure import peak
 
     values = iter([100e9, 200e9, 70e9, 198e9])  # fp32 drops 30% between start and end: load arrived
-    monkeypatch.setattr(peak, "peak_flops", lambda device, dtype, reprobe=False: dict(value=next(values), source="probe:t"))
+    monkeypatch.setattr(peak, "peak_flops", lambda device, dtype, reprobe=False: dict(
+        value=200e9, fresh=next(values), source="probe:t"))
     log_path = tmp_path / "peak.json"
     peak.bench_probe(log_path, "start", torch.device("cpu"))
     log = peak.bench_probe(log_path, "end", torch.device("cpu"))
     assert log["drift"]["float32"] == pytest.approx(-0.3) and log["drift"]["bfloat16"] == pytest.approx(-0.01)
-    assert log["noisy"] is True
+    assert log["noisy"] is True and log["below_kept"]["float32"] == pytest.approx(-0.65)
+    assert log["end"]["kept"]["float32"] == 200e9  # the denominator stays the best probe
     text = report._peak_log_markdown(tmp_path)
     assert "float32 100.0 GFLOP/s" in text and "float32 -30.0%" in text and "**noisy**" in text
 
