@@ -16,10 +16,11 @@ from . import common
 SETTINGS = {
     # Each budget's sizes start at Chinchilla's N = sqrt(C/120) and widen until every variant's
     # minimum is inside (isoflop.adaptive_sweep); >= 2 layers, so every size has a routed block.
-    "quick": dict(budgets=[1e10, 3e10], n_sizes=4, flop_sizes=["L2-D16", "L2-D32", "L2-D64"],
+    # workers: points trained side by side (the quick sizes are too small to use two cores each).
+    "quick": dict(budgets=[1e10, 3e10], n_sizes=4, workers=2, flop_sizes=["L2-D16", "L2-D32", "L2-D64"],
                   variants=["baseline", "mod", "mod-random", "moe", "mode-staged", "mode-integrated"],
                   data="synthetic", batch_size=16, seq_len=64, lr=3e-3, causal_steps=200, causal_size="L4-D96"),
-    "full": dict(budgets=[1e12, 3e12, 1e13], n_sizes=5, flop_sizes=["L4-D128", "L8-D256", "L12-D384"],
+    "full": dict(budgets=[1e12, 3e12, 1e13], n_sizes=5, workers=1, flop_sizes=["L4-D128", "L8-D256", "L12-D384"],
                  variants=["baseline", "mod", "mod-random", "moe", "mode-staged", "mode-integrated"],
                  data="pycode", batch_size=16, seq_len=256, lr=1e-3, causal_steps=3000, causal_size="L8-D256"),
 }[common.profile_name()]
@@ -66,7 +67,8 @@ def _sweep_results() -> dict:
 
     out_dir = _sweep_dir()
     points, grids = isoflop.adaptive_sweep(out_dir, SETTINGS["budgets"], SETTINGS["variants"],
-                                           n_sizes=SETTINGS["n_sizes"], progress=False, **_RECIPE)
+                                           n_sizes=SETTINGS["n_sizes"], workers=SETTINGS["workers"],
+                                           progress=False, **_RECIPE)
     tables = isoflop.analyse(points, out_dir)
     causal_file = out_dir / "causal_sampling.json"
     causal = json.loads(causal_file.read_text()) if causal_file.exists() else _routing_and_causal_sampling(out_dir)

@@ -21,8 +21,9 @@ PROFILES = {
     "quick": dict(
         models=["nano", "micro", "small"],
         world_sizes=[1, 2],
-        # Counted FLOPs per run (all ranks): the same budget for every size is an isoFLOP slice.
-        flops_budget=5e11,
+        # Model FLOPs per run (all ranks): the same budget for every size is an isoFLOP slice
+        # (>= one step of small at 8x128 tokens, 2.6e11).
+        flops_budget=3e11,
         batch_size=8,
         seq_len=128,
         lr={"nano": 3e-3, "micro": 2e-3, "small": 1e-3},
@@ -72,13 +73,14 @@ def unsupported_world_size(world_size: int) -> str | None:
 
 
 def usable_world_sizes() -> list[int]:
-    """The profile's rank counts that this machine can run: one rank per GPU, or per CPU core."""
-    import torch
+    """The profile's rank counts that this machine can run: one rank per GPU, or per CPU core.
+    (torch is imported only for a GPU profile: asv calls this in every parameter's process.)"""
+    limit = os.cpu_count() or 1
+    if PROFILE["device"] != "cpu":
+        import torch
 
-    if PROFILE["device"] != "cpu" and torch.cuda.is_available():
-        limit = torch.cuda.device_count()
-    else:
-        limit = os.cpu_count() or 1
+        if torch.cuda.is_available():
+            limit = torch.cuda.device_count()
     return [w for w in PROFILE["world_sizes"] if w <= limit]
 
 

@@ -166,8 +166,9 @@ def test_sweep_table_and_skipped(swept):
 def test_sweep_resumes_without_redoing_points(swept, tmp_path):
     out, first, kept, second, _ = swept
     assert len(first.calls) == 3  # interrupted during the 4th training
-    # Points finished before the interruption (trained or skipped) were saved and not redone.
-    assert len(kept) == 3
+    # Points finished before the interruption were saved and not redone: the 2 skipped ones
+    # (budget < one step: settled before any training) and the 3 trained.
+    assert len(kept) == 2 + 3 and (kept["status"] != "ok").sum() == 2
     assert not set(map(str, first.calls)) & set(map(str, second.calls))
     assert len(first.calls) + len(second.calls) == 10  # every trainable point trained exactly once
     third = CountingRunner()
@@ -305,3 +306,15 @@ def test_adaptive_sweep_widens_until_the_minimum_is_inside(tmp_path, monkeypatch
     sizes = grids[1e10]
     assert "L2-D48" in sizes and sizes[-1] != "L2-D48" and sizes[0] == "L2-D8"
     assert len(points) == len(sizes)
+
+
+def test_sweep_trains_points_side_by_side_in_worker_processes(tmp_path):
+    """workers=2: points train in two spawned processes; the table and records are as a
+    sequential sweep writes them, and a rerun trains nothing."""
+    base = dict(data="synthetic", seq_len=16, batch_size=2, eval_batches=1)
+    points = isoflop.sweep(tmp_path, [2e8], ["baseline"], ["L2-D8", "L2-D16"], progress=False, workers=2, **base)
+    assert list(points["status"]) == ["ok", "ok"] and points["final_val_loss"].notna().all()
+    assert len(list((tmp_path / "runs").glob("*.json"))) == 2
+    runner = CountingRunner()
+    again = isoflop.sweep(tmp_path, [2e8], ["baseline"], ["L2-D8", "L2-D16"], runner=runner, progress=False, **base)
+    assert runner.calls == [] and list(again["final_val_loss"]) == list(points["final_val_loss"])
