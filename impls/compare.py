@@ -163,7 +163,7 @@ def measure(spec: Spec, ctx: dist.DistContext | None = None) -> dict:
     world_size = ctx.world_size if ctx else int(os.environ.get("WORLD_SIZE", "1"))
     for recipe in spec.recipes.values():  # every recipe checked before anything is built
         train.validate(recipe, world_size)
-    load_start = timing_lib.load_average()
+    load_start, cpu_start = timing_lib.load_average(), timing_lib.cpu_snapshot()
     ctx = ctx or dist.init(next(iter(spec.recipes.values())).device)
     names = list(spec.recipes)
     sessions, memory, step, warm_seconds = {}, {}, {}, {}
@@ -197,7 +197,7 @@ def measure(spec: Spec, ctx: dist.DistContext | None = None) -> dict:
                 seconds.append(time.perf_counter() - t0)
                 step[name] += 1
             per_round[name].append(float(np.median(ctx.all_max(seconds))))
-    load_end = timing_lib.load_average()
+    load_end, others = timing_lib.load_average(), train._other_cores(ctx, cpu_start, timing_lib.cpu_snapshot())
     cores = min(os.cpu_count() or 1, torch.get_num_threads() * int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     tokens = {name: s.recipe.batch_size * s.plan.accum_steps * s.dims.dp * s.recipe.seq_len
               for name, s in sessions.items()}
@@ -220,7 +220,7 @@ def measure(spec: Spec, ctx: dist.DistContext | None = None) -> dict:
         )
     return dict(schema=SCHEMA_VERSION, kind="interleaved", baseline=base, rounds=spec.rounds,
                 steps_per_round=spec.steps, warmup_steps=spec.warmup, ci_method=CI_METHOD, order=orders,
-                load=timing_lib.load_report(load_start, load_end, cores),
+                load=timing_lib.load_report(load_start, load_end, cores, others),
                 device=dict(type=ctx.device.type, name=_device_name(ctx.device), threads=torch.get_num_threads()),
                 world_size=ctx.world_size, **train._provenance(), variants=variants)
 
@@ -263,6 +263,7 @@ def harness_overhead(recipe: Recipe, rounds: int = 7, steps: int = 5, ctx: dist.
                           f"got {', '.join(recipe.techniques)}")
     recipe = dataclasses.replace(recipe, steps=2 + 2 * rounds * steps, flops_budget=None)
     session = train.prepare(recipe, ctx)
+    cost = train.measure_step(session)  # model FLOPs and the peak: the loop's MFU, with its interval
     ctx, engine, batches = session.ctx, session.engine, session.batches
     model, optimizer = session.build.train_parts[0], engine.optimizer
     fetched = [batches.get("train", i) for i in range(recipe.steps)]
@@ -285,6 +286,7 @@ def harness_overhead(recipe: Recipe, rounds: int = 7, steps: int = 5, ctx: dist.
         return time.perf_counter() - t0
 
     bare(0), loop(0)  # warm-up of both paths
+    load_start, cpu_start = timing_lib.load_average(), timing_lib.cpu_snapshot()
     ratios, bare_seconds, loop_seconds = [], [], []
     for r in range(rounds):
         first = 2 + 2 * r * steps
@@ -296,7 +298,14 @@ def harness_overhead(recipe: Recipe, rounds: int = 7, steps: int = 5, ctx: dist.
         loop_seconds.append(timed["loop"] / steps)
         ratios.append(timed["loop"] / timed["bare"])
     stats = ratio_stats(ratios)
+    loop = _summary(loop_seconds)
+    per_device = cost.model_flops_per_step / ctx.world_size / cost.peak["value"]  # MFU × seconds/step
     return dict(kind="harness_overhead", label=recipe.label, rounds=rounds, steps_per_round=steps,
                 ci_method=CI_METHOD, bare_seconds_per_step=_summary(bare_seconds),
-                loop_seconds_per_step=_summary(loop_seconds), ratio=stats,
-                overhead=dict(value=stats["value"] - 1, ci95=[c - 1 for c in stats["ci95"]]))
+                loop_seconds_per_step=loop, ratio=stats,
+                overhead=dict(value=stats["value"] - 1, ci95=[c - 1 for c in stats["ci95"]]),
+                model_flops_per_step=cost.model_flops_per_step, peak_flops=cost.peak,
+                load=timing_lib.load_report(load_start, timing_lib.load_average(),
+                                            min(os.cpu_count() or 1, torch.get_num_threads()),
+                                            train._other_cores(ctx, cpu_start, timing_lib.cpu_snapshot())),
+                mfu=dict(value=per_device / loop["value"], ci95=[per_device / loop["ci95"][1], per_device / loop["ci95"][0]]))

@@ -258,6 +258,14 @@ def overhead_markdown(records: Sequence[dict]) -> str:
         ci = o.get("ci95") or [math.nan, math.nan]
         lines.append(f"- {r.get('label', '?')}: {o['value']:+.2%} [{ci[0]:+.2%}, {ci[1]:+.2%}] over "
                      f"{r.get('rounds', '?')} rounds; {r.get('ci_method', '')}")
+        mfu = r.get("mfu")
+        if isinstance(mfu, dict) and _is_number(mfu.get("value")):
+            lo, hi = mfu.get("ci95") or [math.nan, math.nan]
+            if mfu["value"] > 1:
+                lines.append(f"  - MFU {mfu['value']:.1%} exceeds 100%: the peak it was divided by is wrong; not a result")
+            else:
+                lines.append(f"  - the loop's MFU: {mfu['value']:.1%} [{lo:.1%}, {hi:.1%}] (model FLOPs ÷ median "
+                             f"s/step ÷ peak {r['peak_flops']['value'] / 1e9:.1f} GFLOP/s, {r['peak_flops']['source']})")
     return "\n".join(lines) + "\n"
 
 

@@ -277,7 +277,7 @@ def run(recipe: Recipe, ctx: dist.DistContext | None = None, *, save_every: int 
     if save_every is not None and (save_every < 1 or checkpoint is None):
         raise RecipeError(f"save_every must be >= 1 and needs a checkpoint path, got {save_every}, {checkpoint}")
     resumed = training_state.load(resume, recipe, _world_size(ctx)) if resume else None
-    load_start = timing_lib.load_average()
+    load_start, cpu_start = timing_lib.load_average(), timing_lib.cpu_snapshot()
     session = prepare(recipe, ctx)
     cost = measure_step(session)
     ctx, engine, batches, total = session.ctx, session.engine, session.batches, cost.total_steps
@@ -318,9 +318,21 @@ def run(recipe: Recipe, ctx: dist.DistContext | None = None, *, save_every: int 
         raise RecipeError(f"nothing left to train: the checkpoint is at step {start} of {total}")
     # A step lasts as long as its slowest rank.
     timing = dict(first_step_seconds=seconds[0], step_seconds=ctx.all_max(seconds[max(warmup, 0):]),
-                  load_start=load_start, load_end=timing_lib.load_average())
+                  load_start=load_start, load_end=timing_lib.load_average(),
+                  others=_other_cores(ctx, cpu_start, timing_lib.cpu_snapshot()))
     return make_record(session, cost, curve, timing, state_bytes, peak, resumed_from=start if resumed else None,
                        wall_seconds=time.perf_counter() - t_start)
+
+
+def _other_cores(ctx: dist.DistContext, start: dict | None, end: dict | None) -> float | None:
+    """Cores other processes used during the run: the run's own CPU time is summed over its
+    ranks (on one machine: several nodes would each see only their own ranks)."""
+    if start is None or end is None:
+        return None
+    own = end["own"] - start["own"]
+    if ctx.world_size > 1 and int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size)) == ctx.world_size:
+        own = ctx.all_mean(own) * ctx.world_size
+    return ctx.all_mean(timing_lib.other_cores(start, end, own) or 0.0)
 
 
 def _state_bytes(session: Session) -> dict:
@@ -371,7 +383,7 @@ def make_record(session: Session, cost: StepMeasure, curve: list, timing: dict, 
         first_step_seconds=timing["first_step_seconds"],
         timed_steps=len(step_seconds),
         step_time=dict(**timing_lib.step_time_stats(step_seconds), samples=step_seconds),
-        load=timing_lib.load_report(timing["load_start"], timing["load_end"], cores_in_use),
+        load=timing_lib.load_report(timing["load_start"], timing["load_end"], cores_in_use, timing.get("others")),
         mfu=cost.model_flops_per_step * achieved / cost.peak["value"],
         hfu=cost.flops_per_step * achieved / cost.peak["value"],
         memory=dict(**memory, activations_bytes=cost.activations_bytes, peak_bytes=int(peak.peak_bytes),

@@ -92,6 +92,10 @@ def test_harness_overhead_record(one_thread):
     assert r["kind"] == "harness_overhead" and len(r["ratio"]["per_round"]) == 3
     assert r["overhead"]["value"] == pytest.approx(r["ratio"]["value"] - 1)
     assert r["overhead"]["ci95"][0] <= r["overhead"]["value"] <= r["overhead"]["ci95"][1]
+    low, high = r["mfu"]["ci95"]
+    assert 0 < low <= r["mfu"]["value"] <= high <= 1  # the loop's MFU, its interval from the rounds'
+    assert r["mfu"]["value"] == pytest.approx(
+        r["model_flops_per_step"] / r["loop_seconds_per_step"]["value"] / r["peak_flops"]["value"])
     with pytest.raises(RecipeError, match="plain recipe"):
         compare.harness_overhead(train.Recipe(**TINY, steps=1, techniques=["bf16"]))
 

@@ -88,3 +88,32 @@ def test_summary_shows_the_interval_and_the_noisy_flag(records, tmp_path):
     cell = table["s/step median [95% CI]"][0]
     assert cell.startswith(f"{sane['step_time']['median']:.4g} [")
     assert bool(table["noisy"][0]) == sane["load"]["noisy"]
+
+
+def test_cpu_time_of_other_processes_flags_load_the_load_average_has_not_caught_up_with():
+    """A CPU-bound child process during the measured span: /proc/stat's busy time minus our
+    own shows ~1 core of other work at once (the 1-min load average lags by a minute)."""
+    import subprocess
+    import sys
+    import time
+
+    if timing.cpu_snapshot() is None:
+        pytest.skip("no /proc/stat")
+    quiet_start = timing.cpu_snapshot()
+    time.sleep(0.5)
+    quiet = timing.other_cores(quiet_start, timing.cpu_snapshot())
+    hog = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 5: pass"])
+    try:
+        time.sleep(0.3)
+        start = timing.cpu_snapshot()
+        time.sleep(1.5)
+        end = timing.cpu_snapshot()
+    finally:
+        hog.kill()
+        hog.wait()
+    # The hog is not our child until it is reaped, so its time counts as another process's.
+    busy = timing.other_cores(start, end)
+    assert busy > 0.6 and busy > quiet + 0.4
+    report = timing.load_report(0.1, 0.2, 2, others=busy)
+    assert report["noisy"] is True and report["other_processes_cores"] == busy
+    assert timing.load_report(0.1, 0.2, 2, others=0.05)["noisy"] is False

@@ -8,10 +8,13 @@ with replacement, take each resample's median, report the 2.5th and 97.5th perce
 run shifts all of them alike and is not in the interval — that is what the load flag and
 interleaved comparisons (several runs, A B A B …) are for.
 
-Load: the 1-minute load average at the start and the end of the run, against the cores the run
-uses (threads per rank × ranks on this machine).  The run's own threads contribute about that
-many runnable tasks, so the run is flagged ``noisy`` when the load exceeds the cores in use by
-more than :data:`LOAD_MARGIN` (another CPU-bound process on one core adds ~1).
+Load, two ways.  (1) The CPU time other processes took while the run was timed: the machine's
+busy time from ``/proc/stat`` minus the run's own CPU time (all its ranks), per second of wall
+time -- immediate and exact where Linux provides it.  (2) The 1-minute load average at the start
+and the end, against the cores the run uses (threads per rank × ranks on this machine); it lags
+by about a minute, so it alone misses load that just began.  The run is flagged ``noisy`` when
+other processes used more than :data:`LOAD_MARGIN` cores on average, or the load average exceeds
+the cores in use by more than :data:`LOAD_MARGIN` (another CPU-bound process on one core adds ~1).
 
 Consistency: MFU and HFU are fractions of a peak; a value above 1 means the peak in the
 denominator is wrong (typically a probe taken while the machine was busy), never that the run
@@ -21,6 +24,7 @@ them and the report refuses to plot such a record.
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 
@@ -53,12 +57,42 @@ def load_average() -> float | None:
         return None
 
 
-def load_report(start: float | None, end: float | None, cores_in_use: int) -> dict:
-    """The run's load figures and its ``noisy`` flag (None when the OS reports no load)."""
+def cpu_snapshot() -> dict | None:
+    """Wall clock, the machine's busy CPU seconds (all cores, ``/proc/stat``: user, nice, system,
+    irq, softirq, steal) and this process's CPU seconds (children included); None without
+    ``/proc/stat``."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    ticks = [int(v) for v in fields[1:]]
+    busy = sum(ticks[i] for i in (0, 1, 2, 5, 6, 7) if i < len(ticks)) / os.sysconf("SC_CLK_TCK")
+    t = os.times()
+    return dict(wall=time.monotonic(), busy=busy, own=t.user + t.system + t.children_user + t.children_system)
+
+
+def other_cores(start: dict | None, end: dict | None, own_seconds: float | None = None) -> float | None:
+    """Cores' worth of CPU time other processes used between two :func:`cpu_snapshot`\ s: busy
+    time minus the run's own (``own_seconds``, e.g. summed over ranks; default this process's),
+    per wall second.  Clock-tick granularity (10 ms) makes short spans imprecise."""
+    if start is None or end is None or end["wall"] <= start["wall"]:
+        return None
+    own = end["own"] - start["own"] if own_seconds is None else own_seconds
+    return max(0.0, (end["busy"] - start["busy"]) - own) / (end["wall"] - start["wall"])
+
+
+def load_report(start: float | None, end: float | None, cores_in_use: int, others: float | None = None) -> dict:
+    """The run's load figures and its ``noisy`` flag (None when the OS reports neither)."""
     loads = [v for v in (start, end) if v is not None]
-    noisy = None if not loads else max(loads) > cores_in_use + LOAD_MARGIN
+    votes = ([max(loads) > cores_in_use + LOAD_MARGIN] if loads else []) + (
+        [others > LOAD_MARGIN] if others is not None else [])
     return dict(load1_start=start, load1_end=end, cores_in_use=cores_in_use, cpu_count=os.cpu_count(),
-                noisy=noisy, rule=f"noisy when the 1-min load exceeds the cores in use by > {LOAD_MARGIN}")
+                other_processes_cores=others, noisy=any(votes) if votes else None,
+                rule=f"noisy when other processes used > {LOAD_MARGIN} cores during the run, or the 1-min load "
+                     f"exceeds the cores in use by > {LOAD_MARGIN}")
 
 
 def consistency_errors(record: dict) -> list[str]:
