@@ -75,7 +75,7 @@ def cpu_snapshot() -> dict | None:
 
 
 def other_cores(start: dict | None, end: dict | None, own_seconds: float | None = None) -> float | None:
-    """Cores' worth of CPU time other processes used between two :func:`cpu_snapshot`\ s: busy
+    """Cores' worth of CPU time other processes used between two :func:`cpu_snapshot` calls: busy
     time minus the run's own (``own_seconds``, e.g. summed over ranks; default this process's),
     per wall second.  Clock-tick granularity (10 ms) makes short spans imprecise."""
     if start is None or end is None or end["wall"] <= start["wall"]:
