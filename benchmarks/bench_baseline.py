@@ -10,7 +10,7 @@ from . import common
 
 P = common.PROFILE
 MODELS, WORLD_SIZES = P["models"], P["world_sizes"]
-OVERHEAD = {"quick": dict(model="small", rounds=8, steps=2),
+OVERHEAD = {"quick": dict(model="small", rounds=12, steps=2),
             "full": dict(model="small", rounds=20, steps=5)}[common.profile_name()]
 
 
