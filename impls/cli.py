@@ -247,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         import torch.distributed as tdist
 
-        if _is_rank() and isinstance(e, getattr(tdist, "DistError", ())):  # a peer rank died: the parent names it
+        lost = isinstance(e, getattr(tdist, "DistError", ())) or (isinstance(e, RuntimeError) and "/gloo/" in str(e))
+        if _is_rank() and lost:  # a peer rank died (gloo: connection reset/closed): the parent names it
             return _fail(EXIT_FAILED, f"lost contact with the other ranks ({type(e).__name__}: "
                                       f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})")
         raise

@@ -27,6 +27,7 @@ import os
 import shutil
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 
 from .errors import EXIT_FAILED
@@ -76,7 +77,8 @@ def summarise_failure(failures: dict, reported: list[dict]) -> tuple[int, str]:
         return first["status"], first["message"]
     if not failures:
         return EXIT_FAILED, reported[0]["message"] if reported else "a rank failed"
-    rank, failure = min(failures.items(), key=lambda kv: (kv[1].exitcode >= 0, kv[0]))
+    # Killed by a signal first, but not SIGTERM: that is how the agent stops the survivors.
+    rank, failure = min(failures.items(), key=lambda kv: (kv[1].exitcode >= 0, kv[1].exitcode == -15, kv[0]))
     if failure.exitcode < 0:
         what = f"was killed by signal {failure.signal_name()}"
     else:
@@ -102,8 +104,10 @@ def launch(module_args: list[str], nproc: int) -> int:
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default with several ranks per machine
         for lg in loggers:  # the agent's log lines and warnings: our own line replaces them
             lg.handlers, lg.propagate = [logging.NullHandler()], False
-        config, cmd, cmd_args = config_from_args(parse_args(
-            ["--standalone", f"--nproc_per_node={nproc}", "--max-restarts=0", "-m", *module_args]))
+        args = parse_args([f"--nproc_per_node={nproc}", "--max-restarts=0", "-m", *module_args])
+        # what torchrun --standalone sets: a local C10d store on a free port
+        args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
+        config, cmd, cmd_args = config_from_args(args)
         try:
             elastic_launch(config, cmd)(*cmd_args)
             return 0

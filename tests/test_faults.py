@@ -138,7 +138,7 @@ def test_a_run_killed_at_a_random_moment_resumes_bit_identical(straight, tmp_pat
 SWEEP = """
 import sys
 from impls import isoflop
-isoflop.sweep(sys.argv[1], [2e7, 4e7], {"baseline": []}, ["L1-D16", "L1-D24", "L2-D16"], progress=False,
+isoflop.sweep(sys.argv[1], [2e7], {"baseline": []}, ["L1-D16", "L1-D24", "L2-D16"], progress=False,
               data="synthetic", batch_size=2, seq_len=16, eval_batches=1, timing_warmup=1, lr=3e-3)
 """
 

@@ -475,7 +475,9 @@ def test_rank_failures_are_summarised_once():
             self.exitcode = exitcode
 
         def signal_name(self):
-            return "SIGKILL"
+            import signal
+
+            return signal.Signals(-self.exitcode).name
 
     reported = [dict(rank=1, status=2, message="bad value"), dict(rank=0, status=2, message="bad value")]
     assert ranks.summarise_failure({0: Failure(2), 1: Failure(2)}, sorted(reported, key=lambda e: e["rank"])) == \
@@ -483,6 +485,8 @@ def test_rank_failures_are_summarised_once():
     lost = [dict(rank=0, status=1, message="lost contact with the other ranks (DistNetworkError: x)")]
     assert ranks.summarise_failure({0: Failure(1), 1: Failure(-9)}, lost) == \
         (1, "rank 1 was killed by signal SIGKILL; the other ranks were stopped")
+    assert ranks.summarise_failure({0: Failure(-15), 1: Failure(-9)}, []) == \
+        (1, "rank 1 was killed by signal SIGKILL; the other ranks were stopped")  # SIGTERM: the agent's own
     assert ranks.summarise_failure({1: Failure(1)}, []) == \
         (1, "rank 1 exited with status 1 (its traceback is above); the other ranks were stopped")
 
