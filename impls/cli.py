@@ -8,19 +8,24 @@
     etbench isoflop --budgets 1e10,3e10 --variants baseline,mod --out results/isoflop/NAME
     etbench compare SPEC.json --out compare.json   # variants timed interleaved, ratios with intervals
 
-Bad input exits with status 2 and one line on stderr, before any work and without writing files.
+Exit statuses: 0 done; 2 bad input (one line on stderr, before any work, nothing written: unknown
+names, invalid values, an output path that cannot be written, a checkpoint that does not fit);
+1 a failure during the work (a write that failed, e.g. a full disk: one line naming the path and
+the OS error, the previous file intact; a rank that died; an unexpected error, with its
+traceback); 3 the run diverged (its record is written with ``status: "diverged at step N"``;
+``--allow-divergence`` exits 0 instead).
 """
 from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 from . import recipe as recipe_lib
 from . import train
-from .errors import ConfigError
+from .errors import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_FAILED, ConfigError, WriteError
+from .files import check_writable, check_writable_dir, clean_stale
 
 
 def _run_parser(sub) -> None:
@@ -38,10 +43,16 @@ def _run_parser(sub) -> None:
     p.add_argument("--save-every", type=int, metavar="N", help="save the training state every N steps")
     p.add_argument("--checkpoint", help="training-state file for --save-every (default: OUT with .state.pt)")
     p.add_argument("--resume", metavar="PATH", help="continue from a training state saved by --save-every")
+    p.add_argument("--allow-divergence", action="store_true",
+                   help="exit 0 when the loss becomes NaN/inf (the record says 'diverged at step N' either way; "
+                        "default: exit status 3)")
 
 
 def _relaunch_under_torchrun(argv: list[str], nproc: int) -> int:
-    """Run this same command under ``torch.distributed.run`` with ``nproc`` ranks."""
+    """Run this same command on ``nproc`` local ranks (:func:`impls.ranks.launch`, torch's
+    elastic agent as ``torchrun --standalone`` runs it); their failure is one line, once."""
+    from . import ranks
+
     rest, skip = [], False
     for i, a in enumerate(argv):  # drop --nproc so the children do not relaunch again
         if skip:
@@ -50,55 +61,90 @@ def _relaunch_under_torchrun(argv: list[str], nproc: int) -> int:
             skip = True
         elif not a.startswith("--nproc="):
             rest.append(a)
-    env = dict(os.environ)
-    # Children must import what this process imports (asv strips PYTHONPATH from benchmarks).
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "impls.cli", *rest]
-    return subprocess.run(cmd, env=env).returncode
+    return ranks.launch(["impls.cli", *rest], nproc)
+
+
+def _is_rank() -> bool:
+    return "LOCAL_RANK" in os.environ
+
+
+def _same_file(a: str, b: str) -> bool:
+    return os.path.abspath(a) == os.path.abspath(b)
 
 
 def _cmd_run(args, argv) -> int:
     recipe = recipe_lib.from_args(args)
     if args.nproc < 1:
         raise recipe_lib.RecipeError(f"--nproc must be >= 1, got {args.nproc}")
-    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        train.validate(recipe, world_size=args.nproc)  # fail here, once, before starting ranks
-        return _relaunch_under_torchrun(argv, args.nproc)
     checkpoint = args.checkpoint or (str(Path(args.out).with_suffix(".state.pt")) if args.out else None)
-    if args.save_every is not None and checkpoint is None:
-        raise recipe_lib.RecipeError("--save-every needs --checkpoint PATH or --out FILE")
+    if args.save_every is not None:
+        if checkpoint is None:
+            raise recipe_lib.RecipeError("--save-every needs --checkpoint PATH or --out FILE")
+        if args.save_every < 1:
+            raise recipe_lib.RecipeError(f"--save-every must be >= 1, got {args.save_every}")
+    # Every path the run will write, before any work: a run is never lost to an unwritable path.
+    writes = [args.out] if args.out else []
+    if args.save_every is not None:
+        writes.append(checkpoint)
+        if args.out and _same_file(args.out, checkpoint):
+            raise recipe_lib.RecipeError(f"--checkpoint {checkpoint!r} is the --out record's path; give another")
+    for path in writes:
+        check_writable(path)
+    if args.nproc > 1 and not _is_rank():
+        train.validate(recipe, world_size=args.nproc)  # fail here, once, before starting ranks
+        if args.resume:
+            train.training_state.load(args.resume, recipe, args.nproc)
+        clean_stale(*writes)
+        return _relaunch_under_torchrun(argv, args.nproc)
+    if int(os.environ.get("RANK", "0")) == 0:
+        clean_stale(*writes)  # temporaries of a process killed mid-write
     record = train.run(recipe, save_every=args.save_every, checkpoint=checkpoint, resume=args.resume)
+    status = 0
     if int(os.environ.get("RANK", "0")) == 0:
         if args.out:
             train.write_record(record, args.out)
-        print(f"{record['label']}: {record['steps']} steps, val loss {record['final_val_loss']:.4f}, "
-              f"{record['tokens_per_second']:.0f} tok/s, MFU {record['mfu']:.1%}, HFU {record['hfu']:.1%}"
+        loss = record["final_val_loss"]
+        print(f"{record['label']}: {record['steps_done']} steps, "
+              + (f"val loss {loss:.4f}, " if loss is not None else f"{record['status']}, ")
+              + f"{record['tokens_per_second']:.0f} tok/s, MFU {record['mfu']:.1%}, HFU {record['hfu']:.1%}"
               + (f" -> {args.out}" if args.out else ""))
         for error in record["consistency_errors"]:
             print(f"etbench: warning: inconsistent record: {error}", file=sys.stderr)
         if record["load"]["noisy"]:
-            print(f"etbench: warning: noisy run: 1-min load {record['load']['load1_end']:.2f} on "
-                  f"{record['load']['cores_in_use']} cores in use; its timings are not comparable", file=sys.stderr)
+            load = record["load"]
+            others = load.get("other_processes_cores")
+            print("etbench: warning: noisy run: " + (f"other processes used {others:.2f} cores, " if others is not None else "")
+                  + f"1-min load {load['load1_end']:.2f} on {load['cores_in_use']} cores in use; "
+                  "its timings are not comparable", file=sys.stderr)
+    if record["status"] != "ok":  # the same record on every rank: every rank exits alike
+        where = f"; record with status {record['status']!r} in {args.out}" if args.out else ""
+        if args.allow_divergence:
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"etbench: warning: run {record['status']} (non-finite loss){where}", file=sys.stderr)
+        else:
+            status = _fail(EXIT_DIVERGED, f"run {record['status']} (non-finite loss){where}; "
+                                          f"--allow-divergence to exit 0, --grad-clip or a lower --lr may help")
     from . import dist
 
     dist.shutdown()
-    return 0
+    return status
 
 
 def _cmd_compare(args, argv) -> int:
     from . import compare
-    from .files import check_writable
 
     spec = compare.load_spec(args.spec)
     if args.nproc < 1:
         raise recipe_lib.RecipeError(f"--nproc must be >= 1, got {args.nproc}")
     if args.out:
         check_writable(args.out)
-    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+    if args.nproc > 1 and not _is_rank():
         for recipe in spec.recipes.values():
             train.validate(recipe, world_size=args.nproc)
+        clean_stale(args.out)
         return _relaunch_under_torchrun(argv, args.nproc)
+    if int(os.environ.get("RANK", "0")) == 0:
+        clean_stale(args.out)
     record = compare.measure(spec)
     if int(os.environ.get("RANK", "0")) == 0:
         if args.out:
@@ -128,6 +174,7 @@ def _cmd_peak(args, argv) -> int:
 
     device = resolve_device(args.device)
     if args.bench_log:  # make bench: fresh probes at its start and end, logged side by side
+        check_writable(args.bench_log)
         from .measure.peak import bench_probe
 
         log = bench_probe(args.bench_log, args.phase, device)
@@ -171,6 +218,16 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def _fail(status: int, message: str) -> int:
+    """Print ``etbench: error: MESSAGE`` (one line) and return ``status``; in a rank started by
+    ``--nproc``, leave it for the parent, which prints it once for all ranks."""
+    from . import ranks
+
+    if not ranks.report_error(status, message):
+        print(f"etbench: error: {message}", file=sys.stderr)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["isoflop"]:  # its own parser: the sweep engine owns its options
@@ -179,15 +236,25 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return isoflop.main(argv[1:])
         except ConfigError as e:
-            print(f"etbench: error: {e}", file=sys.stderr)
-            return 2
+            return _fail(EXIT_BAD_INPUT, str(e))
+        except WriteError as e:
+            return _fail(EXIT_FAILED, str(e))
     args = parser().parse_args(argv)
     commands = {"run": _cmd_run, "compare": _cmd_compare, "zoo": _cmd_zoo, "peak": _cmd_peak, "report": _cmd_report}
     try:
         return commands[args.command](args, argv)
     except ConfigError as e:  # bad input: one line, status 2; anything else keeps its traceback
-        print(f"etbench: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(EXIT_BAD_INPUT, str(e))
+    except WriteError as e:  # a write failed mid-way (full disk...): one line, status 1, old file intact
+        return _fail(EXIT_FAILED, str(e))
+    except Exception as e:
+        import torch.distributed as tdist
+
+        lost = isinstance(e, getattr(tdist, "DistError", ())) or (isinstance(e, RuntimeError) and "/gloo/" in str(e))
+        if _is_rank() and lost:  # a peer rank died (gloo: connection reset/closed): the parent names it
+            return _fail(EXIT_FAILED, f"lost contact with the other ranks ({type(e).__name__}: "
+                                      f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})")
+        raise
 
 
 if __name__ == "__main__":

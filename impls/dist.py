@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -66,6 +67,25 @@ def resolve_device(preference: str = "auto", local_rank: int = 0) -> torch.devic
     return torch.device("cuda", local_rank)
 
 
+#: Seconds a collective waits for the other ranks before it fails (a rank died, say); the
+#: launcher (:mod:`impls.ranks`) usually stops the survivors first.
+TIMEOUT_ENV = "ETBENCH_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 600.0
+
+
+def timeout() -> timedelta:
+    """The process group's collective timeout: ``ETBENCH_DIST_TIMEOUT`` seconds, default 600
+    (torch's own default is 30 minutes for gloo)."""
+    text = os.environ.get(TIMEOUT_ENV)
+    try:
+        seconds = float(text) if text else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise ConfigError(f"{TIMEOUT_ENV} must be a number of seconds, got {text!r}") from None
+    if not seconds > 0:
+        raise ConfigError(f"{TIMEOUT_ENV} must be > 0 seconds, got {text!r}")
+    return timedelta(seconds=seconds)
+
+
 def init(device: str = "auto") -> DistContext:
     """Join the process group that ``torchrun`` describes in the environment (if any)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -75,7 +95,7 @@ def init(device: str = "auto") -> DistContext:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timeout())
     return DistContext(rank, local_rank, world_size, dev)
 
 

@@ -14,7 +14,10 @@ baseline's ("steps up to 66% faster"), and shows per-layer routing decisions (Fi
 :func:`sweep` is resumable: every finished point is appended to ``OUT/points.csv`` (atomically,
 after its JSON record is in ``OUT/runs/``), so a re-run - or a run after a kill - trains only the
 points still missing.  ``OUT/sweep.json`` pins the base recipe; a directory holding a sweep of a
-different base recipe is refused instead of mixing incomparable losses.
+different base recipe is refused instead of mixing incomparable losses.  Every point's recipe is
+validated before anything is written, so a folder never records a base recipe that did not
+validate (and one whose sweep failed before its first finished point takes a corrected rerun).
+A point whose run diverged is recorded with that status and left out of the fits.
 
 Sizes: ``L<n_layer>-D<d_model>[-H<n_head>]`` over the ``nano`` config (heads default to
 ``d_model // 32``, at least 1: head_dim 32), or a zoo name (``nano``, ``micro``, ...).
@@ -41,8 +44,8 @@ from matplotlib.ticker import NullFormatter
 
 from . import recipe as recipe_lib
 from . import train, zoo
-from .errors import ConfigError
-from .files import write_text
+from .errors import ConfigError, WriteError
+from .files import check_writable_dir, clean_stale_in, write_text
 from .report import _new_figure, _write_figure
 
 #: Variant name -> technique specs (``etbench run --technique`` syntax).
@@ -277,11 +280,34 @@ def _base_signature(base: dict, dataset_hash: str) -> dict:
     return dict(base_recipe={**defaults, **base}, dataset_hash=dataset_hash)
 
 
+def _holds_results(out_dir: Path) -> bool:
+    """Whether a sweep folder holds a finished point (a record in runs/ or an ok row)."""
+    if any((out_dir / "runs").glob("*.json")):
+        return True
+    try:
+        return bool((_read_points(out_dir)["status"].astype(str) == "ok").any())
+    except ConfigError:
+        return True
+
+
 def _check_directory(out_dir: Path, signature: dict) -> None:
     meta = out_dir / "sweep.json"
     if meta.exists():
-        old = json.loads(meta.read_text())
-        if old != signature:
+        try:
+            old = json.loads(meta.read_text())
+            if not isinstance(old, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            if _holds_results(out_dir):
+                raise ConfigError(f"{meta} is corrupt ({type(e).__name__}); cannot tell which base recipe "
+                                  f"{out_dir} holds: use another --out directory") from None
+            old = None
+        if old is not None and old != signature and not _holds_results(out_dir):
+            old = None  # nothing finished under that base recipe (it failed first): start afresh
+            (out_dir / "points.csv").unlink(missing_ok=True)
+        if old is None:
+            write_text(meta, json.dumps(signature, indent=1, sort_keys=True))
+        elif old != signature:
             old_base, new_base = old.get("base_recipe", {}), signature["base_recipe"]
             diff = sorted(k for k in set(old_base) | set(new_base) if old_base.get(k) != new_base.get(k))
             if old.get("dataset_hash") != signature["dataset_hash"]:
@@ -298,7 +324,31 @@ def _read_points(out_dir: Path) -> pd.DataFrame:
     path = out_dir / "points.csv"
     if not path.exists():
         return pd.DataFrame(columns=POINT_COLUMNS)
-    return pd.read_csv(path, dtype={"recipe_hash": str, "dataset_hash": str})
+    try:
+        frame = pd.read_csv(path, dtype={"recipe_hash": str, "dataset_hash": str})
+    except Exception as e:  # pandas raises many types for a damaged file
+        raise ConfigError(f"{path} is corrupt ({type(e).__name__}); delete it to rebuild it (finished points' "
+                          f"records in {out_dir / 'runs'} are reused)") from None
+    missing = [c for c in ("variant", "budget", "size", "recipe_hash", "status") if c not in frame]
+    if missing:
+        raise ConfigError(f"{path} is corrupt (no column {', '.join(missing)}); delete it to rebuild it "
+                          f"(finished points' records in {out_dir / 'runs'} are reused)")
+    return frame
+
+
+def read_point_record(path: Path) -> dict:
+    """A point's run record; a damaged one is a one-line ConfigError naming it."""
+    try:
+        record = json.loads(Path(path).read_text())
+        if not isinstance(record, dict) or not isinstance(record.get("curve"), list):
+            raise ValueError("not a run record")
+        for key in ("params", "matmul_params", "steps", "tokens_per_step", "seconds_per_step", "flops_per_step"):
+            record[key]
+        record["dataset"]["hash"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"record {path} is corrupt ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                          f"delete it to train that point again") from None
+    return record
 
 
 def _write_points(out_dir: Path, rows: list[dict]) -> None:
@@ -318,6 +368,7 @@ def _row(point: Point, status: str, dataset, record: dict | None = None,
                d_model=cfg.d_model, n_head=cfg.n_head, status=status, dataset_hash=dataset_hash,
                recipe_hash=point.recipe_hash, record=record_path)
     if record is not None:
+        row.update(status=record.get("status", "ok"))
         row.update(params=record["params"], matmul_params=record["matmul_params"], steps=record["steps"],
                    tokens=record["steps"] * record["tokens_per_step"], final_val_loss=record["final_val_loss"],
                    seconds_per_step=record["seconds_per_step"], flops_per_step=record["flops_per_step"],
@@ -337,12 +388,12 @@ def subprocess_runner(recipe: train.Recipe) -> dict:
     args = [sys.executable, "-m", "impls.cli", "run", *recipe_lib.to_argv(recipe)]
     with tempfile.TemporaryDirectory(prefix="etbench-isoflop-") as tmp:
         out = Path(tmp) / "record.json"
-        done = subprocess.run([*args, "--out", str(out)], capture_output=True, text=True)
+        done = subprocess.run([*args, "--out", str(out), "--allow-divergence"], capture_output=True, text=True)
         if done.returncode == 2:  # bad input (e.g. budget < one step): the child's one-line error
             raise ConfigError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "config error")
         if done.returncode != 0 or not out.exists():
             raise RuntimeError(f"training subprocess failed (status {done.returncode}):\n{done.stderr[-4000:]}")
-        return json.loads(out.read_text())
+        return read_point_record(out)
 
 
 def _train_point(runner: Callable[[train.Recipe], dict], recipe: train.Recipe) -> dict | None:
@@ -422,13 +473,22 @@ def sweep(out_dir: str | os.PathLike, budgets: Sequence[float],
     points = plan_points(budgets, variants, sizes, base)
     from . import data as data_lib
 
+    # Everything a run checks before its work, before this sweep writes anything (sweep.json
+    # included): the data-dependent checks on one point, the rest on every point (plan_points).
+    if points:
+        first = points[0].recipe
+        train.validate(dataclasses.replace(first, flops_budget=None, steps=1))
+    check_writable_dir(out_dir)
     dataset = data_lib.load(base.get("data", train.Recipe.data))
     _check_directory(out_dir, _base_signature(base, dataset.content_hash))
+    for folder in (out_dir, out_dir / "runs"):
+        clean_stale_in(folder)  # temporaries of a sweep killed mid-write
     runner = runner or train.run
 
     existing = _read_points(out_dir)
     rows = [r for r in existing.to_dict("records")]
-    done = {_row_key(r) for r in rows if str(r["status"]) == "ok" or str(r["status"]).startswith("skipped")}
+    # Finished: trained (ok), skipped (budget < one step) or diverged (a rerun would diverge alike).
+    done = {_row_key(r) for r in rows if str(r["status"]) == "ok" or str(r["status"]).startswith(("skipped", "diverged"))}
     todo = [p for p in points if p.key not in done]
     bar = _progress(len(points), progress)
     bar.update(len(points) - len(todo))
@@ -438,7 +498,7 @@ def sweep(out_dir: str | os.PathLike, budgets: Sequence[float],
         if record is not None and trained:
             train.write_record(record, out_dir / point.record_name)
         rows.append(_row(point, SKIPPED, dataset) if record is None
-                    else _row(point, "ok", dataset, record, point.record_name))
+                    else _row(point, record.get("status", "ok"), dataset, record, point.record_name))
         _write_points(out_dir, rows)
         bar.update()
 
@@ -446,7 +506,7 @@ def sweep(out_dir: str | os.PathLike, budgets: Sequence[float],
     for point in todo:
         record_path = out_dir / point.record_name
         if record_path.exists():  # trained, but killed before points.csv was written
-            finish(point, json.loads(record_path.read_text()), trained=False)
+            finish(point, read_point_record(record_path), trained=False)
         elif not _fits_one_step(point.recipe, dataset):
             finish(point, None, trained=False)
         else:
@@ -655,7 +715,7 @@ def plot_loss_vs_flops(points: pd.DataFrame, out_dir: Path):
     colour = model size, line style = budget."""
     rows = []
     for p in points[points["status"] == "ok"].itertuples():
-        record = json.loads((out_dir / p.record).read_text())
+        record = read_point_record(out_dir / p.record)
         for c in record["curve"]:
             if c["flops"] > 0 and c["val_loss"] is not None:
                 rows.append(dict(variant=p.variant, size=f"{p.size} ({p.params / 1e3:.0f}K)", params=p.params,
@@ -806,6 +866,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     t0 = time.perf_counter()
     try:
+        check_writable_dir(args.out)
         budgets = _floats(args.budgets)
         if args.retime is not None and args.retime < 3:
             raise ConfigError(f"--retime must be >= 3 steps (the first are untimed warm-up), got {args.retime}")
@@ -821,11 +882,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             points = sweep(args.out, budgets, _names(args.variants), _names(args.sizes), runner=runner,
                            workers=args.workers, **base)
+        tables = analyse(points, args.out, args.n_col, near_min=args.fit_sizes, retime_steps=args.retime,
+                         variants=resolve_variants(_names(args.variants)), **base)
     except ConfigError as e:
         print(f"etbench isoflop: error: {e}", file=sys.stderr)
         return 2
-    tables = analyse(points, args.out, args.n_col, near_min=args.fit_sizes, retime_steps=args.retime,
-                     variants=resolve_variants(_names(args.variants)), **base)
+    except WriteError as e:
+        print(f"etbench isoflop: error: {e}", file=sys.stderr)
+        return 1
     with pd.option_context("display.width", 140, "display.max_columns", 20):
         shown = points[["variant", "budget", "size", "params", "steps", "final_val_loss", "seconds_per_step",
                         "status"]]

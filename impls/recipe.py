@@ -110,6 +110,11 @@ class Recipe:
     mlm_rate: float = field(default=0.15, metadata=_flag(
         "fraction of tokens masked (masked-LM encoders only: BERT)"))
     device: str = field(default="auto", metadata=_flag("auto | cpu | cuda"))
+    # Gradient-norm clipping (off by default): the global L2 norm of the gradients, after fp16
+    # unscaling, is clipped to this before the optimizer step; the pre-clip norm goes in the curve.
+    grad_clip: float | None = field(default=None, metadata=_flag(
+        "clip the global gradient norm to MAX_NORM before each update (off by default); the curve "
+        "records the pre-clip norm", metavar="MAX_NORM"))
     model_args: dict = field(default_factory=dict, metadata=_flag(
         "override a model config field (repeatable)", flags=("--model-arg",), metavar="K=V", repeat=True,
         parse=_model_args, write=lambda args: [f"{k}={v}" for k, v in args.items()]))

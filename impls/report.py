@@ -13,8 +13,9 @@ which writes into ``OUT_DIR``
 * ``interleaved-<family>.png``/``.csv``: interleaved comparisons (records of kind
   ``"interleaved"``): speed-up vs the baseline with its 95% interval, and memory ratios.
 
-Records whose consistency check failed (e.g. MFU above 100%) are refused: listed in
-``summary.md`` with the reason, never plotted.  ``python -m impls.report --compare RUNS_A RUNS_B
+Records whose consistency check failed (e.g. MFU above 100%), and runs that diverged (a
+``status`` other than ``ok``: ``diverged at step N``), are refused: listed in ``summary.md``
+with the reason, never plotted as results.  ``python -m impls.report --compare RUNS_A RUNS_B
 -o OUT_DIR`` compares two runs directories (two commits or two machines): per record, s/step of A
 and B, the ratio B/A with a bootstrap interval, and whether the interval excludes 1.
 
@@ -41,7 +42,8 @@ import seaborn as sns
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .files import atomic_path, write_text
+from .errors import ConfigError, WriteError
+from .files import atomic_path, check_writable_dir, clean_stale_in, write_text
 
 SCHEMA_VERSION = 1
 MIB = 1 << 20
@@ -109,6 +111,11 @@ class InconsistentRecordError(RecordError):
         super().__init__("inconsistent record, not plotted: " + "; ".join(self.reasons))
 
 
+class DivergedRecordError(InconsistentRecordError):
+    """The record of a run that did not finish as a result (``status`` is not ``ok``, e.g.
+    ``diverged at step 7``): shown as refused, with its status, never plotted."""
+
+
 class BadInputError(ValueError):
     """A command-line value that cannot be used (reported as one line, exit status 2)."""
 
@@ -150,6 +157,9 @@ def validate_record(record) -> None:
         value = _lookup(record, key)
         if value is not None and not _is_number(value):
             raise RecordError(f"{key!r} is {value!r}, expected a number or null")
+    status = record.get("status", "ok")  # records written before the status existed finished
+    if status != "ok":
+        raise DivergedRecordError([f"run {status}: not a result"])
     errors = record_consistency_errors(record)
     if errors:
         raise InconsistentRecordError(errors)
@@ -816,7 +826,7 @@ def refused_markdown(refused: Sequence[dict]) -> str:
     """The records the report refused to plot, with the reason (markdown); empty if none."""
     if not refused:
         return ""
-    lines = ["", "### Refused records (failed the consistency check, not plotted)", ""]
+    lines = ["", "### Refused records (diverged, or failed the consistency check; not plotted)", ""]
     lines += [f"- {r['family']} / {r['label']} (`{Path(r['source']).name}`): " + "; ".join(r["reasons"])
               for r in refused]
     return "\n".join(lines) + "\n"
@@ -1243,7 +1253,8 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: ``python -m impls.report RESULTS_DIR_OR_FILES... -o OUT_DIR`` or
     ``python -m impls.report --compare RUNS_A RUNS_B -o OUT_DIR``; returns the exit code
-    (1: no records, 2: a bad argument, named in one line)."""
+    (2: no records, or a bad argument such as an output folder that cannot be written, named in one
+    line before any work; 1: a write that failed, named in one line)."""
     parser = argparse.ArgumentParser(
         prog="python -m impls.report",
         description="Summarise etbench run records as a table (CSV, markdown) and PNG plots, or "
@@ -1261,6 +1272,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.simplefilter("always", RecordWarning)
         warnings.showwarning = _print_warning
         try:
+            try:
+                check_writable_dir(args.out)
+            except ConfigError as exc:
+                raise BadInputError(str(exc)) from None
+            clean_stale_in(args.out)
             if args.compare:
                 if args.paths:
                     raise BadInputError(f"--compare takes no other paths (got {str(args.paths[0])!r})")
@@ -1275,7 +1291,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BadInputError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        except NoRecordsError as exc:
+        except NoRecordsError as exc:  # nothing to report is bad input too: the paths hold no records
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except WriteError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
     for path in written:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import subprocess
@@ -29,7 +30,7 @@ import torch
 from . import data as data_lib
 from . import dist, engines, optimizers, techniques, training_state, zoo
 from .build import Build
-from .files import write_text
+from .files import clean_stale, write_text
 from .measure import PeakMemory, device_name, model_flops_per_step, peak_flops
 from .measure import timing as timing_lib
 from .parallel import ParallelDims
@@ -50,7 +51,16 @@ def _world_size(ctx: dist.DistContext | None) -> int:
 def check_recipe_fields(r: Recipe, world_size: int = 1) -> tuple[list[techniques.TechniqueSpec], techniques.Plan]:
     """The checks that need no data and no model: names, values, technique options and
     combinations, the mesh.  Returns the techniques (defaults such as DDP added) and the plan."""
-    return _check(r, world_size)[:2]
+    specs, plan, _ = _check(r, world_size)
+    check_grad_clip(r)
+    return specs, plan
+
+
+def check_grad_clip(r: Recipe) -> None:
+    """``grad_clip``: off (None) or a finite max norm > 0."""
+    if r.grad_clip is not None and not (isinstance(r.grad_clip, (int, float)) and math.isfinite(r.grad_clip)
+                                        and r.grad_clip > 0):
+        raise RecipeError(f"grad_clip must be a finite max norm > 0 (or not given), got {r.grad_clip}")
 
 
 def _check(r: Recipe, world_size: int):
@@ -99,6 +109,7 @@ class Validated:
 def validate(r: Recipe, world_size: int = 1) -> Validated:
     """Check everything that can be checked before training; return techniques, plan, mesh and data."""
     specs, plan, dims = _check(r, world_size)
+    check_grad_clip(r)
     dataset = data_lib.load(r.data)
     meta = zoo.build(r.model, device="meta", **model_overrides(r, dataset))
     if r.seq_len > meta.cfg.block_size:
@@ -266,62 +277,104 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, unit="step", disable=not (enabled and sys.stderr.isatty()), leave=False)
 
 
+def _finite(value) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _mean_finite(values: list) -> float | None:
+    finite = [v for v in values if _finite(v)]
+    return sum(finite) / len(finite) if finite else None
+
+
 def run(recipe: Recipe, ctx: dist.DistContext | None = None, *, save_every: int | None = None,
         checkpoint: str | os.PathLike | None = None, resume: str | os.PathLike | None = None) -> dict:
     """Validate ``recipe``, train, and return the run record (identical on every rank).
 
     ``save_every`` N steps, the full training state goes to ``checkpoint`` (atomically);
     ``resume`` continues from such a file, ending bit-identical to an uninterrupted run.
+
+    Divergence is a status, not an exception: at the first step whose training loss (or an
+    evaluation's validation loss) is not finite, on any rank, training stops (what follows a NaN
+    is NaN: more steps would cost time and measure nothing), the curve gets that step with its
+    non-finite loss, and the record's ``status`` says ``diverged at step N`` (``ok`` otherwise).
+    The checkpoint keeps the last finite state.
     """
     t_start = time.perf_counter()
     if save_every is not None and (save_every < 1 or checkpoint is None):
         raise RecipeError(f"save_every must be >= 1 and needs a checkpoint path, got {save_every}, {checkpoint}")
+    if save_every is not None:
+        clean_stale(checkpoint)  # temporaries of a process killed while saving
     resumed = training_state.load(resume, recipe, _world_size(ctx)) if resume else None
     load_start, cpu_start = timing_lib.load_average(), timing_lib.cpu_snapshot()
     session = prepare(recipe, ctx)
     cost = measure_step(session)
     ctx, engine, batches, total = session.ctx, session.engine, session.batches, cost.total_steps
     eval_every = recipe.eval_every or max(1, total // 10)
+    clipping = recipe.grad_clip is not None
     if resumed:
         engine.load_state_dict(resumed["engine"])
         start, curve, window = resumed["step"], resumed["curve"], resumed["window_losses"]
+        norms = list(resumed.get("window_grad_norms") or [])
         training_state.restore_rng(resumed["rng"])
     else:
-        start, window = 0, []
+        start, window, norms = 0, [], []
         curve = [dict(step=0, flops=0.0, model_flops=0.0, tokens=0, train_loss=None,
                       val_loss=_evaluate(engine, batches, ctx, recipe.eval_batches))]
     # The first steps of this process are untimed: allocator and thread-pool warm-up, and the
     # compilation of a compiled model, whose time is reported on its own.
     warmup = min(recipe.timing_warmup, total - start - 1)
-    seconds, state_bytes = [], None
+    seconds, state_bytes, status, done = [], None, "ok", start
     bar = _progress(total, ctx.is_main)
     bar.update(start)
+
+    def point(done: int, train_loss, val_loss) -> dict:
+        entry = dict(step=done, flops=float(done * cost.flops_per_step), model_flops=done * cost.model_flops_per_step,
+                     tokens=done * cost.tokens_per_step, train_loss=train_loss, val_loss=val_loss)
+        if clipping:  # the mean pre-clip gradient norm since the last point (steps with a finite norm)
+            entry["grad_norm"] = _mean_finite(norms)
+        return entry
+
     with PeakMemory(ctx.device) as peak:
         for step in range(start, total):
-            window.append(timed_step(engine, batches, ctx.device, step, seconds))
+            loss = timed_step(engine, batches, ctx.device, step, seconds)
+            window.append(loss)
+            if clipping:
+                norms.append(engine.last_grad_norm)
             if state_bytes is None:  # after the first update: optimizer state exists, gradients still held
                 state_bytes = _state_bytes(session)
             done = step + 1
+            # One verdict for all ranks (outside the timed step), so they stop together.
+            bad = not _finite(loss)
+            if ctx.world_size > 1:
+                bad = ctx.all_max([float(bad)])[0] > 0
+            if bad:
+                status = f"diverged at step {done}"
+                curve.append(point(done, ctx.all_mean(loss), None))
+                break
             if done % eval_every == 0 or done == total:
-                curve.append(dict(step=done, flops=float(done * cost.flops_per_step),
-                                  model_flops=done * cost.model_flops_per_step,
-                                  tokens=done * cost.tokens_per_step,
-                                  train_loss=ctx.all_mean(sum(window) / len(window)),
-                                  val_loss=_evaluate(engine, batches, ctx, recipe.eval_batches)))
-                window = []
+                curve.append(point(done, ctx.all_mean(sum(window) / len(window)),
+                                   _evaluate(engine, batches, ctx, recipe.eval_batches)))
+                window, norms = [], []
+                if not _finite(curve[-1]["val_loss"]):
+                    status = f"diverged at step {done}"
+                    break
                 bar.set_postfix(val_loss=f"{curve[-1]['val_loss']:.3f}")
             if save_every and (done % save_every == 0 or done == total):
-                training_state.save(checkpoint, recipe, ctx, engine, step=done, curve=curve, window_losses=window)
+                training_state.save(checkpoint, recipe, ctx, engine, step=done, curve=curve, window_losses=window,
+                                    window_grad_norms=norms)
             bar.update()
     bar.close()
-    if not seconds[max(warmup, 0):]:
-        raise RecipeError(f"nothing left to train: the checkpoint is at step {start} of {total}")
+    timed = seconds[max(warmup, 0):]
+    if not timed:
+        if status == "ok":
+            raise RecipeError(f"nothing left to train: the checkpoint is at step {start} of {total}")
+        timed = seconds  # diverged before the timed steps: the warm-up steps are all there is
     # A step lasts as long as its slowest rank.
-    timing = dict(first_step_seconds=seconds[0], step_seconds=ctx.all_max(seconds[max(warmup, 0):]),
+    timing = dict(first_step_seconds=seconds[0], step_seconds=ctx.all_max(timed),
                   load_start=load_start, load_end=timing_lib.load_average(),
                   others=_other_cores(ctx, cpu_start, timing_lib.cpu_snapshot()))
     return make_record(session, cost, curve, timing, state_bytes, peak, resumed_from=start if resumed else None,
-                       wall_seconds=time.perf_counter() - t_start)
+                       wall_seconds=time.perf_counter() - t_start, status=status, steps_done=done)
 
 
 def _other_cores(ctx: dist.DistContext, start: dict | None, end: dict | None) -> float | None:
@@ -343,8 +396,12 @@ def _state_bytes(session: Session) -> dict:
 
 
 def make_record(session: Session, cost: StepMeasure, curve: list, timing: dict, state_bytes: dict,
-                peak: PeakMemory, resumed_from: int | None, wall_seconds: float) -> dict:
-    """The run record (schema :data:`SCHEMA_VERSION`): recipe, provenance, cost, time, memory, curve."""
+                peak: PeakMemory, resumed_from: int | None, wall_seconds: float, status: str = "ok",
+                steps_done: int | None = None) -> dict:
+    """The run record (schema :data:`SCHEMA_VERSION`): recipe, provenance, cost, time, memory, curve.
+
+    ``status``: ``ok``, or ``diverged at step N`` (the curve ends at step N with a null loss, and
+    ``final_val_loss`` is null); ``steps`` is the planned length, ``steps_done`` the steps trained."""
     recipe, ctx, plan, dataset, model = session.recipe, session.ctx, session.plan, session.dataset, session.model
     step_seconds = timing["step_seconds"]
     seconds_per_step = sum(step_seconds) / len(step_seconds)  # per-step times are already the slowest rank's
@@ -355,6 +412,7 @@ def make_record(session: Session, cost: StepMeasure, curve: list, timing: dict, 
     record = dict(
         schema=SCHEMA_VERSION,
         label=recipe.label + (f"/ws{ctx.world_size}" if ctx.world_size > 1 else ""),
+        status=status,
         recipe=dataclasses.asdict(recipe),
         **_provenance(),
         device=dict(type=ctx.device.type, name=device_name(ctx.device), threads=torch.get_num_threads()),
@@ -372,6 +430,7 @@ def make_record(session: Session, cost: StepMeasure, curve: list, timing: dict, 
         matmul_params=model.num_params(matmul_only=True),
         tokens_per_step=cost.tokens_per_step,
         steps=cost.total_steps,
+        steps_done=cost.total_steps if steps_done is None else steps_done,
         resumed_from_step=resumed_from,
         flops_per_step=float(cost.flops_per_step),
         frozen_flops_per_step=float(cost.frozen_flops_per_step),
@@ -389,13 +448,13 @@ def make_record(session: Session, cost: StepMeasure, curve: list, timing: dict, 
         memory=dict(**memory, activations_bytes=cost.activations_bytes, peak_bytes=int(peak.peak_bytes),
                     peak_kind=peak.kind, optimizer_state=optimizer_state),
         curve=curve,
-        final_val_loss=curve[-1]["val_loss"],
+        final_val_loss=curve[-1]["val_loss"] if status == "ok" else None,
         wall_seconds=wall_seconds,
     )
     # Impossible values (an MFU above 100%) are errors of the record, never results: the report
     # refuses to plot a record that has any.
     record["consistency_errors"] = timing_lib.consistency_errors(record)
-    return record
+    return strict_json(record)  # as written: a diverged run's non-finite losses are null
 
 
 def _provenance() -> dict:
@@ -421,6 +480,24 @@ def _provenance() -> dict:
     return dict(git_commit=commit, git_dirty=dirty, versions=versions)
 
 
+def strict_json(value):
+    """``value`` with every non-finite float (NaN, ±inf) replaced by None: what strict JSON can
+    hold.  A record says why a number is missing (its ``status``)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def dumps_record(record: dict) -> str:
+    """``record`` as strict JSON (``allow_nan=False``: no bare NaN/Infinity tokens)."""
+    return json.dumps(strict_json(record), indent=1, allow_nan=False)
+
+
 def write_record(record: dict, path: str | os.PathLike) -> Path:
-    """Write ``record`` as JSON atomically: a reader never sees a partial file."""
-    return write_text(path, json.dumps(record, indent=1))
+    """Write ``record`` as strict JSON atomically: a reader never sees a partial file, and a
+    failed write (:class:`~impls.errors.WriteError`) leaves the previous file intact."""
+    return write_text(path, dumps_record(record))

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
-from .files import atomic_path
+from .files import write_bytes
 
 FORMAT = "etbench-training-state/1"
 # Fields that change how a run is executed or measured, not what it computes.
@@ -40,18 +40,24 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(path: str | os.PathLike, recipe, ctx, engine, *, step: int, curve: list, window_losses: list) -> None:
-    """Write the training state after ``step`` optimizer steps (rank 0 writes; all ranks wait)."""
+def save(path: str | os.PathLike, recipe, ctx, engine, *, step: int, curve: list, window_losses: list,
+         window_grad_norms: list | None = None) -> None:
+    """Write the training state after ``step`` optimizer steps (rank 0 writes; all ranks wait).
+    A failed write raises :class:`~impls.errors.WriteError` and leaves the previous state intact."""
     if ctx.is_main:
         buffer = io.BytesIO()
         torch.save(dict(recipe=dataclasses.asdict(recipe), world_size=ctx.world_size, step=step,
-                        curve=curve, window_losses=window_losses, engine=engine.state_dict(), rng=_rng_state()),
-                   buffer)
+                        curve=curve, window_losses=window_losses, window_grad_norms=list(window_grad_norms or []),
+                        engine=engine.state_dict(), rng=_rng_state()), buffer)
         payload = buffer.getvalue()
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                torch.save(dict(format=FORMAT, sha256=hashlib.sha256(payload).hexdigest(), payload=payload), f)
+        outer = io.BytesIO()
+        torch.save(dict(format=FORMAT, sha256=hashlib.sha256(payload).hexdigest(), payload=payload), outer)
+        write_bytes(path, outer.getvalue())
     ctx.barrier()
+
+
+#: What a training state's payload holds (window_grad_norms is optional: older states lack it).
+_STATE_KEYS = ("recipe", "world_size", "step", "curve", "window_losses", "engine", "rng")
 
 
 def load(path: str | os.PathLike, recipe, world_size: int) -> dict:
@@ -65,9 +71,22 @@ def load(path: str | os.PathLike, recipe, world_size: int) -> dict:
         raise ConfigError(f"checkpoint {path} is corrupt or not an etbench checkpoint ({type(e).__name__})") from None
     if not isinstance(outer, dict) or outer.get("format") != FORMAT:
         raise ConfigError(f"checkpoint {path} is not an etbench training state (expected format {FORMAT})")
-    if hashlib.sha256(outer["payload"]).hexdigest() != outer["sha256"]:
+    payload, digest = outer.get("payload"), outer.get("sha256")
+    if not isinstance(payload, bytes) or not isinstance(digest, str):
+        missing = [k for k, t in (("payload", bytes), ("sha256", str)) if not isinstance(outer.get(k), t)]
+        raise ConfigError(f"checkpoint {path} is incomplete: no {' or '.join(missing)} (not written by etbench run "
+                          f"--save-every)")
+    if hashlib.sha256(payload).hexdigest() != digest:
         raise ConfigError(f"checkpoint {path} is corrupt: its SHA-256 does not match its contents")
-    state = torch.load(io.BytesIO(outer["payload"]), map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ConfigError(f"checkpoint {path} is corrupt: its payload does not load ({type(e).__name__})") from None
+    missing = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ConfigError(f"checkpoint {path} is incomplete: its payload lacks {', '.join(missing)}")
+    if not isinstance(state["recipe"], dict):
+        raise ConfigError(f"checkpoint {path} is incomplete: its recipe is not a mapping")
     mine = dataclasses.asdict(recipe)
     differing = sorted(k for k in mine if k not in _EXECUTION_ONLY and state["recipe"].get(k) != mine[k])
     if differing:

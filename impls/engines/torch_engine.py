@@ -33,6 +33,8 @@ class TorchEngine:
         global_batch = recipe.batch_size * self.plan.accum_steps * self.dp
         ratio = global_batch / recipe.base_batch
         self.peak_lr = recipe.lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[recipe.lr_scaling]
+        #: The global gradient norm before clipping, of the last step (None without --grad-clip).
+        self.last_grad_norm: float | None = None
 
     def lr_at(self, step: int) -> float:
         r, peak = self.recipe, self.peak_lr
@@ -101,6 +103,8 @@ class TorchEngine:
             group["lr"] = self.lr_at(step)
         loss = self.forward_backward(x, y)
         self._run_hooks("before_step", step)
+        if self.recipe.grad_clip is not None:
+            self.clip_gradients()
         if self.scaler:
             self.scaler.step(self.optimizer)  # skipped when the gradients hold inf/NaN
             self.scaler.update()
@@ -108,6 +112,29 @@ class TorchEngine:
             self.optimizer.step()
         self._run_hooks("after_step", step)
         return loss.item()
+
+    def clip_gradients(self) -> float:
+        """Clip the global L2 norm of the gradients to ``recipe.grad_clip`` (after unscaling them,
+        under fp16 loss scaling, so the threshold is in true gradient units); keep and return the
+        pre-clip norm.  Gradients are already averaged over data-parallel ranks here, so every
+        rank computes the same norm.  A non-finite norm (an fp16 overflow, which the scaler then
+        skips) clips nothing."""
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            self.last_grad_norm = 0.0
+            return 0.0
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach(), dtype=torch.float32)
+                                                     for g in grads]))
+        self.last_grad_norm = float(norm)
+        if math.isfinite(self.last_grad_norm):
+            # as torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6), never up
+            coef = min(1.0, self.recipe.grad_clip / (self.last_grad_norm + 1e-6))
+            if coef < 1.0:
+                for g in grads:
+                    g.mul_(coef)
+        return self.last_grad_norm
 
     @torch.no_grad()
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> float:

@@ -1,0 +1,123 @@
+"""Several ranks on this machine: ``etbench run --nproc N`` (and ``etbench compare --nproc N``).
+
+The parent checks everything it can (recipe, data, output paths, a checkpoint to resume) before
+starting any rank, then runs torch's elastic agent in-process (what ``torchrun --standalone``
+runs) over ``python -m impls.cli ...`` without ``--nproc``.  What a user sees when something
+fails is one line, once:
+
+* a rank that fails on bad input (status 2), a write error (1) or a divergence (3) leaves its
+  one-line message in a folder the parent names in :data:`RANK_ERRORS_ENV` instead of printing
+  it, so N ranks failing alike print one line, not N; the parent prints the lowest rank's and
+  exits with its status;
+* a rank that dies (a signal, a crash with its own traceback above) is named by the parent:
+  ``rank R was killed by signal SIGKILL; the other ranks were stopped`` (status 1);
+* the agent stops the other ranks as soon as one fails (SIGTERM, then SIGKILL after its
+  shutdown timeout), so none is left behind; its log lines and ``ChildFailedError`` traceback
+  are not shown.
+
+A rank blocked in a collective whose peer died without an agent to stop it (ranks started by
+hand) gives up after the process group's timeout (``ETBENCH_DIST_TIMEOUT`` seconds,
+:mod:`impls.dist`) with one line.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+from .errors import EXIT_FAILED
+
+#: Environment variable naming the folder where ranks leave their one-line errors.
+RANK_ERRORS_ENV = "ETBENCH_RANK_ERRORS"
+_QUIET_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher", "torch.distributed.run")
+
+
+def in_launched_rank() -> bool:
+    """Whether this process is a rank started by :func:`launch`."""
+    return bool(os.environ.get(RANK_ERRORS_ENV)) and "LOCAL_RANK" in os.environ
+
+
+def report_error(status: int, message: str) -> bool:
+    """In a rank started by :func:`launch`: leave ``message`` for the parent to print once and
+    return True; elsewhere return False (the caller prints it)."""
+    if not in_launched_rank():
+        return False
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        Path(os.environ[RANK_ERRORS_ENV], f"rank{rank}.json").write_text(
+            json.dumps(dict(rank=rank, status=int(status), message=str(message))))
+    except OSError:
+        return False
+    return True
+
+
+def _reported(folder: Path) -> list[dict]:
+    found = []
+    for path in folder.glob("rank*.json"):
+        try:
+            entry = json.loads(path.read_text())
+            found.append(dict(rank=int(entry["rank"]), status=int(entry["status"]), message=str(entry["message"])))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return sorted(found, key=lambda e: e["rank"])
+
+
+def summarise_failure(failures: dict, reported: list[dict]) -> tuple[int, str]:
+    """The exit status and the one line for a failed launch: the lowest rank's own message if
+    any rank left one, else the rank that died (killed by a signal first, then the lowest)."""
+    # A rank that lost its peer reports that too; the peer that died is the news.
+    own = [e for e in reported if e["status"] != EXIT_FAILED or "lost contact" not in e["message"]]
+    if own:
+        first = own[0]
+        return first["status"], first["message"]
+    if not failures:
+        return EXIT_FAILED, reported[0]["message"] if reported else "a rank failed"
+    # Killed by a signal first, but not SIGTERM: that is how the agent stops the survivors.
+    rank, failure = min(failures.items(), key=lambda kv: (kv[1].exitcode >= 0, kv[1].exitcode == -15, kv[0]))
+    if failure.exitcode < 0:
+        what = f"was killed by signal {failure.signal_name()}"
+    else:
+        what = f"exited with status {failure.exitcode}" + (" (its traceback is above)" if failure.exitcode == 1 else "")
+    return EXIT_FAILED, f"rank {rank} {what}; the other ranks were stopped"
+
+
+def launch(module_args: list[str], nproc: int) -> int:
+    """Run ``python -m <module_args>`` on ``nproc`` local ranks; return the exit status (0, or
+    the failure's, with its one line printed on stderr)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+    from torch.distributed.run import config_from_args, parse_args
+
+    saved_env = dict(os.environ)
+    loggers = [logging.getLogger(name) for name in _QUIET_LOGGERS]
+    saved_loggers = [(lg.handlers[:], lg.propagate) for lg in loggers]
+    folder = Path(tempfile.mkdtemp(prefix="etbench-ranks-"))
+    try:
+        # Ranks import what this process imports (asv strips PYTHONPATH from benchmarks).
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        os.environ[RANK_ERRORS_ENV] = str(folder)
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default with several ranks per machine
+        for lg in loggers:  # the agent's log lines and warnings: our own line replaces them
+            lg.handlers, lg.propagate = [logging.NullHandler()], False
+        args = parse_args([f"--nproc_per_node={nproc}", "--max-restarts=0", "-m", *module_args])
+        # what torchrun --standalone sets: a local C10d store on a free port
+        args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
+        config, cmd, cmd_args = config_from_args(args)
+        try:
+            elastic_launch(config, cmd)(*cmd_args)
+            return 0
+        except ChildFailedError as e:
+            status, message = summarise_failure(e.failures, _reported(folder))
+            print(f"etbench: error: {message}", file=sys.stderr)
+            return status
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        for lg, (handlers, propagate) in zip(loggers, saved_loggers):
+            lg.handlers, lg.propagate = handlers, propagate
+        shutil.rmtree(folder, ignore_errors=True)
