@@ -195,9 +195,18 @@ def _cmd_report(args, argv) -> int:
     return report.main([*args.paths, "-o", args.out])
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse's errors (a flag's type, a missing or exclusive flag) as every other bad input:
+    one line on stderr and status 2, without the usage block (``--help`` shows it).  Its
+    subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def parser() -> argparse.ArgumentParser:
     """The ``etbench`` parser (``isoflop`` is only listed here: it parses its own options)."""
-    top = argparse.ArgumentParser(prog="etbench", description=__doc__.split("\n")[0])
+    top = _OneLineParser(prog="etbench", description=__doc__.split("\n")[0])
     sub = top.add_subparsers(dest="command", required=True)
     _run_parser(sub)
     p = sub.add_parser("compare", help="time variants interleaved (A B C, B C A, ...): speed-ups with 95%% intervals")

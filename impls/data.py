@@ -10,6 +10,8 @@
 * ``tokens:PATH[,dtype=uint16|uint32]`` -- memory-mapped token files in nanoGPT's layout
   (``train.bin``/``val.bin`` + optional ``meta.json``, or one ``.bin`` split 90/10); see
   ``datasets/prepare_tokens.py`` to make them and ``datasets/README.md`` for the dataset cards.
+  A wrong dtype is refused rather than trained on: a uint32 file read as uint16 (every second
+  id 0), a uint16 file read as uint32 (a vocabulary inferred larger than the corpus).
 
 Every dataset carries a ``content_hash`` (sha256 of the tokens actually used, train then val) so
 results measured on different corpora never mix silently, and :meth:`TokenData.batch` is a pure
@@ -388,18 +390,55 @@ def _load_tokens(path: str, opt: dict) -> TokenData:
         raise DataError(f"dtype={opt['dtype']} contradicts dtype={meta['dtype']} in "
                         f"{root / 'meta.json'}")
     dtype = np.dtype(opt["dtype"] or meta.get("dtype", "uint16"))
+    if meta.get("vocab_size", 0) > 1 << 8 * dtype.itemsize:
+        raise DataError(f"vocab_size={meta['vocab_size']} in {root / 'meta.json'} does not fit {dtype.name} token "
+                        f"ids (at most {1 << 8 * dtype.itemsize}); the dtype is wrong or the vocab_size is")
     arrays = [_memmap(f, dtype) for f in files]
+    for path, array in zip(files, arrays):
+        _check_width(path, array)
     if len(arrays) == 1:  # one file: the last 10% by position is validation
         cut = int(arrays[0].size * (1 - _VAL_FRACTION))
         arrays = [arrays[0][:cut], arrays[0][cut:]]
     train, val = (a.reshape(1, -1) for a in arrays)  # 1-row views: no copy of the memmap
     content_hash, top = _scan(train, val)
-    vocab_size = meta.get("vocab_size", top + 1)
+    if "vocab_size" in meta:
+        vocab_size = meta["vocab_size"]
+    else:
+        vocab_size = top + 1
+        _check_inferred_vocab(root, dtype, vocab_size, train.size + val.size)
     if top >= vocab_size:
         raise DataError(f"token {top} in {root} is outside vocab_size={vocab_size} of "
                         f"{root / 'meta.json'}")
     return TokenData(name=f"tokens:{root},dtype={dtype.name}", vocab_size=vocab_size,
                      content_hash=content_hash, entropy_floor=None, train=train, val=val)
+
+
+_WIDTH_SAMPLE = 1 << 20  # tokens read from the head of a file to check its dtype
+
+
+def _check_width(path: Path, tokens: np.ndarray) -> None:
+    """Refuse a uint32 file read as uint16: its ids below 65536 leave every second uint16 zero
+    (little-endian high halves).  Only the head of the file is read, so a large corpus is not
+    read twice; real text has nonzero tokens at odd positions within a few hundred tokens."""
+    if tokens.dtype != np.uint16:
+        return
+    head = np.asarray(tokens[:_WIDTH_SAMPLE - _WIDTH_SAMPLE % 2])
+    if head.size >= 16 and not head[1::2].any() and head[0::2].any():
+        raise DataError(f"token file {path} read as uint16 has 0 at every odd position of its first {head.size} "
+                        f"tokens, as a uint32 file read as uint16 would; give dtype=uint32 (tokens:PATH,dtype=uint32 "
+                        f"or \"dtype\" in meta.json)")
+
+
+def _check_inferred_vocab(root: Path, dtype: np.dtype, vocab_size: int, n_tokens: int) -> None:
+    """Bound a vocabulary inferred as largest id + 1 (no ``vocab_size`` in meta.json).  A uint16
+    file read as uint32 pairs two ids into one (id_a + 65536·id_b): millions of "tokens", most of
+    them never seen, and an embedding table that runs out of memory.  Any uint16 vocabulary is
+    plausible (and only a uint32 file has more); above 65536 ids, a vocabulary larger than the
+    corpus has tokens is refused."""
+    if vocab_size > max(1 << 16, n_tokens):
+        raise DataError(f"token ids in {root} read as {dtype.name} reach {vocab_size - 1}: a vocabulary of "
+                        f"{vocab_size} inferred from only {n_tokens} tokens, as a uint16 file read as uint32 "
+                        f"would give; give dtype=uint16, or state vocab_size in meta.json")
 
 
 def _read_meta(path: Path) -> dict:

@@ -2,16 +2,22 @@
 
 Every way of starting a run — ``etbench run`` flags, the isoFLOP runner, the asv benchmarks'
 run helper — derives from these fields; a field added here is reachable from all of them.
-Each field's ``metadata`` holds its flag: the help text, aliases, and for the fields that are
-not one scalar (techniques, model_args, mesh) how the flag's text is read and written.
+Each field's ``metadata`` holds its flag: the help text, aliases, for the fields that are
+not one scalar (techniques, model_args, mesh) how the flag's text is read and written, and for
+numeric fields the valid range (:class:`Range`, shown in ``--help``).
 :func:`add_arguments` turns the fields into argparse flags, :func:`from_args` reads them back
 into a Recipe, and :func:`to_argv` writes a Recipe as the flags that reproduce it exactly.
+:func:`check_values` checks every field's type and range from that metadata: the one place a
+recipe's values are checked (names — model, data, optimizer, techniques — are checked by the
+code that looks them up).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import functools
+import math
+import numbers
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import MISSING, Field, dataclass, field
@@ -51,17 +57,63 @@ def _text(value) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric field: an interval whose bounds (None: unbounded) are
+    closed unless ``open_low`` / ``open_high``.  A float must also be finite: NaN passes no
+    comparison, so it would slip through a bare ``lr <= 0`` test and train to a NaN record, and
+    an infinite rate, decay or budget is never what a user meant."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+
+    def contains(self, value) -> bool:
+        try:
+            if not math.isfinite(value):
+                return False
+        except OverflowError:  # an int beyond any float: no count, rate or budget is that large
+            return False
+        if self.low is not None and not (value > self.low if self.open_low else value >= self.low):
+            return False
+        return self.high is None or (value < self.high if self.open_high else value <= self.high)
+
+    def describe(self, kind: type = float) -> str:
+        """``"a finite number > 0"``, ``"an integer >= 1"``, ``"a finite number in (0, 1)"``..."""
+        what = "an integer" if kind is int else "a finite number"
+        if self.low is not None and self.high is not None:
+            return (f"{what} in {'(' if self.open_low else '['}{self.low}, {self.high}"
+                    f"{')' if self.open_high else ']'}")
+        if self.low is not None:
+            return f"{what} {'>' if self.open_low else '>='} {self.low}"
+        if self.high is not None:
+            return f"{what} {'<' if self.open_high else '<='} {self.high}"
+        return what
+
+
+POSITIVE = Range(0, open_low=True)  # learning rate, FLOP budget: zero would train nothing
+NON_NEGATIVE = Range(0)  # decay, warm-up steps, untimed steps: zero means "none"
+AT_LEAST_ONE = Range(1)  # counts: sequences, tokens, steps, batches
+# Seeds feed torch.manual_seed and numpy's SeedSequence, and sit in int64 columns of sweep
+# tables: the non-negative int64 range.
+SEED = Range(0, 2 ** 63 - 1)
+FRACTION = Range(0, 1, open_low=True, open_high=True)  # neither none nor all of the tokens
+
+
 def _flag(help: str, *, flags: tuple[str, ...] = (), metavar: str | None = None, repeat: bool = False,
           parse: Callable | None = None, write: Callable[[object], list[str]] | None = None,
-          group: str | None = None) -> dict:
+          group: str | None = None, valid: Range | None = None) -> dict:
     """A field's CLI metadata.
 
     ``flags``: option strings, the first one written by :func:`to_argv` (default ``--field-name``);
     ``repeat``: the flag may be given several times, its texts collected in a list;
     ``parse``: flag text (the list, if ``repeat``) -> field value, ``write`` its inverse (one
-    text per flag); ``group``: fields of one group are mutually exclusive.
+    text per flag); ``group``: fields of one group are mutually exclusive; ``valid``: the range
+    of a numeric field, checked by :func:`check_values` and shown in ``--help``.
     """
-    return dict(help=help, flags=flags, metavar=metavar, repeat=repeat, parse=parse, write=write, group=group)
+    return dict(help=help, flags=flags, metavar=metavar, repeat=repeat, parse=parse, write=write, group=group,
+                valid=valid)
 
 
 # --------------------------------------------------------------------------- the recipe
@@ -74,28 +126,30 @@ class Recipe:
         "synthetic[:k=v,...] | pycode[:max_bytes=N] | tokens:PATH"))
     optimizer: str = field(default="adamw", metadata=_flag(
         "sgd | nesterov | adam | adamw | adafactor | lamb | lars | lion | adamw8bit"))
-    lr: float = field(default=1e-3, metadata=_flag("peak learning rate (before --lr-scaling)"))
-    weight_decay: float = field(default=0.1, metadata=_flag("decoupled weight decay"))
+    lr: float = field(default=1e-3, metadata=_flag("peak learning rate (before --lr-scaling)", valid=POSITIVE))
+    weight_decay: float = field(default=0.1, metadata=_flag("decoupled weight decay", valid=NON_NEGATIVE))
     schedule: str = field(default="cosine", metadata=_flag(
         "cosine: linear warm-up, then cosine decay to 10% at the last step (Chinchilla) | constant"))
     lr_warmup: int = field(default=0, metadata=_flag("steps of linear lr warm-up", flags=("--lr-warmup", "--warmup"),
-                                                     metavar="STEPS"))
+                                                     metavar="STEPS", valid=NON_NEGATIVE))
     # Large batch (Goyal et al. 2017): lr is tuned for base_batch sequences; "linear" scales it by
     # global batch / base_batch, "sqrt" by its square root (Krizhevsky 2014; Hoffer et al. 2017).
     lr_scaling: str = field(default="none", metadata=_flag(
         "none | linear | sqrt: scale lr by global batch / --base-batch"))
-    base_batch: int = field(default=8, metadata=_flag("global batch (sequences) --lr is tuned for"))
+    base_batch: int = field(default=8, metadata=_flag("global batch (sequences) --lr is tuned for",
+                                                      valid=AT_LEAST_ONE))
     # sequences per data-parallel rank per micro-batch (grad_accum multiplies the step's batch)
-    batch_size: int = field(default=8, metadata=_flag("sequences per data-parallel rank per micro-batch"))
-    seq_len: int = field(default=64, metadata=_flag("tokens per sequence"))
+    batch_size: int = field(default=8, metadata=_flag("sequences per data-parallel rank per micro-batch",
+                                                      valid=AT_LEAST_ONE))
+    seq_len: int = field(default=64, metadata=_flag("tokens per sequence", valid=AT_LEAST_ONE))
     techniques: list[str] = field(default_factory=list, metadata=_flag(
         "apply a technique, e.g. mod:capacity=0.25 (repeatable)", flags=("--technique",), metavar="NAME[:K=V,...]",
         repeat=True, parse=list, write=list))
-    seed: int = field(default=0, metadata=_flag("seed of the initialisation and the data order"))
-    steps: int | None = field(default=None, metadata=_flag("optimizer steps", group="length"))
+    seed: int = field(default=0, metadata=_flag("seed of the initialisation and the data order", valid=SEED))
+    steps: int | None = field(default=None, metadata=_flag("optimizer steps", group="length", valid=AT_LEAST_ONE))
     flops_budget: float | None = field(default=None, metadata=_flag(
         "FLOPs (of --budget-flops' kind), all ranks; the run stops before exceeding it", metavar="FLOPS",
-        group="length"))
+        group="length", valid=POSITIVE))
     # What --flops-budget counts.  "model": the algorithm's work (6N+12LHQT for dense models, the
     # counted FLOPs of conditional computation), so implementations of the same function (math vs
     # sdpa attention, checkpointing, compile) get the same steps; "counted": hardware FLOPs.
@@ -103,18 +157,18 @@ class Recipe:
         "model | counted: what --flops-budget counts (model: 6N+12LHQT, so recomputation and kernel "
         "choices do not change the steps)"))
     eval_every: int | None = field(default=None, metadata=_flag(
-        "evaluate every N steps (default: ten evaluations per run)", metavar="N"))
-    eval_batches: int = field(default=4, metadata=_flag("validation batches per evaluation"))
+        "evaluate every N steps (default: ten evaluations per run)", metavar="N", valid=AT_LEAST_ONE))
+    eval_batches: int = field(default=4, metadata=_flag("validation batches per evaluation", valid=AT_LEAST_ONE))
     timing_warmup: int = field(default=2, metadata=_flag(
-        "first steps excluded from timing (allocator, thread-pool warm-up)", metavar="STEPS"))
+        "first steps excluded from timing (allocator, thread-pool warm-up)", metavar="STEPS", valid=NON_NEGATIVE))
     mlm_rate: float = field(default=0.15, metadata=_flag(
-        "fraction of tokens masked (masked-LM encoders only: BERT)"))
+        "fraction of tokens masked (masked-LM encoders only: BERT)", valid=FRACTION))
     device: str = field(default="auto", metadata=_flag("auto | cpu | cuda"))
     # Gradient-norm clipping (off by default): the global L2 norm of the gradients, after fp16
     # unscaling, is clipped to this before the optimizer step; the pre-clip norm goes in the curve.
     grad_clip: float | None = field(default=None, metadata=_flag(
         "clip the global gradient norm to MAX_NORM before each update (off by default); the curve "
-        "records the pre-clip norm", metavar="MAX_NORM"))
+        "records the pre-clip norm", metavar="MAX_NORM", valid=POSITIVE))
     model_args: dict = field(default_factory=dict, metadata=_flag(
         "override a model config field (repeatable)", flags=("--model-arg",), metavar="K=V", repeat=True,
         parse=_model_args, write=lambda args: [f"{k}={v}" for k, v in args.items()]))
@@ -194,6 +248,8 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, def
         meta = f.metadata
         default = _raw(f, defaults.get(f.name, _default(f)))
         help = meta["help"].replace("%", "%%")  # argparse %-formats help texts
+        if meta["valid"] is not None:
+            help += f"; valid: {meta['valid'].describe(_scalar_type(f))}"
         if default not in (None, []) and "default:" not in help:
             help += " (default: %(default)s)"
         kwargs = dict(dest=f.name, default=default, metavar=meta["metavar"], help=help)
@@ -222,6 +278,44 @@ def from_args(args: argparse.Namespace, **overrides) -> Recipe:
         else:
             values[f.name] = parse(raw)
     return Recipe(**values, **overrides)
+
+
+def _type_error(f: Field, value) -> str | None:
+    """What ``value`` should have been if its type does not fit field ``f``; None if it fits.
+    (A Recipe built from JSON or by hand is not type-checked by the dataclass; bools are not
+    numbers here, although Python counts them as ints.)"""
+    hint = _hints()[f.name]
+    if typing.get_origin(hint) is list:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        return None if ok else "a list of strings"
+    if hint is dict:
+        ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
+        return None if ok else "a mapping with string keys"
+    if value is None and type(None) in typing.get_args(hint):
+        return None
+    kind = _scalar_type(f)
+    if kind is int:
+        return None if isinstance(value, numbers.Integral) and not isinstance(value, bool) else "an integer"
+    if kind is float:
+        return None if isinstance(value, numbers.Real) and not isinstance(value, bool) else "a number"
+    return None if isinstance(value, kind) else ("a string" if kind is str else f"a {kind.__name__}")
+
+
+def check_values(recipe: Recipe) -> None:
+    """Check every field's type, and every numeric field's range, against the fields' metadata:
+    the one place a recipe's values are checked, so a new field gets its check by declaring its
+    range.  A failure is a one-line :class:`RecipeError` naming the field, the bad value and the
+    valid range."""
+    for f in dataclasses.fields(Recipe):
+        value = getattr(recipe, f.name)
+        valid = f.metadata["valid"]
+        wrong_type = _type_error(f, value)
+        if wrong_type is None and (valid is None or value is None or valid.contains(value)):
+            continue
+        wanted = valid.describe(_scalar_type(f)) if valid is not None else wrong_type
+        if value is None:  # a required number left out (only steps / flops_budget may be None)
+            wanted += ", not None"
+        raise RecipeError(f"{f.name}={value!r} is invalid; valid: {wanted}")
 
 
 def changed(recipe: Recipe, names: Iterable[str] | None = None) -> dict:

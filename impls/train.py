@@ -29,6 +29,7 @@ import torch
 
 from . import data as data_lib
 from . import dist, engines, optimizers, techniques, training_state, zoo
+from . import recipe as recipe_lib
 from .build import Build
 from .files import clean_stale, write_text
 from .measure import PeakMemory, device_name, model_flops_per_step, peak_flops
@@ -49,22 +50,20 @@ def _world_size(ctx: dist.DistContext | None) -> int:
 
 
 def check_recipe_fields(r: Recipe, world_size: int = 1) -> tuple[list[techniques.TechniqueSpec], techniques.Plan]:
-    """The checks that need no data and no model: names, values, technique options and
-    combinations, the mesh.  Returns the techniques (defaults such as DDP added) and the plan."""
-    specs, plan, _ = _check(r, world_size)
-    check_grad_clip(r)
-    return specs, plan
-
-
-def check_grad_clip(r: Recipe) -> None:
-    """``grad_clip``: off (None) or a finite max norm > 0."""
-    if r.grad_clip is not None and not (isinstance(r.grad_clip, (int, float)) and math.isfinite(r.grad_clip)
-                                        and r.grad_clip > 0):
-        raise RecipeError(f"grad_clip must be a finite max norm > 0 (or not given), got {r.grad_clip}")
+    """The checks that need no data and no built model: names, every field's type and range
+    (:func:`impls.recipe.check_values`), the model config's fields, technique options and
+    combinations, the mesh, and techniques that would change nothing in the model's config.
+    Returns the techniques (defaults such as DDP added) and the plan."""
+    return _check(r, world_size)[:2]
 
 
 def _check(r: Recipe, world_size: int):
-    zoo.config(r.model, **r.model_args)  # unknown model or field -> ConfigError naming the valid ones
+    recipe_lib.check_values(r)  # every field's type and numeric range, from the Recipe's metadata
+    if "vocab_size" in r.model_args:  # model_overrides would silently replace it
+        raise RecipeError(f"model_args vocab_size={r.model_args['vocab_size']!r} cannot be set: vocab_size comes "
+                          f"from the data (its vocabulary, +1 [MASK] token for an encoder); choose the data "
+                          f"instead, e.g. synthetic:vocab=N")
+    cfg = zoo.config(r.model, **r.model_args)  # unknown model or field, bad type or range -> ConfigError
     optimizers.check(r.optimizer)
     if r.lr_scaling not in LR_SCALINGS:
         raise RecipeError(f"unknown lr_scaling {r.lr_scaling!r}; valid: {', '.join(LR_SCALINGS)}")
@@ -72,24 +71,19 @@ def _check(r: Recipe, world_size: int):
         raise RecipeError(f"unknown budget_flops {r.budget_flops!r}; valid: {', '.join(BUDGET_FLOPS)}")
     if r.schedule not in SCHEDULES:
         raise RecipeError(f"unknown schedule {r.schedule!r}; valid: {', '.join(SCHEDULES)}")
-    dist.resolve_device(r.device)
+    device = dist.resolve_device(r.device)
     if (r.steps is None) == (r.flops_budget is None):
         raise RecipeError("give exactly one of steps or flops_budget")
-    for name, value in (("steps", r.steps), ("batch_size", r.batch_size), ("seq_len", r.seq_len),
-                        ("eval_batches", r.eval_batches), ("eval_every", r.eval_every),
-                        ("base_batch", r.base_batch)):
-        if value is not None and value < 1:
-            raise RecipeError(f"{name} must be >= 1, got {value}")
-    if r.flops_budget is not None and not r.flops_budget > 0:
-        raise RecipeError(f"flops_budget must be > 0, got {r.flops_budget}")
-    if not 0 < r.mlm_rate < 1:
-        raise RecipeError(f"mlm_rate must be in (0, 1), got {r.mlm_rate}")
     specs = [techniques.parse(t) for t in r.techniques]
     dims = ParallelDims.from_recipe(r.mesh, world_size, techniques.usable_mesh_dims(specs))
     specs = techniques.with_defaults(specs, dims.dp)
     for spec in specs:
         spec.technique.check_mesh(dims, spec.options)
-    return specs, techniques.configure(specs), dims
+    plan = techniques.configure(specs, device.type)
+    # A technique that would find nothing to change in this model is refused here, before any
+    # work, rather than training a baseline under the technique's name.
+    techniques.check_model(specs, cfg, r.seq_len)
+    return specs, plan, dims
 
 
 def model_overrides(r: Recipe, dataset: data_lib.TokenData) -> dict:
@@ -109,7 +103,6 @@ class Validated:
 def validate(r: Recipe, world_size: int = 1) -> Validated:
     """Check everything that can be checked before training; return techniques, plan, mesh and data."""
     specs, plan, dims = _check(r, world_size)
-    check_grad_clip(r)
     dataset = data_lib.load(r.data)
     meta = zoo.build(r.model, device="meta", **model_overrides(r, dataset))
     if r.seq_len > meta.cfg.block_size:

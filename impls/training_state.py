@@ -23,8 +23,12 @@ from .errors import ConfigError
 from .files import write_bytes
 
 FORMAT = "etbench-training-state/1"
-# Fields that change how a run is executed or measured, not what it computes.
-_EXECUTION_ONLY = {"eval_batches", "timing_warmup", "device"}
+# Recipe fields a resumed run may change.  None: every field changes a number of the record —
+# eval_batches and eval_every the validation losses of the curve (a curve must not mix two
+# evaluation protocols), timing_warmup which steps are timed, device the timings and the device
+# named in the record, and the rest what is computed.  A field added to the Recipe is checked
+# unless it is listed here with the reason it cannot change any reported number.
+_EXECUTION_ONLY: frozenset[str] = frozenset()
 
 
 def _rng_state() -> dict:

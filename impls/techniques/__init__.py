@@ -33,6 +33,7 @@ permutations).  The model is materialised right after construction unless a tech
 from __future__ import annotations
 
 import importlib
+import math
 import pkgutil
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -54,7 +55,10 @@ class TechniqueModule(Protocol):
     the two cannot be combined), ``MESH_DIMS`` (mesh dimensions it shards over), ``DEFERS_INIT``
     (bool), ``configure(plan, options)`` (engine settings, run at validation time, before any
     model exists), ``check_mesh(dims, options)`` (refuse a mesh it cannot use, also before any
-    work) and ``apply(build, options)`` (changes to the build)."""
+    work), ``check_model(cfg, seq_len, options)`` (refuse, from the model's config and the
+    sequence length, options under which it would change nothing in this model or could not
+    apply to it — so no run is a baseline labelled with the technique) and ``apply(build,
+    options)`` (changes to the build)."""
 
     NAME: str
     STAGE: str | Callable[[dict], str]  # a stage of STAGES, or options -> stage
@@ -80,6 +84,7 @@ class Technique:
     defers_init: bool
     configure: Callable
     check_mesh: Callable
+    check_model: Callable
     apply: Callable
 
     @classmethod
@@ -91,7 +96,8 @@ class Technique:
         ns = vars(module)
         return cls(module.NAME, module, stage_of, dict(module.OPTIONS), ns.get("CHOICES", {}), ns.get("CONFLICTS", {}),
                    ns.get("RANK", DEFAULT_RANK), tuple(ns.get("MESH_DIMS", ())), ns.get("DEFERS_INIT", False),
-                   ns.get("configure", _noop), ns.get("check_mesh", _noop), ns.get("apply", _noop))
+                   ns.get("configure", _noop), ns.get("check_mesh", _noop), ns.get("check_model", _noop),
+                   ns.get("apply", _noop))
 
 
 def _discover() -> dict[str, Technique]:
@@ -118,6 +124,9 @@ class Plan:
     # 6N + 12·L·H·Q·T would count work that never runs, so model FLOPs are the counted ones.
     dense_compute: bool = True
     notes: dict = field(default_factory=dict)
+    # The device type the run will use ("cpu", "cuda"), when validation knows it: lets configure
+    # refuse a combination that only fails on some devices before any work.
+    device_type: str | None = None
 
     @property
     def precision(self) -> str:
@@ -156,6 +165,8 @@ def parse(spec: str) -> TechniqueSpec:
             raise ConfigError(f"bad option '{key}={value}' for technique {name!r}; valid keys: "
                               f"{', '.join(tech.options) or 'none'}")
         options[key] = kv.convert(value, tech.options[key], f"{name}:{key}")
+        if isinstance(options[key], float) and not math.isfinite(options[key]):  # nan passes no range test
+            raise ConfigError(f"bad value {value!r} for {name}:{key}; expected a finite number")
         if key in tech.choices and options[key] not in tech.choices[key]:
             raise ConfigError(f"bad value {value!r} for {name}:{key}; valid: {', '.join(map(str, tech.choices[key]))}")
     return TechniqueSpec(name, options)
@@ -193,13 +204,21 @@ def usable_mesh_dims(specs: list[TechniqueSpec]) -> set[str]:
     return {d for s in specs for d in s.technique.mesh_dims}
 
 
-def configure(specs: list[TechniqueSpec]) -> Plan:
+def configure(specs: list[TechniqueSpec], device_type: str | None = None) -> Plan:
     """The :class:`Plan` of ``specs`` (no model needed: runs at validation time)."""
     check_combination(specs)
-    plan = Plan()
+    plan = Plan(device_type=device_type)
     for spec in ordered(specs):
         spec.technique.configure(plan, spec.options)
     return plan
+
+
+def check_model(specs: list[TechniqueSpec], cfg, seq_len: int) -> None:
+    """Each technique's ``check_model`` hook over the model's config (no model is built) and the
+    run's sequence length: a technique that would change nothing (``mod:every=5`` on a 2-layer
+    model routes no block) or cannot apply is a one-line ConfigError before any work."""
+    for spec in ordered(specs):
+        spec.technique.check_model(cfg, seq_len, spec.options)
 
 
 def apply_stage(build, specs: list[TechniqueSpec], name: str) -> None:

@@ -298,6 +298,29 @@ def attend_for(options: dict):
     return SparseAttend(options)
 
 
+def masks_nothing(options: dict, seq_len: int) -> bool:
+    """Whether the sparse pattern of ``options`` allows every pair a dense (causal or
+    bidirectional) attention over ``seq_len`` tokens allows.  Local and strided patterns depend
+    on d = i - j only, over 0 <= d < T for causal models (|d| < T, the same test, for encoders):
+    strided misses d = stride + 1 unless stride is 1 or T - 1 <= stride.  The block pattern's
+    widest pair is (T-1, 0)."""
+    kind, t = options["kind"], seq_len
+    if kind == "local":
+        return options["window"] >= t
+    if kind == "strided":
+        return options["stride"] == 1 or t - 1 <= options["stride"]
+    return (t - 1) // options["block"] < options["blocks"]
+
+
+def check_model(cfg, seq_len, options):
+    if options["kind"] in SPARSE_KINDS and masks_nothing(options, seq_len):
+        size = {"local": "window", "strided": "stride", "block": "block"}[options["kind"]]
+        raise ConfigError(f"attention:kind={options['kind']} with {size}={options[size]}"
+                          + (f",blocks={options['blocks']}" if options["kind"] == "block" else "")
+                          + f" masks nothing at seq_len {seq_len}: the run would be dense attention through the "
+                          f"sparse kernel; use a smaller {size}")
+
+
 def configure(plan, options):
     _check(options)
     kind = options["kind"]

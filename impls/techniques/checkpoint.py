@@ -67,6 +67,15 @@ def configure(plan, options):
     if options["impl"] == "fairscale" and options["policy"] == "selective":
         raise ConfigError("checkpoint:impl=fairscale has no selective policy: fairscale's checkpoint_wrapper "
                           "wraps nn.Modules and the attention core is a function; use impl=torch")
+    if options["impl"] == "fairscale" and plan.device_type is not None:  # precision configured it already
+        _check_fairscale_autocast(plan.device_type, plan)
+
+
+def _check_fairscale_autocast(device_type: str, plan) -> None:
+    if plan.autocast_dtype is not None and (device_type != "cuda" or plan.autocast_dtype != torch.float16):
+        raise ConfigError(f"checkpoint:impl=fairscale cannot run under {device_type} {plan.precision}: "
+                          f"fairscale's recomputation restores CUDA fp16 autocast only, so its backward "
+                          f"would recompute in another precision than the forward; use impl=torch")
 
 
 def _checkpoint(fn, *args, **kwargs):
@@ -97,12 +106,8 @@ def _wrap_block_fairscale(block: torch.nn.Module) -> torch.nn.Module:
 def apply(build, options):
     every, policy, impl = options["every"], options["policy"], options["impl"]
     plan = build.plan
-    if impl == "fairscale" and plan.autocast_dtype is not None:
-        device = build.device
-        if device.type != "cuda" or plan.autocast_dtype != torch.float16:
-            raise ConfigError(f"checkpoint:impl=fairscale cannot run under {device.type} {plan.precision}: "
-                              f"fairscale's recomputation restores CUDA fp16 autocast only, so its backward "
-                              f"would recompute in another precision than the forward; use impl=torch")
+    if impl == "fairscale":
+        _check_fairscale_autocast(build.device.type, plan)
     for model in build.model_parts:
         indices = checkpointed_blocks(len(model.blocks), every)
         for i in indices:

@@ -114,6 +114,11 @@ class FusedGeluMLP(torch.nn.Module):
         return self.down(h)  # (B, T, C)
 
 
+def check_model(cfg, seq_len, options):
+    if options["mode"] == "jit" and cfg.mlp != "gelu":  # before any work, not at assembly
+        raise ConfigError(f"fuse:mode=jit fuses bias + GELU; model MLP is {cfg.mlp!r} (needs gelu)")
+
+
 def _apply_jit(model):
     if model.cfg.mlp != "gelu":
         raise ConfigError(f"fuse:mode=jit fuses bias + GELU; model MLP is {model.cfg.mlp!r} (needs gelu)")

@@ -93,6 +93,18 @@ def configure(plan, options):
     plan.dense_compute = False  # tokens skip routed blocks: the dense 6N + 12·L·H·Q·T over-counts
 
 
+def check_model(cfg, seq_len, options):
+    check_routed(NAME, "routes", options["every"], cfg.n_layer)
+
+
+def check_routed(name: str, verb: str, every: int, n_layer: int) -> None:
+    """Refuse an ``every`` under which blocks every-1, 2·every-1, … are none of the model's
+    ``n_layer`` (shared by mod, moe and mode): the run would be the baseline under ``name``."""
+    if every >= 1 and not routed_blocks(n_layer, every):  # every < 1 is configure's error
+        raise ConfigError(f"{name}:every={every} {verb} no block of a {n_layer}-layer model (it acts on blocks "
+                          f"every-1, 2*every-1, ...), so the run would be the baseline; use every <= {n_layer}")
+
+
 def capacity_tokens(capacity: float, seq_len: int) -> int:
     """Tokens a routed block processes per sequence: max(1, ceil(capacity · T))."""
     return max(1, min(seq_len, math.ceil(capacity * seq_len - 1e-9)))

@@ -65,6 +65,10 @@ def configure(plan, options):
     plan.dense_compute = False  # tokens skip blocks or take no-op experts: the dense formula over-counts
 
 
+def check_model(cfg, seq_len, options):
+    mod.check_routed(NAME, "routes", options["every"], cfg.n_layer)
+
+
 def apply(build, options):
     model = build.model
     indices = routed_blocks(len(model.blocks), options["every"])

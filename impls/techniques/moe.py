@@ -63,7 +63,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..zoo.model import MLP
-from .mod import routed_blocks
+from .mod import check_routed, routed_blocks
 
 NAME = "moe"
 STAGE = "surgery"
@@ -89,6 +89,10 @@ def check_options(options, name=NAME):
 def configure(plan, options):
     check_options(options)
     plan.dense_compute = False  # a token runs top_k experts, not all of N: the dense 6N over-counts
+
+
+def check_model(cfg, seq_len, options):
+    check_routed(NAME, "replaces the MLP of", options["every"], cfg.n_layer)
 
 
 # --------------------------------------------------------------------------- routing math

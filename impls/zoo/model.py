@@ -6,7 +6,11 @@ the loss differ.  Shape comments use B batch, T sequence length, C d_model, H he
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+import numbers
+import typing
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +39,7 @@ class TransformerConfig:
     dropout: float = 0.0
 
     def __post_init__(self):
+        _check_fields(self)
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.d_model % self.n_head:
@@ -47,6 +52,9 @@ class TransformerConfig:
             raise ValueError(f"mlp={self.mlp!r}; valid: gelu, swiglu")
         if self.position not in ("learned", "rope"):
             raise ValueError(f"position={self.position!r}; valid: learned, rope")
+        if self.position == "rope" and self.head_dim % 2:  # rope rotates pairs of head dimensions
+            raise ValueError(f"position=rope needs an even head dimension, d_model/n_head = "
+                             f"{self.d_model}/{self.n_head} = {self.head_dim}")
         if self.d_ff is None:
             if self.mlp == "gelu":
                 self.d_ff = 4 * self.d_model
@@ -56,6 +64,40 @@ class TransformerConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
+
+
+@functools.cache
+def _field_kinds() -> dict[str, tuple[type, bool]]:
+    """Field name -> (its type, whether None is allowed), from the annotations."""
+    out = {}
+    for name, hint in typing.get_type_hints(TransformerConfig).items():
+        args = typing.get_args(hint)
+        out[name] = (next((t for t in args if t is not type(None)), hint), type(None) in args)
+    return out
+
+
+def _check_fields(cfg: TransformerConfig) -> None:
+    """Types and ranges of every field, one ``ValueError`` line each: a config comes from
+    ``--model-arg K=V`` texts read as bool/int/float/string, so ``n_layer=two`` or ``causal=1``
+    must be caught here rather than deep inside a layer; sizes are >= 1 (``n_layer=0`` would
+    train a model with no blocks), dropout in [0, 1) (p=1 drops everything)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        kind, optional = _field_kinds()[f.name]
+        if value is None and optional:
+            continue
+        if kind is bool:
+            ok, want = isinstance(value, bool), "true or false"
+        elif kind is int:
+            ok, want = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1, \
+                "an integer >= 1"
+        elif kind is float:  # dropout, the one float field (nan and inf fail the comparison)
+            ok, want = isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 <= value < 1, \
+                "a number in [0, 1)"
+        else:
+            ok, want = isinstance(value, kind), "a string" if kind is str else f"a {kind.__name__}"
+        if not ok:
+            raise ValueError(f"{f.name}={value!r} is invalid; valid: {want}")
 
 
 def _norm(cfg: TransformerConfig) -> nn.Module:
