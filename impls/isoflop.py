@@ -60,9 +60,9 @@ VARIANTS: dict[str, list[str]] = {
     "checkpoint": ["checkpoint:every=1"],
 }
 
-#: Default CPU grid: ~6K to ~830K parameters with the synthetic data's 64-token vocabulary (9K-840K
+#: Default CPU grid (explicit sizes; the CLI default is --sizes auto): ~10K to ~830K parameters with the synthetic data's 64-token vocabulary (9K-840K
 #: with 256).  At 1e10-1e11 FLOPs on synthetic data the optima sit at the small end (~1e4).
-DEFAULT_SIZES = ("L1-D16", "L1-D32", "L2-D48", "L2-D64", "L3-D96", "L4-D128")
+DEFAULT_SIZES = ("L2-D16", "L2-D32", "L2-D48", "L2-D64", "L3-D96", "L4-D128")  # >= 2 layers: MoD routes one
 
 SIZE_GRAMMAR = ("L<n_layer>-D<d_model>[-H<n_head>] (e.g. L2-D64; heads default to d_model//32, "
                 f"over the nano config) or a zoo name ({', '.join(zoo.CONFIGS)})")
@@ -834,9 +834,9 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budgets", required=True, help="comma-separated counted-FLOP budgets, e.g. 1e10,3e10,1e11")
     p.add_argument("--variants", default="baseline", help=f"comma-separated; known: {', '.join(VARIANTS)}")
-    p.add_argument("--sizes", default=",".join(DEFAULT_SIZES),
-                   help=SIZE_GRAMMAR + "; 'auto': 5 sizes per budget around Chinchilla's N=sqrt(C/120), "
-                        "widened until every variant's minimum is inside")
+    p.add_argument("--sizes", default="auto",
+                   help=SIZE_GRAMMAR + ", comma-separated; 'auto' (default): --grid-sizes sizes per budget around "
+                        "Chinchilla's N=sqrt(C/120), widened until every variant's minimum is inside")
     p.add_argument("--grid-sizes", type=int, default=5, metavar="K",
                    help="with --sizes auto: sizes per budget before widening (>= 3; default 5)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
