@@ -121,8 +121,8 @@ class AccumulationMemory:
             for batch in self.params[1]:
                 if how == "batch":
                     recipe = _recipe(batch_size=batch)
-                else:
-                    recipe = _recipe(batch_size=2, techniques=[f"grad_accum:steps={batch // 2}"])
+                else:  # effective batch 2 is one micro-batch of 2: no accumulation, no technique
+                    recipe = _recipe(batch_size=2, techniques=[f"grad_accum:steps={batch // 2}"] if batch > 2 else [])
                 records[how, batch] = common.train_record(f"accum-{how}-{batch}", steps=3, **recipe)
         return records
 

@@ -93,7 +93,9 @@ ROWS = [
         "attention:window must be an integer >= 1, got 0", "works"),
     Row("fairscale-selective", run("--technique", "checkpoint:impl=fairscale,policy=selective"), 2,
         "has no selective policy", "works"),
-    Row("grad-accum-0", run("--technique", "grad_accum:steps=0"), 2, "grad_accum:steps must be >= 1", "works"),
+    Row("grad-accum-0", run("--technique", "grad_accum:steps=0"), 2, "grad_accum:steps must be >= 2", "works"),
+    Row("grad-accum-1-is-no-accumulation", run("--technique", "grad_accum:steps=1"), 2,
+        "1 micro-batch per step is no accumulation", "5"),
     Row("ddp-on-one-rank", run("--technique", "ddp"), 2, "needs a data-parallel size > 1", "works"),
     # non-finite technique options: nan passes no range test, inf passed ">= 0"
     Row("mod-aux-weight-inf", run("--technique", "mod:aux_weight=inf"), 2,

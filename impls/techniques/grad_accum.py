@@ -15,6 +15,8 @@ OPTIONS = {"steps": 2}
 
 
 def configure(plan, options):
-    if options["steps"] < 1:
-        raise ConfigError(f"grad_accum:steps must be >= 1, got {options['steps']}")
+    if options["steps"] < 2:
+        # steps=1 is the plain loop: a run labelled grad_accum that accumulates nothing is refused.
+        raise ConfigError(f"grad_accum:steps must be >= 2 (1 micro-batch per step is no accumulation: "
+                          f"leave the technique out), got {options['steps']}")
     plan.accum_steps = options["steps"]
