@@ -113,7 +113,7 @@ def parse_size(spec: str) -> Size:
 
 #: Sizes the budget-driven grid picks from, in increasing parameter count (>= 2 layers, so MoD,
 #: MoE and MoDE have a routed block in every size).
-LADDER = ("L2-D8", "L2-D16", "L2-D24", "L2-D32", "L2-D48", "L2-D64", "L3-D64", "L4-D64", "L4-D96", "L4-D128",
+LADDER = ("L2-D4", "L2-D8", "L2-D16", "L2-D24", "L2-D32", "L2-D48", "L2-D64", "L3-D64", "L4-D64", "L4-D96", "L4-D128",
           "L6-D128", "L6-D192", "L8-D256", "L12-D384", "L12-D512", "L16-D768")
 
 
@@ -129,51 +129,59 @@ def size_params(size: str, vocab_size: int) -> int:
 
 
 def grid_for_budget(budget: float, vocab_size: int, n_sizes: int = 5, ladder: Sequence[str] = LADDER) -> list[str]:
-    """``n_sizes`` consecutive ladder sizes centred (in ln N) on :func:`chinchilla_params`."""
+    """``n_sizes`` consecutive ladder sizes whose middle (in ln N, halfway between the ends) is
+    nearest :func:`chinchilla_params`."""
     if not 3 <= n_sizes <= len(ladder):
         raise ConfigError(f"a budget's grid needs 3 to {len(ladder)} sizes, got {n_sizes}")
     logs = np.log([size_params(s, vocab_size) for s in ladder])
-    centre = int(np.abs(logs - math.log(chinchilla_params(budget))).argmin())
-    first = min(max(0, centre - n_sizes // 2), len(ladder) - n_sizes)
+    middles = (logs[:len(ladder) - n_sizes + 1] + logs[n_sizes - 1:]) / 2
+    first = int(np.abs(middles - math.log(chinchilla_params(budget))).argmin())
     return list(ladder[first:first + n_sizes])
 
 
-def widen(points: pd.DataFrame, grids: Mapping[float, list[str]], ladder: Sequence[str] = LADDER) -> dict[float, list[str]]:
-    """Each budget's grid, extended by the next ladder size on a side where some variant's
-    lowest measured loss sits at the grid's edge (its parabola cannot have an interior minimum
-    there); budgets whose every variant has an interior minimum keep their grid."""
+def widen(points: pd.DataFrame, grids: Mapping[tuple[float, str], list[str]],
+          ladder: Sequence[str] = LADDER) -> dict[tuple[float, str], list[str]]:
+    """Each (budget, variant)'s grid, extended by the next ladder size on a side where that
+    variant's lowest measured loss sits at the grid's edge (its parabola cannot have an interior
+    minimum there); grids with an interior minimum, or at the ladder's end, stay as they are.
+    Per variant: a variant whose optimum lies lower (MoE's experts add parameters) costs points
+    of its own only."""
     out = {}
-    for budget, sizes in grids.items():
+    for (budget, variant), sizes in grids.items():
         order = sorted(sizes, key=ladder.index)
         lo, hi = ladder.index(order[0]), ladder.index(order[-1])
-        done = points[(points["budget"] == budget) & (points["status"] == "ok")]
-        low_edge = high_edge = False
-        for _, g in done.groupby("variant"):
-            best = g.loc[g["final_val_loss"].idxmin(), "size"]
-            low_edge |= best == order[0]
-            high_edge |= best == order[-1]
-        extra = ([ladder[lo - 1]] if low_edge and lo > 0 else []) + ([ladder[hi + 1]] if high_edge and hi + 1 < len(ladder) else [])
-        out[budget] = sorted(set(order) | set(extra), key=ladder.index)
+        done = points[(points["budget"] == budget) & (points["variant"] == variant) & (points["status"] == "ok")]
+        extra = []
+        if len(done):
+            best = done.loc[done["final_val_loss"].idxmin(), "size"]
+            if best == order[0] and lo > 0:
+                extra.append(ladder[lo - 1])
+            if best == order[-1] and hi + 1 < len(ladder):
+                extra.append(ladder[hi + 1])
+        out[budget, variant] = sorted(set(order) | set(extra), key=ladder.index)
     return out
 
 
 def adaptive_sweep(out_dir: str | os.PathLike, budgets: Sequence[float], variants, *, n_sizes: int = 5,
                    max_widenings: int = 3, ladder: Sequence[str] = LADDER, progress: bool = True,
                    runner: Callable[[train.Recipe], dict] | None = None, workers: int = 1,
-                   **base) -> tuple[pd.DataFrame, dict[float, list[str]]]:
-    """A sweep whose sizes follow the budget: start from :func:`grid_for_budget` and widen
-    (:func:`widen`) until every variant's minimum is inside its budget's sizes, or
+                   **base) -> tuple[pd.DataFrame, dict[tuple[float, str], list[str]]]:
+    """A sweep whose sizes follow the budget: every variant starts from :func:`grid_for_budget`
+    and is widened on its own (:func:`widen`) until its minimum is inside its sizes, or
     ``max_widenings`` rounds have passed (the fits then say "optimum outside sampled sizes").
-    Resumable like :func:`sweep`: finished points are never retrained.  Returns the points of
-    the final grids and the grids."""
+    Each round trains its new points together (one worker pool).  Resumable like :func:`sweep`:
+    finished points are never retrained.  Returns the points of the final grids and the grids,
+    keyed (budget, variant)."""
     from . import data as data_lib
 
+    names = resolve_variants(variants)
     vocab = data_lib.load(base.get("data", train.Recipe.data)).vocab_size
-    grids = {b: grid_for_budget(b, vocab, n_sizes, ladder) for b in budgets}
+    start = {b: grid_for_budget(b, vocab, n_sizes, ladder) for b in budgets}
+    grids = {(b, v): list(start[b]) for b in budgets for v in names}
     for attempt in range(max_widenings + 1):
-        frames = [sweep(out_dir, [b], variants, sizes, runner=runner, progress=progress, workers=workers, **base)
-                  for b, sizes in grids.items()]
-        points = pd.concat(frames, ignore_index=True)
+        planned = [p for (b, v), sizes in grids.items() for p in plan_points([b], {v: names[v]}, sizes, base)]
+        points = sweep(out_dir, budgets, names, planned=planned, runner=runner, progress=progress, workers=workers,
+                       **base)
         wider = widen(points, grids, ladder)
         if wider == grids or attempt == max_widenings:
             return points, grids
@@ -460,7 +468,7 @@ def _progress(total: int, enabled: bool):
 def sweep(out_dir: str | os.PathLike, budgets: Sequence[float],
           variants: Sequence[str] | Mapping[str, Sequence[str]], sizes: Sequence[str] = DEFAULT_SIZES, *,
           runner: Callable[[train.Recipe], dict] | None = None, progress: bool = True, workers: int = 1,
-          **base) -> pd.DataFrame:
+          planned: Sequence["Point"] | None = None, **base) -> pd.DataFrame:
     """Train every (variant, budget, size) point to its FLOP budget; return the tidy points table.
 
     ``base`` holds the other :class:`~impls.train.Recipe` fields (data, lr, batch_size, seq_len,
@@ -470,7 +478,8 @@ def sweep(out_dir: str | os.PathLike, budgets: Sequence[float],
     and not retrained; a budget smaller than one step of a size is recorded as ``skipped``.
     """
     out_dir = Path(out_dir)
-    points = plan_points(budgets, variants, sizes, base)
+    # ``planned``: points of :func:`plan_points` calls (a grid per variant) instead of the product.
+    points = list(planned) if planned is not None else plan_points(budgets, variants, sizes, base)
     from . import data as data_lib
 
     # Everything a run checks before its work, before this sweep writes anything (sweep.json

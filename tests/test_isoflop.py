@@ -269,22 +269,24 @@ def test_budget_driven_grid_starts_at_chinchilla_and_widens_toward_the_edge_mini
     with pytest.raises(ConfigError, match="needs 3 to"):
         isoflop.grid_for_budget(1e10, 64, 2)
 
-    grids = {1e10: ["L2-D16", "L2-D24", "L2-D32"], 3e10: ["L2-D16", "L2-D24", "L2-D32"]}
+    three = ["L2-D16", "L2-D24", "L2-D32"]
+    grids = {(b, v): list(three) for b in (1e10, 3e10) for v in ("a", "b")}
 
     def points(losses):
         return pd.DataFrame([dict(variant=v, budget=b, size=s, final_val_loss=l, status="ok")
-                             for (v, b), row in losses.items() for s, l in zip(grids[b], row)])
+                             for (v, b), row in losses.items() for s, l in zip(three, row)])
 
     interior = points({("a", 1e10): [2.0, 1.5, 2.0], ("b", 1e10): [2.0, 1.9, 2.0],
                        ("a", 3e10): [2.0, 1.5, 1.9], ("b", 3e10): [2.0, 1.5, 1.6]})
     assert isoflop.widen(interior, grids) == grids
     edges = points({("a", 1e10): [1.0, 1.5, 2.0], ("b", 1e10): [2.0, 1.5, 2.0],   # a: minimum at the small edge
-                    ("a", 3e10): [2.0, 1.5, 1.0], ("b", 3e10): [1.0, 1.5, 2.0]})  # both edges
-    assert isoflop.widen(edges, grids) == {1e10: ["L2-D8", "L2-D16", "L2-D24", "L2-D32"],
-                                           3e10: ["L2-D8", "L2-D16", "L2-D24", "L2-D32", "L2-D48"]}
-    at_end = {1e10: ["L2-D8", "L2-D16", "L2-D24"]}  # nothing below the ladder's first size
+                    ("a", 3e10): [2.0, 1.5, 1.0], ("b", 3e10): [1.0, 1.5, 2.0]})  # a: large edge, b: small
+    wider = isoflop.widen(edges, grids)
+    assert wider[1e10, "a"] == ["L2-D8", *three] and wider[1e10, "b"] == three  # per variant: b keeps its grid
+    assert wider[3e10, "a"] == [*three, "L2-D48"] and wider[3e10, "b"] == ["L2-D8", *three]
+    at_end = {(1e10, "a"): ["L2-D4", "L2-D8", "L2-D16"]}  # nothing below the ladder's first size
     assert isoflop.widen(pd.DataFrame([dict(variant="a", budget=1e10, size=s, final_val_loss=l, status="ok")
-                                       for s, l in zip(at_end[1e10], [1.0, 2.0, 3.0])]), at_end) == at_end
+                                       for s, l in zip(at_end[1e10, "a"], [1.0, 2.0, 3.0])]), at_end) == at_end
 
 
 def test_adaptive_sweep_widens_until_the_minimum_is_inside(tmp_path, monkeypatch):
@@ -300,12 +302,13 @@ def test_adaptive_sweep_widens_until_the_minimum_is_inside(tmp_path, monkeypatch
     from impls import data
 
     data_hash = data.load("synthetic").content_hash
-    points, grids = isoflop.adaptive_sweep(tmp_path, [1e10], ["baseline"], n_sizes=3, max_widenings=4,
+    points, grids = isoflop.adaptive_sweep(tmp_path, [1e10], ["baseline", "mod"], n_sizes=3, max_widenings=4,
                                            progress=False, runner=runner, data="synthetic", seq_len=16,
                                            batch_size=1)
-    sizes = grids[1e10]
-    assert "L2-D48" in sizes and sizes[-1] != "L2-D48" and sizes[0] == "L2-D8"
-    assert len(points) == len(sizes)
+    for variant in ("baseline", "mod"):
+        sizes = grids[1e10, variant]
+        assert "L2-D48" in sizes and sizes[-1] != "L2-D48" and sizes[0] == "L2-D8"
+        assert sorted(points[points["variant"] == variant]["size"], key=isoflop.LADDER.index) == sizes
 
 
 def test_sweep_trains_points_side_by_side_in_worker_processes(tmp_path):
