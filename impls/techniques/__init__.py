@@ -127,6 +127,15 @@ class Plan:
     # The device type the run will use ("cpu", "cuda"), when validation knows it: lets configure
     # refuse a combination that only fails on some devices before any work.
     device_type: str | None = None
+    # How a data-parallel technique shards model states over the dp ranks, in the ZeRO paper's
+    # terms (Rajbhandari et al. 2020, §5): 0 replicated (DDP), 1 optimizer states (P_os), 2 and
+    # gradients (P_os+g), 3 and parameters (P_os+g+p; FSDP).  Set in ``configure``; the record's
+    # per-rank model-state bytes are checked against the formula of this stage.
+    sharding_stage: int = 0
+    # True when the engine keeps parameters (and gradients) in the autocast dtype with an fp32
+    # master copy in the optimizer state (DeepSpeed's bf16/fp16 modes: the paper's 2Ψ + 2Ψ + KΨ
+    # with K = 12 for Adam); False when parameters stay fp32 (autocast: 4Ψ + 4Ψ + 8Ψ).
+    low_precision_params: bool = False
 
     @property
     def precision(self) -> str:
