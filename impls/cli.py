@@ -43,9 +43,30 @@ def _run_parser(sub) -> None:
     p.add_argument("--save-every", type=int, metavar="N", help="save the training state every N steps")
     p.add_argument("--checkpoint", help="training-state file for --save-every (default: OUT with .state.pt)")
     p.add_argument("--resume", metavar="PATH", help="continue from a training state saved by --save-every")
+    _timeout_argument(p)
     p.add_argument("--allow-divergence", action="store_true",
                    help="exit 0 when the loss becomes NaN/inf (the record says 'diverged at step N' either way; "
                         "default: exit status 3)")
+
+
+def _timeout_argument(p) -> None:
+    from .dist import DEFAULT_TIMEOUT_S
+
+    p.add_argument("--timeout", type=float, metavar="S",
+                   help=f"seconds a rank waits in a collective for the others before the run fails, naming the "
+                        f"rank that stopped responding and the collective (default {DEFAULT_TIMEOUT_S:.0f}, or "
+                        f"$ETBENCH_DIST_TIMEOUT)")
+
+
+def _apply_timeout(args) -> None:
+    """``--timeout S`` reaches every rank through the environment the launcher hands on."""
+    if getattr(args, "timeout", None) is None:
+        return
+    from .dist import TIMEOUT_ENV
+
+    if not (args.timeout > 0 and args.timeout < float("inf")):
+        raise recipe_lib.RecipeError(f"--timeout must be a number of seconds > 0, got {args.timeout}")
+    os.environ[TIMEOUT_ENV] = repr(args.timeout)
 
 
 def _relaunch_under_torchrun(argv: list[str], nproc: int) -> int:
@@ -74,6 +95,7 @@ def _same_file(a: str, b: str) -> bool:
 
 def _cmd_run(args, argv) -> int:
     recipe = recipe_lib.from_args(args)
+    _apply_timeout(args)
     if args.nproc < 1:
         raise recipe_lib.RecipeError(f"--nproc must be >= 1, got {args.nproc}")
     checkpoint = args.checkpoint or (str(Path(args.out).with_suffix(".state.pt")) if args.out else None)
@@ -134,6 +156,7 @@ def _cmd_compare(args, argv) -> int:
     from . import compare
 
     spec = compare.load_spec(args.spec)
+    _apply_timeout(args)
     if args.nproc < 1:
         raise recipe_lib.RecipeError(f"--nproc must be >= 1, got {args.nproc}")
     if args.out:
@@ -213,6 +236,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="JSON: {baseline, rounds, steps, warmup, common: {recipe}, variants: {name: {recipe}}}")
     p.add_argument("--out", help="write the JSON record here (atomically)")
     p.add_argument("--nproc", type=int, default=1, help="ranks; > 1 relaunches under torchrun")
+    _timeout_argument(p)
     sub.add_parser("zoo", help="list model names and parameter counts")
     p = sub.add_parser("peak", help="peak FLOP/s used as the MFU denominator")
     p.add_argument("--device", default="auto")
@@ -235,6 +259,22 @@ def _fail(status: int, message: str) -> int:
     if not ranks.report_error(status, message):
         print(f"etbench: error: {message}", file=sys.stderr)
     return status
+
+
+def collective_of(exc: BaseException) -> str:
+    """The collective a rank was in when ``exc`` was raised: the innermost ``torch.distributed``
+    function of the traceback (``all_reduce``, ``barrier``...), or the gradient all-reduce of a
+    backward pass (DDP's reducer calls it from C++), else ``a collective``."""
+    name, tb = None, exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        path = code.co_filename.replace(os.sep, "/")
+        if "/torch/distributed/" in path and not code.co_name.startswith("_") and code.co_name != "wrapper":
+            name = code.co_name
+        elif "/torch/autograd/" in path and code.co_name == "backward" and name is None:
+            name = "the gradient all-reduce of backward"
+        tb = tb.tb_next
+    return name or "a collective"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,8 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         import torch.distributed as tdist
 
         lost = isinstance(e, getattr(tdist, "DistError", ())) or (isinstance(e, RuntimeError) and "/gloo/" in str(e))
-        if _is_rank() and lost:  # a peer rank died (gloo: connection reset/closed): the parent names it
-            return _fail(EXIT_FAILED, f"lost contact with the other ranks ({type(e).__name__}: "
+        if _is_rank() and lost:  # a peer rank died or hung (gloo: closed, reset, timed out): the parent names it
+            return _fail(EXIT_FAILED, f"lost contact with the other ranks in {collective_of(e)} ({type(e).__name__}: "
                                       f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})")
         raise
 

@@ -15,14 +15,20 @@ fails is one line, once:
   shutdown timeout), so none is left behind; its log lines and ``ChildFailedError`` traceback
   are not shown.
 
+* a rank that hangs (alive but silent: stopped, deadlocked) makes its peers' collective time out
+  after ``--timeout`` seconds (``ETBENCH_DIST_TIMEOUT``, :mod:`impls.dist`); they report the
+  collective they were in, and the parent names the silent rank: ``rank 1 stopped responding:
+  rank 0 waited 8 s for it in all_reduce``.  The agent then stops it (SIGTERM, SIGKILL 30 s
+  later).
+
 A rank blocked in a collective whose peer died without an agent to stop it (ranks started by
-hand) gives up after the process group's timeout (``ETBENCH_DIST_TIMEOUT`` seconds,
-:mod:`impls.dist`) with one line.
+hand) gives up after the same timeout with one line.
 """
 from __future__ import annotations
 
 import json
 import logging
+import re
 import os
 import shutil
 import sys
@@ -34,6 +40,8 @@ from .errors import EXIT_FAILED
 
 #: Environment variable naming the folder where ranks leave their one-line errors.
 RANK_ERRORS_ENV = "ETBENCH_RANK_ERRORS"
+#: Seconds the agent waits for a rank to exit after SIGTERM before it sends SIGKILL.
+SHUTDOWN_S = 5
 _QUIET_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher", "torch.distributed.run")
 
 
@@ -75,6 +83,9 @@ def summarise_failure(failures: dict, reported: list[dict]) -> tuple[int, str]:
     if own:
         first = own[0]
         return first["status"], first["message"]
+    hung = _hung(failures, reported)
+    if hung:
+        return EXIT_FAILED, hung
     if not failures:
         return EXIT_FAILED, reported[0]["message"] if reported else "a rank failed"
     # Killed by a signal first, but not SIGTERM: that is how the agent stops the survivors.
@@ -84,6 +95,25 @@ def summarise_failure(failures: dict, reported: list[dict]) -> tuple[int, str]:
     else:
         what = f"exited with status {failure.exitcode}" + (" (its traceback is above)" if failure.exitcode == 1 else "")
     return EXIT_FAILED, f"rank {rank} {what}; the other ranks were stopped"
+
+
+def _hung(failures: dict, reported: list[dict]) -> str | None:
+    """The one line for a rank that stopped responding: a rank whose collective timed out
+    reported it, and the ranks that neither reported nor died before it are the ones it waited
+    for (the agent stopped them afterwards).  None when no collective timed out."""
+    timed_out = [e for e in reported if "timed out" in e["message"].lower()]
+    if not timed_out:
+        return None
+    first = min(failures[e["rank"]].timestamp for e in timed_out if e["rank"] in failures) if failures else 0
+    silent = sorted(r for r, f in failures.items()
+                    if r not in {e["rank"] for e in reported} and f.timestamp >= first)
+    waiter = timed_out[0]
+    where = re.search(r"lost contact with the other ranks in (.+?) \(", waiter["message"])
+    seconds = os.environ.get("ETBENCH_DIST_TIMEOUT")
+    who = ("rank " + ", ".join(map(str, silent))) if silent else "a rank"
+    return (f"{who} stopped responding: rank {waiter['rank']} waited "
+            + (f"{float(seconds):g} s " if seconds else "")
+            + f"for it in {where.group(1) if where else 'a collective'} (--timeout); the ranks were stopped")
 
 
 def launch(module_args: list[str], nproc: int) -> int:
@@ -104,7 +134,11 @@ def launch(module_args: list[str], nproc: int) -> int:
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default with several ranks per machine
         for lg in loggers:  # the agent's log lines and warnings: our own line replaces them
             lg.handlers, lg.propagate = [logging.NullHandler()], False
-        args = parse_args([f"--nproc_per_node={nproc}", "--max-restarts=0", "-m", *module_args])
+        # Interrupted (Ctrl-C), the agent stops the ranks with SIGTERM, then SIGKILL after SHUTDOWN_S.
+        # After a rank failed, torch 2.13's agent ignores this (LocalElasticAgent._stop_workers calls
+        # _shutdown() with its default 30 s), so a hung rank is killed 30 s after its peer gave up.
+        args = parse_args([f"--nproc_per_node={nproc}", "--max-restarts=0", f"--shutdown_timeout={SHUTDOWN_S}",
+                           "-m", *module_args])
         # what torchrun --standalone sets: a local C10d store on a free port
         args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
         config, cmd, cmd_args = config_from_args(args)

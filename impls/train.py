@@ -305,7 +305,7 @@ def run(recipe: Recipe, ctx: dist.DistContext | None = None, *, save_every: int 
     eval_every = recipe.eval_every or max(1, total // 10)
     clipping = recipe.grad_clip is not None
     if resumed:
-        engine.load_state_dict(resumed["engine"])
+        engine.load_state_dict(training_state.engine_state(resumed, ctx.rank))
         start, curve, window = resumed["step"], resumed["curve"], resumed["window_losses"]
         norms = list(resumed.get("window_grad_norms") or [])
         training_state.restore_rng(resumed["rng"])

@@ -2,7 +2,8 @@
 checkpoint ends bit-identical to an uninterrupted run.
 
 The state is everything the rest of the run depends on: model and optimizer (and loss-scaler)
-state, the step reached (which is also the data position, since batches are a pure function of
+state (for an engine whose state is sharded over the data-parallel ranks, every rank's shard,
+gathered to rank 0 so the checkpoint is still one atomic file), the step reached (which is also the data position, since batches are a pure function of
 the step), the loss curve so far and the RNG states.  Rank 0 writes it atomically (temporary file
 + rename), with a SHA-256 of the payload; loading refuses a file that is corrupt, not an etbench
 checkpoint, or written by a different recipe, naming the differing fields.
@@ -48,11 +49,18 @@ def save(path: str | os.PathLike, recipe, ctx, engine, *, step: int, curve: list
          window_grad_norms: list | None = None) -> None:
     """Write the training state after ``step`` optimizer steps (rank 0 writes; all ranks wait).
     A failed write raises :class:`~impls.errors.WriteError` and leaves the previous state intact."""
+    engine_state, sharded = engine.state_dict(), bool(engine.sharded_state) and ctx.world_size > 1
+    if sharded:  # every rank holds its own shard: rank 0 writes them all, in one atomic file
+        import torch.distributed as tdist
+
+        shards = [None] * ctx.world_size if ctx.is_main else None
+        tdist.gather_object(engine_state, shards, dst=0)
+        engine_state = shards
     if ctx.is_main:
         buffer = io.BytesIO()
         torch.save(dict(recipe=dataclasses.asdict(recipe), world_size=ctx.world_size, step=step,
                         curve=curve, window_losses=window_losses, window_grad_norms=list(window_grad_norms or []),
-                        engine=engine.state_dict(), rng=_rng_state()), buffer)
+                        engine=engine_state, engine_sharded=sharded, rng=_rng_state()), buffer)
         payload = buffer.getvalue()
         outer = io.BytesIO()
         torch.save(dict(format=FORMAT, sha256=hashlib.sha256(payload).hexdigest(), payload=payload), outer)
@@ -62,6 +70,12 @@ def save(path: str | os.PathLike, recipe, ctx, engine, *, step: int, curve: list
 
 #: What a training state's payload holds (window_grad_norms is optional: older states lack it).
 _STATE_KEYS = ("recipe", "world_size", "step", "curve", "window_losses", "engine", "rng")
+
+
+def engine_state(state: dict, rank: int):
+    """What ``engine.load_state_dict`` gets on ``rank``: the engine's state, or for an engine
+    whose state is sharded (``sharded_state``: FSDP, ZeRO) this rank's shard."""
+    return state["engine"][rank] if state.get("engine_sharded") else state["engine"]
 
 
 def load(path: str | os.PathLike, recipe, world_size: int) -> dict:
@@ -97,6 +111,7 @@ def load(path: str | os.PathLike, recipe, world_size: int) -> dict:
         detail = ", ".join(f"{k}: {state['recipe'].get(k)!r} vs {mine[k]!r}" for k in differing)
         raise ConfigError(f"checkpoint {path} was written by a different recipe ({detail})")
     if state["world_size"] != world_size:
-        raise ConfigError(f"checkpoint {path} was written with world_size {state['world_size']}, "
-                          f"this run has {world_size}")
+        raise ConfigError(f"checkpoint {path} was written with world_size {state['world_size']}, this run has "
+                          f"{world_size}; resume with --nproc {state['world_size']} (a resumed run must see the "
+                          f"batches and, for sharded engines, the state partition of the run it continues)")
     return state

@@ -135,6 +135,8 @@ ROWS = [
         "bad option 'n_layer' for --model-arg; expected KEY=VALUE", "works"),
     # ------------------------------------------------------------------ the run's own flags (already worked)
     Row("nproc-0", run("--nproc", "0"), 2, "--nproc must be >= 1, got 0", "works"),
+    Row("timeout-0", run("--timeout", "0"), 2, "--timeout must be a number of seconds > 0, got 0.0", "10"),
+    Row("timeout-nan", run("--timeout", "nan"), 2, "--timeout must be a number of seconds > 0, got nan", "10"),
     Row("save-every-0", run("--save-every", "0"), 2, "save-every must be >= 1", "works"),
     Row("save-every-without-path", run("--save-every", "2", out=False), 2, "--save-every needs --checkpoint PATH",
         "works"),

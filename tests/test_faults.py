@@ -206,6 +206,43 @@ def test_a_killed_rank_is_named_and_no_process_is_left(tmp_path):
     assert not out.exists()
 
 
+def test_a_hung_rank_is_named_within_the_timeout(tmp_path):
+    """A rank that stops responding (SIGSTOP: alive, silent) makes its peer's collective time out
+    after --timeout seconds; the run fails naming the silent rank and the collective, with no
+    record and no process left behind."""
+    out, state, log = tmp_path / "ddp.json", tmp_path / "ddp.state.pt", tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen([*RUN, "--nproc", "2", "--steps", "100000", "--save-every", "1", "--timeout", "8",
+                                 "--out", str(out)], env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
+    ranks = {}
+    try:
+        assert _wait_for(state.exists, 180, proc), log.read_text()[-3000:]
+        ranks = {_rank_of(pid): pid for pid in _children(proc.pid)}
+        assert set(ranks) == {0, 1}, ranks
+        os.kill(ranks[1], signal.SIGSTOP)
+        started = time.monotonic()
+        proc.wait(timeout=90)
+        took = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in ranks.values():
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    err = log.read_text()
+    assert proc.returncode == 1, err
+    lines = [line for line in err.splitlines() if line.startswith("etbench: error")]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("etbench: error: rank 1 stopped responding: rank 0 waited 8 s for it in "), lines
+    assert "a collective" not in lines[0], lines  # the collective is named
+    assert "Traceback" not in err and "ChildFailedError" not in err
+    # the timeout, then the agent's SIGTERM and, 30 s later, SIGKILL (see impls/ranks.py)
+    assert took < 8 + 30 + 15, took
+    assert not any(_alive(pid) for pid in ranks.values()), "a rank outlived the run"
+    assert not out.exists()
+
+
 def test_an_error_found_in_the_ranks_is_printed_once(tmp_path):
     """A FLOP budget above one step's model FLOPs (the parent's check) but below its counted
     FLOPs with recomputation (what the ranks measure): the ranks refuse it, the user sees one line."""

@@ -32,6 +32,9 @@ class Engine(Protocol):
     optimizer: torch.optim.Optimizer
     peak_lr: float
     total_steps: int
+    #: True when ``state_dict`` holds only this rank's shard (FSDP, ZeRO): checkpoints then keep
+    #: every rank's, and ``load_state_dict`` gets this rank's back.
+    sharded_state: bool
 
     def autocast(self): ...
 

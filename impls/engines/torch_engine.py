@@ -15,6 +15,7 @@ from ..measure import SavedActivations, model_state_bytes
 
 
 class TorchEngine:
+    sharded_state = False
     def __init__(self, build, recipe, total_steps: int):
         if len(build.model_parts) != 1:
             raise ValueError("the torch engine trains one model part; several parts need a pipeline engine")
