@@ -52,6 +52,14 @@ class DistContext:
         dist.all_reduce(t)
         return int(t.item())
 
+    def all_gather_object(self, obj) -> list:
+        """Every rank's ``obj`` (picklable), in rank order (``[obj]`` on one rank)."""
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def barrier(self):
         if self.world_size > 1:
             dist.barrier()

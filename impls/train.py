@@ -401,6 +401,12 @@ def make_record(session: Session, cost: StepMeasure, curve: list, timing: dict, 
     achieved = 1.0 / seconds_per_step / ctx.world_size  # per-device steps/s
     memory = dict(state_bytes)
     optimizer_state = memory.pop("optimizer_state")
+    # Sharded techniques (ZeRO, FSDP) leave ranks holding different bytes (uneven partitions):
+    # every rank's numbers are kept, and the headline figures are the largest rank's, the one
+    # that must fit on its device.
+    per_rank = ctx.all_gather_object({k: v for k, v in memory.items() if isinstance(v, int)})
+    for key in per_rank[0]:
+        memory[key] = max(r[key] for r in per_rank)
     cores_in_use = min(os.cpu_count() or 1, torch.get_num_threads() * int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     record = dict(
         schema=SCHEMA_VERSION,
@@ -439,7 +445,8 @@ def make_record(session: Session, cost: StepMeasure, curve: list, timing: dict, 
         mfu=cost.model_flops_per_step * achieved / cost.peak["value"],
         hfu=cost.flops_per_step * achieved / cost.peak["value"],
         memory=dict(**memory, activations_bytes=cost.activations_bytes, peak_bytes=int(peak.peak_bytes),
-                    peak_kind=peak.kind, optimizer_state=optimizer_state),
+                    peak_kind=peak.kind, optimizer_state=optimizer_state,
+                    **({"per_rank": per_rank} if ctx.world_size > 1 else {})),
         curve=curve,
         final_val_loss=curve[-1]["val_loss"] if status == "ok" else None,
         wall_seconds=wall_seconds,
