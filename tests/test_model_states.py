@@ -181,3 +181,18 @@ def test_cli_bad_input_is_one_line_exit_2(argv, message, capsys, tmp_path):
     assert status == 2 and err.out == ""
     assert err.err.count("\n") == 1 and err.err.startswith("etbench: error: ") and message in err.err
     assert not (tmp_path / "never.json").exists()
+
+
+def test_deepspeed_estimators_differ_from_the_paper_by_the_fp32_gradient_partition():
+    """DeepSpeed's own estimators, called: ZeRO-2 2Ψ + 18Ψ/N, ZeRO-3 18Ψ/N + 4·largest layer; the
+    difference from the paper is stated."""
+    pytest.importorskip("deepspeed")
+    psi, n = 10**6, 4
+    z2 = ms.deepspeed_estimate(psi, n, 2)
+    assert z2["deepspeed_bytes"] == 2 * psi + 18 * psi // n and z2["paper_bytes"] == 2 * psi + 14 * psi / n
+    assert z2["difference_bytes"] == 4 * psi / n and "fp32" in z2["explanation"]
+    largest = ms.largest_layer_params("nano")
+    assert largest == 64 * 256 + 256  # an MLP projection d_model 64 -> d_ff 256 with its bias (> the 256×64 embedding)
+    z3 = ms.deepspeed_estimate(psi, n, 3, largest_layer_params=largest)
+    assert z3["deepspeed_bytes"] == 4 * largest + 18 * psi // n and z3["paper_bytes"] == 16 * psi / n
+    assert ms.deepspeed_estimate(psi, n, 1) is None

@@ -59,7 +59,8 @@ multiple of N_d; DeepSpeed aligns its flat partitions), per-tensor optimizer sca
 model, 8-bit block constants and fp32 fallbacks, gradients freed (``set_to_none``) before the
 bytes were read, and engines that keep more than the paper: DeepSpeed's 16-bit optimizers hold
 an fp32 gradient partition too (its estimator ``estimate_zero2_model_states_mem_needs`` counts
-2Ψ + 18Ψ/N_d for ZeRO-2: 2 + 4 + 4 + 8 bytes per partitioned parameter, 4 more than K = 12 + 2).
+2Ψ + 18Ψ/N_d for ZeRO-2: 2 + 4 + 4 + 8 bytes per partitioned parameter, 4 more than K = 12 + 2);
+:func:`deepspeed_estimate` calls DeepSpeed's estimators and states the difference.
 
 ``python -m impls.measure.model_states [--models ...] [--n-d ...] [--json F]`` prints the memory
 table of :func:`memory_table` (model states only; activations, buffers, fragmentation and the
@@ -273,6 +274,55 @@ def comm_check(measured_bytes: float, psi: float, n_d: int, stage: int, *, grad_
 
     return {"formula": f, "measured_bytes": measured_bytes, "ratio_paper": ratio(f["bytes"]),
             "ratio_ring": ratio(f["ring_bytes"]), "ratio_payload": ratio(f["payload_bytes"])}
+
+
+# --------------------------------------------------------------------------------------------
+# DeepSpeed's own estimators, next to the paper
+# --------------------------------------------------------------------------------------------
+
+DEEPSPEED_DIFFERENCE = {
+    2: "DeepSpeed's estimate_zero2_model_states_mem_needs counts 2Ψ + 18Ψ/N_d per GPU: 16-bit parameters (2, "
+       "replicated) and per partitioned parameter 2 (16-bit gradients) + 4 (fp32 gradients) + 4 (fp32 master "
+       "weights) + 8 (Adam moments); the paper's 2Ψ + 14Ψ/N_d has no fp32 gradient partition: the difference is "
+       "4Ψ/N_d, the fp32 copy of the gradient partition DeepSpeed's optimizer step works on",
+    3: "DeepSpeed's estimate_zero3_model_states_mem_needs counts 18Ψ/N_d + 4·(largest layer's parameters) per GPU: "
+       "the same 18 bytes per partitioned parameter as ZeRO-2 (16-bit parameters partitioned too: 2 + 2 + 4 + 4 + 8) "
+       "and the largest layer gathered in 16 bits with its gradient; the paper's 16Ψ/N_d has neither the fp32 "
+       "gradient partition (4Ψ/N_d) nor the gathered layer",
+}
+
+
+def largest_layer_params(model: str, **overrides) -> int:
+    """The most parameters any one module of a zoo model holds itself (not its children), as
+    DeepSpeed's ``estimate_zero3_model_states_mem_needs_all_live`` counts them; built on ``meta``."""
+    from .. import zoo
+
+    module = zoo.build(model, device="meta", **overrides)
+    return max((sum(p.numel() for p in m.parameters(recurse=False)) for m in module.modules()), default=0)
+
+
+def deepspeed_estimate(psi: int, n_d: int, stage: int, *, largest_layer_params: int = 0) -> dict | None:
+    """DeepSpeed's own per-GPU model-state estimate (``estimate_zero2_model_states_mem_needs`` /
+    ``estimate_zero3_model_states_mem_needs``, no offload, one node of ``n_d`` GPUs) next to the
+    paper's mixed-precision Adam formula: ``{"deepspeed_bytes", "paper_bytes", "ratio",
+    "difference_bytes", "explanation"}``; None for stages DeepSpeed gives no estimator for (0, 1).
+    Imports DeepSpeed (seconds)."""
+    _check_args(psi, n_d, stage)
+    if stage == 2:
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+        _, gpu = estimate_zero2_model_states_mem_needs(int(psi), num_gpus_per_node=n_d, num_nodes=1, cpu_offload=False)
+    elif stage == 3:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+        _, gpu, _ = estimate_zero3_model_states_mem_needs(int(psi), int(largest_layer_params), num_gpus_per_node=n_d,
+                                                          num_nodes=1, cpu_offload=False, cpu_offload_params=False)
+    else:
+        return None
+    paper = formula(psi, n_d, stage)["total"]
+    return {"stage": stage, "n_d": n_d, "psi": psi, "largest_layer_params": largest_layer_params,
+            "deepspeed_bytes": float(gpu), "paper_bytes": paper, "ratio": gpu / paper if paper else None,
+            "difference_bytes": float(gpu) - paper, "explanation": DEEPSPEED_DIFFERENCE[stage]}
 
 
 # --------------------------------------------------------------------------------------------
