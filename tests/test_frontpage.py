@@ -154,3 +154,46 @@ def test_build_cli_rejects_missing_runs_dir(results, capsys):
     assert site.main(["build", str(results / "html"), "--runs", str(missing)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(missing) in err[0]
+
+
+def test_front_page_data_parallel_section(results):
+    """Records with model_states/comm blocks and an ``etbench comm`` record give the data-parallel
+    section: Vega-Lite specs holding the measured and formula values, and the memory table."""
+    from test_report import DP_PSI, make_comm_record, make_dp_record
+
+    family = results / "runs" / "bbbbbbbbbbbb" / "dataparallel"
+    family.mkdir()
+    for name, record in {"ddp-1": make_dp_record("ddp", 1, 0, 1000.0, comm_bytes=0),
+                         "ddp-2": make_dp_record("ddp", 2, 0, 1800.0, comm_bytes=4 * DP_PSI),
+                         "zero3-2": make_dp_record("zero:stage=3", 2, 3, 1500.0, comm_bytes=12 * DP_PSI)}.items():
+        (family / f"{name}.json").write_text(json.dumps(record))
+    (family / "comm-ws2.json").write_text(json.dumps(make_comm_record()))
+    (results / "plots" / "bbbbbbbbbbbb" / "data_parallel_model_states.png").write_bytes(b"\x89PNG fake")
+    _build(results)
+    page = (results / "html" / "index.html").read_text()
+    assert '<section class="family" id="data-parallel">' in page and 'href="#data-parallel"' in page
+    assert 'href="report/bbbbbbbbbbbb/data_parallel_model_states.png"' in page
+    specs = [s for s in _specs(page).values() if isinstance(s.get("title"), dict)]
+    states = next(s for s in specs if s["title"]["text"] == "Per-rank model states vs world size")
+    values = states["data"]["values"]
+    measured = next(v for v in values if v["kind"] == "measured" and v["technique"] == "zero:stage=3"
+                    and v["component"] == "total model states")
+    assert measured["MiB"] == pytest.approx(16 * DP_PSI / 2 / 2**20) and measured["measured / formula"] == 1.0
+    formula = [v["MiB"] for v in values if v["kind"] == "formula" and v["technique"] == "zero:stage=3"
+               and v["component"] == "optimizer state"]
+    assert formula == pytest.approx([8 * DP_PSI / 2**20, 8 * DP_PSI / 2 / 2**20])
+    scaling = next(s for s in specs if s["title"]["text"] == "Scaling efficiency")
+    assert {(v["technique"], v["n_d"]): v["efficiency"] for v in scaling["data"]["values"]}[("ddp", 2)] == pytest.approx(0.9)
+    comm = next(s for s in specs if s["title"]["text"].startswith("Communication volume"))
+    ddp2 = next(v for v in comm["data"]["values"] if v["row"] == "ddp · N=2" and v["what"] == "measured")
+    assert ddp2["ratio (paper)"] == 0.5 and ddp2["ratio (payload)"] == 1.0
+    busbw = next(s for s in specs if s["title"]["text"] == "Collective bandwidth vs message size")
+    ring = [v["GB/s"] for v in busbw["data"]["values"] if v["scheme"] == "ring"]
+    assert ring == pytest.approx([1024 * 8 ** i / (1e-3 * 2 ** i) / 1e9 for i in range(3)])  # 2 ranks: busbw = algbw
+    # The memory table: Llama-7B under DDP does not fit 80 GB, under ZeRO-3 with 8 ranks it does.
+    table = re.search(r"<table class=\"sortable\" id='data-parallel-memory'>(.*?)</table>", page, re.S).group(1)
+    rows = re.findall(r"<tr>(.*?)</tr>", table)
+    llama_ddp = next(r for r in rows if ">llama-7b<" in r and ">DDP<" in r and 'data-sort="8"' in r)
+    assert ">NO<" in llama_ddp and ">100.41<" in llama_ddp
+    llama_z3 = next(r for r in rows if ">llama-7b<" in r and ">ZeRO-3 P_os+g+p<" in r and 'data-sort="8"' in r)
+    assert ">yes<" in llama_z3 and ">12.55<" in llama_z3

@@ -469,3 +469,180 @@ def test_interleaved_ratios_of_two_runs_agree_or_differ(tmp_path):
     assert table.loc["bf16", "B noisy"] and not table.loc["bf16", "A noisy"]
     text = report.ratio_agreement_markdown(table.reset_index(), "a", "b")
     assert "**differ**" in text and "1 agree, 1 differ" in text
+
+
+# --------------------------------------------------------------------------------------------
+# Data-parallel and sharded training (issue 10): synthetic records with model_states and comm
+# --------------------------------------------------------------------------------------------
+
+DP_PSI = 124_672
+
+
+def make_dp_record(technique: str, n: int, stage: int, speed: float, *, params_factor: float = 1.0,
+                   comm_bytes: float | None = None, cpu_count: int = 2) -> dict:
+    """A run record of a data-parallel technique at world size ``n`` (fp32 AdamW: 4Ψ + 4Ψ + 8Ψ),
+    its measured parameter bytes ``params_factor`` × the formula, step-time CI ±10%."""
+    from impls.measure import model_states as ms
+
+    record = make_record(f"nano/{technique or 'none'}/ws{n}", HASH_A, speed=speed,
+                         techniques=[technique] if technique else [])
+    record["world_size"] = n
+    record["device"]["threads"] = 1
+    record["load"] = {"cpu_count": cpu_count, "noisy": False}
+    record["step_time"] = {"median": 512 / speed, "ci95": [0.9 * 512 / speed, 1.1 * 512 / speed]}
+    f = ms.formula(DP_PSI, n, stage, param_bytes=4, grad_bytes=4, k=8)
+    measured = {"params_bytes": f["params"] * params_factor, "grads_bytes": f["grads"], "optimizer_bytes": f["optimizer"]}
+    record["model_states"] = ms.check_run(measured, DP_PSI, n, stage, optimizer="adamw")
+    if comm_bytes is not None:
+        record["comm"] = {"calls": 3, "bytes": comm_bytes}
+    return record
+
+
+def make_comm_record(world_size: int = 2) -> dict:
+    """An ``etbench comm`` record: ring all-reduce and a parameter server, 3 message sizes."""
+    return {"kind": "comm", "schema": 1, "world_size": world_size, "schemes": {
+        "ring": [{"bytes": 1024 * 8 ** i, "seconds": {"median": 1e-3 * 2 ** i}} for i in range(3)],
+        "param_server": [{"bytes": 1024 * 8 ** i, "seconds": {"median": 2e-3 * 2 ** i}, "algbw": 10.0, "busbw": 20.0}
+                         for i in range(3)]}}
+
+
+@pytest.fixture
+def dp_runs(tmp_path):
+    """DDP at 1, 2, 4 ranks, ZeRO-3 at 2 and 4 ranks (no 1-rank run: falls back to the run without
+    techniques), a 1-rank run without techniques, and a comm record; 2 cores."""
+    family = tmp_path / "runs" / "dataparallel"
+    family.mkdir(parents=True)
+    psi = DP_PSI
+    records = {
+        "ddp-1": make_dp_record("ddp", 1, 0, 1000.0, comm_bytes=0),
+        "ddp-2": make_dp_record("ddp", 2, 0, 1800.0, comm_bytes=4 * psi),  # one all-reduce of Ψ fp32 grads
+        "ddp-4": make_dp_record("ddp", 4, 0, 2000.0, comm_bytes=4 * psi),
+        "zero3-2": make_dp_record("zero:stage=3", 2, 3, 1500.0, params_factor=1.01, comm_bytes=3 * 4 * psi),
+        "zero3-4": make_dp_record("zero:stage=3", 4, 3, 1600.0, comm_bytes=3 * 4 * psi * 1.1),
+        "none-1": make_dp_record("", 1, 0, 1100.0),
+    }
+    for name, record in records.items():
+        (family / f"{name}.json").write_text(json.dumps(record))
+    (tmp_path / "runs" / "comm").mkdir()
+    (tmp_path / "runs" / "comm" / "comm-ws2.json").write_text(json.dumps(make_comm_record()))
+    return tmp_path / "runs"
+
+
+def _dp(dp_runs):
+    loaded = report.load_all([dp_runs])
+    return loaded, report.data_parallel_frame(loaded.runs)
+
+
+def test_data_parallel_frame_reads_model_states_and_comm(dp_runs):
+    loaded, frame = _dp(dp_runs)
+    assert [r["kind"] for r in loaded.comm] == ["comm"] and len(loaded.runs) == 6
+    row = frame.set_index(["technique", "n_d"]).loc[("zero:stage=3", 2)]
+    assert row["stage"] == 3 and row["stage_name"] == "ZeRO-3 P_os+g+p" and row["psi"] == DP_PSI
+    assert row["formula_total"] == 16 * DP_PSI / 2 and row["formula_params"] == 4 * DP_PSI / 2
+    assert row["measured_params"] == pytest.approx(1.01 * 4 * DP_PSI / 2)
+    assert row["ratio_total"] == pytest.approx((1.01 * 4 + 12) / 16)
+    assert row["comm_measured"] == 12 * DP_PSI and row["comm_paper"] == 12 * DP_PSI  # 3Ψ fp32
+    assert row["comm_ring"] == 12 * DP_PSI * 0.5 and row["tokens_per_rank"] == 750.0
+    over = frame.set_index(["technique", "n_d"])["oversubscribed"]
+    assert over[("ddp", 2)] == False and over[("ddp", 4)] == True  # noqa: E712 (4 ranks × 1 thread > 2 cores)
+    # Formula lines: every world size from 1 to the largest measured, the technique's own formula.
+    lines = report.model_states_lines(frame)
+    z3 = lines[lines["technique"] == "zero:stage=3"].set_index("n_d")
+    assert list(z3.index) == [1, 2, 3, 4]
+    assert z3.loc[3, "total"] == pytest.approx(16 * DP_PSI / 3) and z3.loc[1, "total"] == 16 * DP_PSI
+    ddp = lines[lines["technique"] == "ddp"]
+    assert (ddp["total"] == 16 * DP_PSI).all()
+
+
+def test_model_states_plot_draws_formula_lines_over_measured_points(dp_runs):
+    _, frame = _dp(dp_runs)
+    lines = report.model_states_lines(frame)
+    figure = report.plot_model_states(frame, lines)
+    axes = figure.axes[:4]
+    assert [ax.get_title() for ax in axes] == ["parameters", "gradients", "optimizer state", "total model states"]
+    total = axes[3]
+    line = next(a for a in total.lines if a.get_gid() == "formula:zero:stage=3")
+    assert list(line.get_xdata()) == [1, 2, 3, 4]
+    assert line.get_ydata() == pytest.approx([16 * DP_PSI / n / report.MIB for n in (1, 2, 3, 4)])
+    points = next(c for c in axes[0].collections if c.get_gid() == "measured:zero:stage=3")
+    offsets = [tuple(map(float, xy)) for xy in points.get_offsets()]
+    assert [x for x, _ in offsets] == [2, 4]
+    assert [y for _, y in offsets] == pytest.approx([1.01 * 4 * DP_PSI / 2 / report.MIB, 4 * DP_PSI / 4 / report.MIB])
+
+
+def test_scaling_efficiency_per_technique(dp_runs):
+    _, frame = _dp(dp_runs)
+    table = report.scaling_efficiency(frame).set_index(["technique", "n_d"])
+    assert table.loc[("ddp", 1), "efficiency"] == 1.0 and table.loc[("ddp", 1), "lo"] == 1.0
+    assert table.loc[("ddp", 2), "efficiency"] == pytest.approx(0.9)  # 1800/2 ÷ 1000
+    assert table.loc[("ddp", 2), "lo"] == pytest.approx((900 / 1.1) / (1000 / 0.9))
+    assert table.loc[("ddp", 2), "hi"] == pytest.approx((900 / 0.9) / (1000 / 1.1))
+    assert table.loc[("ddp", 4), "efficiency"] == pytest.approx(0.5) and bool(table.loc[("ddp", 4), "oversubscribed"])
+    # ZeRO-3 has no 1-rank run: measured against the run without techniques (1100 tokens/s).
+    assert table.loc[("zero:stage=3", 2), "reference"] == "no technique, 1 rank"
+    assert table.loc[("zero:stage=3", 2), "efficiency"] == pytest.approx(750 / 1100)
+    figure = report.plot_scaling_efficiency(table.reset_index())
+    ax = figure.axes[0]
+    ddp = next(a for a in ax.lines if a.get_gid() == "efficiency:ddp")
+    assert ddp.get_ydata() == pytest.approx([1.0, 0.9, 0.5])
+    assert sum(t.get_text() == "oversubscribed" for t in ax.texts) == 2  # ddp and ZeRO-3 at 4 ranks
+
+
+def test_comm_volume_measured_vs_formula(dp_runs):
+    _, frame = _dp(dp_runs)
+    comm = report.comm_volume_table(frame).set_index(["technique", "n_d"])
+    assert 1 not in comm.index.get_level_values("n_d")  # one rank communicates nothing
+    assert comm.loc[("ddp", 2), "ratio_paper"] == 0.5  # a counter of payloads sees Ψ, the paper counts 2Ψ
+    assert comm.loc[("ddp", 2), "ratio_payload"] == 1.0 and comm.loc[("ddp", 2), "ratio_ring"] == 1.0
+    assert comm.loc[("ddp", 4), "ratio_ring"] == pytest.approx(4 / 6)
+    assert comm.loc[("zero:stage=3", 4), "ratio_paper"] == pytest.approx(1.1)
+    figure = report.plot_comm_volume(comm.reset_index())
+    bars = figure.axes[0].patches
+    assert [b.get_width() for b in bars] == pytest.approx(list(comm["comm_measured"] / report.MIB))
+
+
+def test_comm_bandwidth_frame_tolerates_layouts_and_computes_busbw(tmp_path):
+    bw = report.comm_bandwidth_frame([make_comm_record(4)]).set_index(["scheme", "bytes"])
+    ring = bw.loc[("ring", 8192)]
+    assert ring["algbw"] == 8192 / 2e-3 and ring["busbw"] == pytest.approx(8192 / 2e-3 * 2 * 3 / 4)
+    ps = bw.loc[("param_server", 1024)]
+    assert ps["busbw"] == pytest.approx(2 * 1024 / 2e-3)  # the record's own busbw/algbw factor (2)
+    listed = {"kind": "comm", "schemes": [{"scheme": "ring", "points": [
+        {"bytes": 100, "world_size": 2, "algbw": 5.0}]}]}
+    flat = {"kind": "comm", "world_size": 8, "results": [{"scheme": "ring", "size": 64, "seconds": 0.5}]}
+    both = report.comm_bandwidth_frame([listed, flat])
+    assert both[["world_size", "bytes", "algbw"]].values.tolist() == [[2, 100, 5.0], [8, 64, 128.0]]
+    assert both["busbw"].tolist() == pytest.approx([5.0, 128.0 * 2 * 7 / 8])
+    figure = report.plot_bus_bandwidth(report.comm_bandwidth_frame([make_comm_record(4)]))
+    line = next(a for a in figure.axes[0].lines if a.get_gid() == "busbw:4:ring")
+    assert line.get_ydata() == pytest.approx([1024 * 8 ** i / (1e-3 * 2 ** i) * 1.5 / 1e9 for i in range(3)])
+    (tmp_path / "bad.json").write_text(json.dumps({"kind": "comm", "schemes": {"ring": [{"bytes": 1}]}}))
+    with pytest.warns(report.RecordWarning, match="comm record without a point"):
+        assert report.load_all([tmp_path]).comm == []
+
+
+def test_write_report_data_parallel_outputs(dp_runs, tmp_path):
+    out = tmp_path / "out"
+    written = {p.name for p in report.write_report([dp_runs], out)}
+    assert {"data_parallel_model_states.png", "data_parallel_scaling.png", "data_parallel_comm.png",
+            "comm_busbw.png", "data_parallel_memory.csv", "data_parallel_model_states.csv"} <= written
+    assert (out / "data_parallel_model_states.png").read_bytes().startswith(b"\x89PNG")
+    markdown = (out / "summary.md").read_text()
+    assert "## Data-parallel and sharded training" in markdown
+    assert "| zero:stage=3 | ZeRO-3 P_os+g+p | 2 | 0.240 / 0.238 |" in markdown
+    assert "| ddp | DDP | 2 | 124,672 | 498,688 | 997,376 | 498,688 | 498,688 | 0.500 | 1.000 | 1.000 |" in markdown
+    assert "| llama-7b | 6.738B | DDP | 100.41 ✗ |" in markdown
+    memory = pd.read_csv(out / "data_parallel_memory.csv")
+    llama = memory[(memory["model"] == "llama-7b") & (memory["stage"] == 3) & (memory["n_d"] == 64)].iloc[0]
+    assert llama["total_bytes"] == pytest.approx(16 * llama["psi"] / 64) and bool(llama["fits"])
+    # A comm record alone is enough for a report; runs without model_states give no data-parallel files.
+    only = tmp_path / "only-comm"
+    only.mkdir()
+    (only / "comm.json").write_text(json.dumps(make_comm_record()))
+    assert "comm_busbw.png" in {p.name for p in report.write_report([only], tmp_path / "out2")}
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "run.json").write_text(json.dumps(make_record("nano/adamw", HASH_A)))
+    names = {p.name for p in report.write_report([plain], tmp_path / "out3")}
+    assert not any(n.startswith(("data_parallel", "comm_")) for n in names)
+    assert "Data-parallel" not in (tmp_path / "out3" / "summary.md").read_text()
