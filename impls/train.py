@@ -388,6 +388,28 @@ def _state_bytes(session: Session) -> dict:
                 optimizer_state=optimizers.state_bytes_by_kind(engine.optimizer, session.model))
 
 
+def trainable_count(build: Build) -> int:
+    """Ψ: the trainable parameters, whole (a sharded parameter counts its full size: a DTensor's
+    ``numel`` is global, a ZeRO-3 partitioned one keeps it in ``ds_numel``)."""
+    return sum(int(getattr(p, "ds_numel", p.numel())) for p in build.trainable_parameters())
+
+
+def model_states_check(session: Session, measured: dict) -> dict:
+    """This rank layout's model-state bytes against the ZeRO paper's formula for the stage the
+    run's data-parallel technique declared (:mod:`impls.measure.model_states`).  ``measured``:
+    the largest rank's params/grads/optimizer bytes."""
+    from .measure import model_states
+
+    plan = session.plan
+    try:
+        return model_states.check_run(measured, trainable_count(session.build), session.dims.dp, plan.sharding_stage,
+                                      optimizer=session.recipe.optimizer,
+                                      low_precision_params=plan.low_precision_params,
+                                      autocast=plan.autocast_dtype is not None)
+    except Exception as e:  # a check must never cost the run its record
+        return dict(error=f"{type(e).__name__}: {e}")
+
+
 def make_record(session: Session, cost: StepMeasure, curve: list, timing: dict, state_bytes: dict,
                 peak: PeakMemory, resumed_from: int | None, wall_seconds: float, status: str = "ok",
                 steps_done: int | None = None) -> dict:
@@ -447,6 +469,7 @@ def make_record(session: Session, cost: StepMeasure, curve: list, timing: dict, 
         memory=dict(**memory, activations_bytes=cost.activations_bytes, peak_bytes=int(peak.peak_bytes),
                     peak_kind=peak.kind, optimizer_state=optimizer_state,
                     **({"per_rank": per_rank} if ctx.world_size > 1 else {})),
+        model_states=model_states_check(session, memory),
         curve=curve,
         final_val_loss=curve[-1]["val_loss"] if status == "ok" else None,
         wall_seconds=wall_seconds,
