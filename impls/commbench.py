@@ -33,6 +33,7 @@ and the times measure the scheduler as much as the network: such records say
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -48,13 +49,10 @@ _UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024 ** 2, "MB
 
 def parse_size(text: str) -> int:
     """``4096``, ``4K``, ``64KiB``, ``1M`` -> bytes (binary units)."""
-    s = text.strip().upper()
-    digits = s.rstrip("KMGIB")
-    unit = s[len(digits):]
-    try:
-        value = float(digits)
-    except ValueError:
-        raise ConfigError(f"--sizes: {text!r} is not a size (bytes, or with K/M/G for KiB/MiB/GiB: 4K, 1M)") from None
+    m = re.fullmatch(r"([-+]?[0-9]*\.?[0-9]+(?:E[-+]?[0-9]+)?)\s*([A-Z]*)", text.strip().upper())
+    if m is None:
+        raise ConfigError(f"--sizes: {text!r} is not a size (bytes, or with K/M/G for KiB/MiB/GiB: 4K, 1M)")
+    value, unit = float(m[1]), m[2]
     if unit not in _UNITS:
         raise ConfigError(f"--sizes: unknown unit in {text!r}; valid: K, M, G (KiB, MiB, GiB) or none (bytes)")
     size = value * _UNITS[unit]
