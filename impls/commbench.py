@@ -19,7 +19,9 @@ bytes, t the time of one operation, *algorithm bandwidth* algbw = S / t, and *bu
 busbw = algbw · 2(n-1)/n for all-reduce — the per-link rate the ring achieves, comparable across
 world sizes and with the hardware's link bandwidth.  For the parameter server the record gives
 algbw and the root's bytes per step 2(n-1)·S with the root's link rate (root_bytes / t): the
-quantity that hits the link's limit first.
+quantity that hits the link's limit first.  ``link_Bps`` puts both on one axis: the bytes per
+second through the busiest link in one direction — busbw for all-reduce, (n-1)·S / t (the root's)
+for the parameter server.
 
 Timing: after ``--warmup`` untimed rounds, ``--iters`` rounds per size, the two schemes
 interleaved (A B A B ...) so drift hits both alike; each round starts after a barrier and its
@@ -198,11 +200,13 @@ def measure(spec: Spec) -> dict:
             row = dict(scheme=scheme, size_bytes=size, elements=elems, time_s=stats, algbw_Bps=_bw(size, stats))
             if scheme == "allreduce":
                 row["busbw_Bps"] = _bw(size * bus_factor(n), stats)
+                row["link_Bps"] = row["busbw_Bps"]
                 row["bytes_per_rank_per_step"] = bus_factor(n) * size  # ring: sent (= received) by each rank
             else:
                 root = 2 * (n - 1) * size  # (n-1)·S in + (n-1)·S out
                 row["root_bytes_per_step"] = root
                 row["root_bw_Bps"] = _bw(root, stats)
+                row["link_Bps"] = _bw((n - 1) * size, stats)  # the root's link, one direction
                 row["bytes_per_rank_per_step"] = dict(root=root, other=2 * size)
             rows.append(row)
         del t, scratch
@@ -235,6 +239,7 @@ def measure(spec: Spec) -> dict:
             source="nccl-tests doc/PERFORMANCE.md (NVIDIA): algbw = S/t; all-reduce busbw = algbw·2(n-1)/n",
             allreduce="torch.distributed.all_reduce (bandwidth-optimal ring: Patarasuk & Yuan 2009)",
             ps="point-to-point to rank 0, sum there, point-to-point back: root link (n-1)·S in + (n-1)·S out",
+            link="bytes/s through the busiest link, one direction: busbw (allreduce), (n-1)·S/t (ps, the root's)",
             time="slowest rank's time per round after a barrier; median and 95% bootstrap interval of the median",
         ),
     )

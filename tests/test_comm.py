@@ -313,3 +313,28 @@ def test_bad_input_is_one_line_and_status_2_before_any_work(tmp_path, capsys, ar
     assert status == 2
     assert err.count("\n") == 1 and err.startswith("etbench: error: ") and message in err, err
     assert not out.parent.exists()
+
+
+def test_the_asv_class_has_a_fixed_small_quick_grid_of_valid_commands():
+    """benchmarks/bench_comm.py: scheme × world size, the quick profile world size 2 only and a
+    few sizes (one ~10 s launch); every size it passes is one `etbench comm` accepts."""
+    import argparse
+    import importlib
+
+    sys.path.insert(0, str(REPO))  # fairscale installs a top-level `benchmarks` package: ours first
+    for name in [m for m in sys.modules if m == "benchmarks" or m.startswith("benchmarks.")]:
+        del sys.modules[name]
+    bench = importlib.import_module("benchmarks.bench_comm")
+    from impls import commbench
+
+    assert bench.CommBandwidth.params == (["allreduce", "ps"], bench.WORLD_SIZES)
+    p = argparse.ArgumentParser()
+    commbench.add_arguments(p)
+    if bench.common.profile_name() == "quick":
+        assert bench.WORLD_SIZES == [2] and len(bench.SETTINGS["sizes"]) <= 4
+    spec = commbench.validate(p.parse_args(["--sizes", ",".join(bench.SETTINGS["sizes"]),
+                                            "--iters", str(bench.SETTINGS["iters"])]), launched=False)
+    assert len(spec.sizes) == len(bench.SETTINGS["sizes"])
+    record = dict(results=[dict(scheme="ps", size_bytes=s, link_Bps=dict(median=s * 1e3), algbw_Bps=dict(median=s),
+                                time_s=dict(median=1.0)) for s in (4, 8)])
+    assert bench.CommBandwidth().track_busbw({2: record}, "ps", 2) == 8e3 / 1e9
