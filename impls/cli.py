@@ -7,6 +7,7 @@
     etbench report results/runs -o results/plots
     etbench isoflop --budgets 1e10,3e10 --variants baseline,mod --out results/isoflop/NAME
     etbench compare SPEC.json --out compare.json   # variants timed interleaved, ratios with intervals
+    etbench comm --nproc 4 --sizes 4K,1M,64M --out comm.json  # ring all-reduce vs parameter server
 
 Exit statuses: 0 done; 2 bad input (one line on stderr, before any work, nothing written: unknown
 names, invalid values, an output path that cannot be written, a checkpoint that does not fit);
@@ -179,6 +180,27 @@ def _cmd_compare(args, argv) -> int:
     return 0
 
 
+def _cmd_comm(args, argv) -> int:
+    from . import commbench
+
+    spec = commbench.validate(args, launched=_is_rank())
+    _apply_timeout(args)
+    if args.out:
+        check_writable(args.out)
+    if not _is_rank():
+        clean_stale(args.out)
+        return _relaunch_under_torchrun(argv, args.nproc)
+    record = commbench.measure(spec)
+    if int(os.environ.get("RANK", "0")) == 0:
+        if args.out:
+            train.write_record(record, args.out)
+        print("\n".join(commbench.summary_lines(record)) + (f"\n-> {args.out}" if args.out else ""))
+    from . import dist
+
+    dist.shutdown()
+    return 0
+
+
 def _cmd_zoo(args, argv) -> int:
     from . import zoo
 
@@ -237,6 +259,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the JSON record here (atomically)")
     p.add_argument("--nproc", type=int, default=1, help="ranks; > 1 relaunches under torchrun")
     _timeout_argument(p)
+    p = sub.add_parser("comm", help="ring all-reduce vs parameter server: time, algbw, busbw per message size")
+    from . import commbench
+
+    commbench.add_arguments(p)
+    _timeout_argument(p)
     sub.add_parser("zoo", help="list model names and parameter counts")
     p = sub.add_parser("peak", help="peak FLOP/s used as the MFU denominator")
     p.add_argument("--device", default="auto")
@@ -289,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         except WriteError as e:
             return _fail(EXIT_FAILED, str(e))
     args = parser().parse_args(argv)
-    commands = {"run": _cmd_run, "compare": _cmd_compare, "zoo": _cmd_zoo, "peak": _cmd_peak, "report": _cmd_report}
+    commands = {"run": _cmd_run, "compare": _cmd_compare, "comm": _cmd_comm, "zoo": _cmd_zoo, "peak": _cmd_peak, "report": _cmd_report}
     try:
         return commands[args.command](args, argv)
     except ConfigError as e:  # bad input: one line, status 2; anything else keeps its traceback
