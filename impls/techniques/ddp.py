@@ -47,12 +47,12 @@ def apply(build, options):
             part, process_group=group, bucket_cap_mb=options["bucket_mb"],
             device_ids=[device.index] if device.type == "cuda" else None)
         for part in build.model_parts]
-    build.no_sync = lambda: _no_sync(build.train_parts)
+    build.no_sync = lambda: no_sync_all(build.train_parts)
     build.notes[NAME] = dict(bucket_mb=options["bucket_mb"], dp=build.dims.dp,
                              backend=torch.distributed.get_backend(group))
 
 
-def _no_sync(wrappers) -> contextlib.ExitStack:
+def no_sync_all(wrappers) -> contextlib.ExitStack:
     """Every DDP wrapper's ``no_sync()`` at once (one per model part)."""
     stack = contextlib.ExitStack()
     for wrapper in wrappers:
