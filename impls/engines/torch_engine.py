@@ -114,11 +114,14 @@ class TorchEngine:
         for i, (xm, ym) in enumerate(chunks):
             # Only the last micro-batch communicates gradients (DDP's all-reduce, FSDP's
             # reduce-scatter, ShardedDDP's reduce): the earlier ones accumulate locally.
+            # The backward runs inside the context too: FSDP2 and ShardedDDP read the flag while
+            # their backward hooks fire (DDP already at forward).
             sync = i == len(chunks) - 1 or no_sync is None
-            with (contextlib.nullcontext() if sync else no_sync()), self.autocast():
-                logits = self.train_module(xm)
-                loss = self.loss_sum(xm, ym, logits) / n_targets
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            with contextlib.nullcontext() if sync else no_sync():
+                with self.autocast():
+                    logits = self.train_module(xm)
+                    loss = self.loss_sum(xm, ym, logits) / n_targets
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach()
         return total
 
