@@ -38,6 +38,8 @@ def _local(t):
 def _train(fields: dict, steps: int) -> dict:
     session = train.prepare(train.Recipe(**fields))
     engine = session.engine
+    x, y = session.batches.get("train", 0)
+    activations = engine.activation_bytes(x, y)  # before training, where the run measures it
     losses, norms = [], []
     for step in range(steps):
         x, y = session.batches.get("train", step)
@@ -49,7 +51,7 @@ def _train(fields: dict, steps: int) -> dict:
             seen.add(id(p))
             shapes.append(tuple(p.shape))
     owned = [_local(p).numel() for g in engine.local_optimizer.param_groups for p in g["params"]]
-    return dict(losses=losses, norms=norms, bytes=engine.state_bytes(), shapes=shapes, owned=owned,
+    return dict(activations=activations, losses=losses, norms=norms, bytes=engine.state_bytes(), shapes=shapes, owned=owned,
                 sharded_state=engine.sharded_state, stage=session.plan.sharding_stage,
                 notes=session.build.notes_for_record())
 
@@ -180,6 +182,9 @@ def test_losses_and_gradient_norms_equal_ddp(two, spec):
         if "bf16" not in spec:
             assert got["losses"][0] == pytest.approx(ref["losses"][0], rel=1e-6)
         assert got["sharded_state"] and not ref["sharded_state"]
+    if "bf16" not in spec:  # saved activations are the model's, not the wrapper's (FSDP2's gathered
+        # parameters are parameters, not activations)
+        assert two[0][spec]["activations"] == two[0]["ddp"]["activations"]
     stage = {"fsdp": 3, "zero-redundancy": 1, "oss": 2}.get(spec.split(":")[0])
     assert two[0][spec]["stage"] == (1 if spec == "oss:sharded_ddp=false" else stage)
 

@@ -194,8 +194,20 @@ class TorchEngine:
         return dict(total=int(counter.get_total_flops()), frozen=int(frozen))
 
     def activation_bytes(self, x: torch.Tensor, y: torch.Tensor) -> int:
-        with SavedActivations(self.module.parameters()) as saved, self.autocast():
-            self.loss_sum(x, y, self.module(x))
+        """Bytes autograd saves for one micro-batch's backward, the parameters excluded.  FSDP2
+        modules are unsharded first, so the gathered parameters the forward computes with (which
+        a matmul saves) are recognised as parameters, as they are in an unsharded model."""
+        from torch.distributed.fsdp import FSDPModule
+
+        fsdp = [m for m in self.module.modules() if isinstance(m, FSDPModule)]
+        for module in fsdp:
+            module.unshard()
+        try:
+            with SavedActivations(self.module.parameters()) as saved, self.autocast():
+                self.loss_sum(x, y, self.module(x))
+        finally:
+            for module in fsdp:
+                module.reshard()
         return saved.bytes
 
     def state_bytes(self) -> dict[str, int]:
