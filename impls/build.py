@@ -15,7 +15,12 @@ changes the build instead of returning a patched model.  The build holds
 * ``optimizer_wrappers``: functions ``(optimizer, build) -> optimizer`` (sharded optimizers);
 * ``hooks``: ``on_batch(x, y, step) -> (x, y)``, ``before_step(step)`` (after backward, before the
   update) and ``after_step(step)``, for techniques acting on data or on a schedule;
-* ``engine``: the name of the engine that executes it (:mod:`impls.engines`).
+* ``engine``: the name of the engine that executes it (:mod:`impls.engines`);
+* what a data-parallel technique tells the engine: ``no_sync`` (the context under which backward
+  communicates no gradients: every micro-batch of a step but the last runs in it),
+  ``grad_shard_group`` (the group over which this rank's gradients are partitioned, so a global
+  norm or an overflow check sums over it) and ``local_optimizer`` (the optimizer holding this
+  rank's share of a sharded optimizer's state).
 
 Initialisation (torchtitan's meta-device flow): the model is constructed on ``meta``; the build
 materialises it (``to_empty`` + ``init_weights`` from the recipe's seed) right after
@@ -28,6 +33,7 @@ in registration order, so a seed gives the same weights on both paths.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from contextlib import AbstractContextManager
 from typing import Callable
 
 import torch
@@ -91,6 +97,17 @@ class Build:
     # (e.g. the routing statistics of the last evaluation forward).
     describers: list[tuple[str, Callable[[], dict]]] = field(default_factory=list)
     engine: str = "torch"
+    # Set by data-parallel techniques (wrap/optimizer stages), read by the engine.  ``no_sync()``:
+    # a context under which backward accumulates gradients locally with no communication (DDP's and
+    # ShardedDDP's ``no_sync``, FSDP2's ``set_requires_gradient_sync(False)``); None: the wrap
+    # communicates nothing in backward.  ``grad_shard_group``: the process group over which this
+    # rank's gradients are partitioned (FSDP: a shard of each gradient; ShardedDDP: the gradients of
+    # the parameters this rank owns), None when every rank holds the whole averaged gradients.
+    # ``local_optimizer``: the optimizer holding this rank's state when the engine's optimizer is a
+    # sharded wrapper (ZeroRedundancyOptimizer's or OSS's ``optim``): what is measured and saved.
+    no_sync: Callable[[], AbstractContextManager] | None = None
+    grad_shard_group: object = None
+    local_optimizer: torch.optim.Optimizer | None = None
     materialized: bool = False
     _pending: list[Callable[[], None]] = field(default_factory=list, repr=False)
 

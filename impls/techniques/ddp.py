@@ -17,6 +17,8 @@ This is the default wrap technique whenever the data-parallel size is > 1.  Libr
 """
 from __future__ import annotations
 
+import contextlib
+
 from ..errors import ConfigError
 
 NAME = "ddp"
@@ -45,5 +47,14 @@ def apply(build, options):
             part, process_group=group, bucket_cap_mb=options["bucket_mb"],
             device_ids=[device.index] if device.type == "cuda" else None)
         for part in build.model_parts]
+    build.no_sync = lambda: no_sync_all(build.train_parts)
     build.notes[NAME] = dict(bucket_mb=options["bucket_mb"], dp=build.dims.dp,
                              backend=torch.distributed.get_backend(group))
+
+
+def no_sync_all(wrappers) -> contextlib.ExitStack:
+    """Every DDP wrapper's ``no_sync()`` at once (one per model part)."""
+    stack = contextlib.ExitStack()
+    for wrapper in wrappers:
+        stack.enter_context(wrapper.no_sync())
+    return stack
