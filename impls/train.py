@@ -34,6 +34,7 @@ from .build import Build
 from .files import clean_stale, write_text
 from .measure import PeakMemory, device_name, model_flops_per_step, peak_flops
 from .measure import timing as timing_lib
+from .measure.comm import CommCounter
 from .parallel import ParallelDims
 from .recipe import BUDGET_FLOPS, LR_SCALINGS, SCHEDULES, Recipe, RecipeError
 
@@ -327,9 +328,17 @@ def run(recipe: Recipe, ctx: dist.DistContext | None = None, *, save_every: int 
             entry["grad_norm"] = _mean_finite(norms)
         return entry
 
+    comm = None
     with PeakMemory(ctx.device) as peak:
         for step in range(start, total):
-            loss = timed_step(engine, batches, ctx.device, step, seconds)
+            if step == start and warmup > 0 and ctx.world_size > 1:
+                # The collectives of one whole step (optimizer included), counted on an untimed
+                # step: the counter sees every c10d operator, which costs time.
+                with CommCounter() as counter:
+                    loss = timed_step(engine, batches, ctx.device, step, seconds)
+                comm = comm_check(session, counter.summary(), step)
+            else:
+                loss = timed_step(engine, batches, ctx.device, step, seconds)
             window.append(loss)
             if clipping:
                 norms.append(engine.last_grad_norm)
@@ -367,7 +376,7 @@ def run(recipe: Recipe, ctx: dist.DistContext | None = None, *, save_every: int 
                   load_start=load_start, load_end=timing_lib.load_average(),
                   others=_other_cores(ctx, cpu_start, timing_lib.cpu_snapshot()))
     return make_record(session, cost, curve, timing, state_bytes, peak, resumed_from=start if resumed else None,
-                       wall_seconds=time.perf_counter() - t_start, status=status, steps_done=done)
+                       wall_seconds=time.perf_counter() - t_start, status=status, steps_done=done, comm=comm)
 
 
 def _other_cores(ctx: dist.DistContext, start: dict | None, end: dict | None) -> float | None:
@@ -410,9 +419,29 @@ def model_states_check(session: Session, measured: dict) -> dict:
         return dict(error=f"{type(e).__name__}: {e}")
 
 
+def comm_check(session: Session, summary: dict, step: int) -> dict:
+    """The collectives of one step on this rank (:class:`~impls.measure.comm.CommCounter`),
+    the largest rank's traffic, and that against the ZeRO paper's volume for the run's stage
+    (2Ψ for replicated or stage-1/2 states, 3Ψ for stage 3; in bytes of the gradient dtype, ×
+    (N_d − 1)/N_d for ring collectives)."""
+    from .measure import model_states
+
+    ctx, plan = session.ctx, session.plan
+    traffic = ctx.all_max([float(summary["traffic_bytes"])])[0]
+    width = 2.0 if plan.low_precision_params else 4.0
+    out = dict(summary, step=step, traffic_bytes_max_rank=traffic, bytes_per_step=traffic)
+    try:
+        check = model_states.comm_check(traffic, trainable_count(session.build), session.dims.dp, plan.sharding_stage,
+                                        grad_bytes=width, param_bytes=width)
+        out.update(check=check, formula_bytes=check["formula"]["ring_bytes"], ratio=check["ratio_ring"])
+    except Exception as e:  # a check must never cost the run its record
+        out.update(error=f"{type(e).__name__}: {e}", ratio=None)
+    return out
+
+
 def make_record(session: Session, cost: StepMeasure, curve: list, timing: dict, state_bytes: dict,
                 peak: PeakMemory, resumed_from: int | None, wall_seconds: float, status: str = "ok",
-                steps_done: int | None = None) -> dict:
+                steps_done: int | None = None, comm: dict | None = None) -> dict:
     """The run record (schema :data:`SCHEMA_VERSION`): recipe, provenance, cost, time, memory, curve.
 
     ``status``: ``ok``, or ``diverged at step N`` (the curve ends at step N with a null loss, and
@@ -470,6 +499,8 @@ def make_record(session: Session, cost: StepMeasure, curve: list, timing: dict, 
                     peak_kind=peak.kind, optimizer_state=optimizer_state,
                     **({"per_rank": per_rank} if ctx.world_size > 1 else {})),
         model_states=model_states_check(session, memory),
+        # the collectives of one step (None on one rank, or when no step was untimed)
+        comm=comm,
         curve=curve,
         final_val_loss=curve[-1]["val_loss"] if status == "ok" else None,
         wall_seconds=wall_seconds,
