@@ -41,6 +41,7 @@ import torch
 
 from . import dist
 from .measure import timing as timing_lib
+from .measure.comm import CommCounter
 from .recipe import Recipe, RecipeError
 
 SCHEMA_VERSION = 1
@@ -167,6 +168,7 @@ def measure(spec: Spec, ctx: dist.DistContext | None = None) -> dict:
     ctx = ctx or dist.init(next(iter(spec.recipes.values())).device)
     names = list(spec.recipes)
     sessions, memory, step, warm_seconds = {}, {}, {}, {}
+    per_rank, model_states, comm = {}, {}, {}
     for name in names:
         session = train.prepare(spec.recipes[name], ctx)
         xm, ym = session.batches.get("train", 0)
@@ -174,11 +176,20 @@ def measure(spec: Spec, ctx: dist.DistContext | None = None) -> dict:
         activations = session.engine.activation_bytes(xm, ym)
         t0 = time.perf_counter()
         for i in range(spec.warmup):
-            session.engine.train_step(*session.batches.get("train", i), i)
+            if i == 0 and ctx.world_size > 1:  # the collectives of one step (counting costs time: a warm-up step)
+                with CommCounter() as counter:
+                    session.engine.train_step(*session.batches.get("train", i), i)
+                comm[name] = train.comm_check(session, counter.summary(), i)
+            else:
+                session.engine.train_step(*session.batches.get("train", i), i)
         _sync(ctx.device)
         state = session.engine.state_bytes()
-        memory[name] = dict(params_bytes=state["params_bytes"], grads_bytes=state["grads_bytes"],
-                            optimizer_bytes=state["optimizer_bytes"], activations_bytes=activations)
+        # the largest rank's bytes (sharded states are uneven), every rank's kept
+        per_rank[name] = ctx.all_gather_object({k: int(state[k]) for k in ("params_bytes", "grads_bytes",
+                                                                          "optimizer_bytes")})
+        memory[name] = dict({k: max(r[k] for r in per_rank[name]) for k in per_rank[name][0]},
+                            activations_bytes=activations)
+        model_states[name] = train.model_states_check(session, memory[name])
         sessions[name], step[name], warm_seconds[name] = session, spec.warmup, time.perf_counter() - t0
     per_round = {name: [] for name in names}
     orders = []
@@ -217,6 +228,10 @@ def measure(spec: Spec, ctx: dist.DistContext | None = None) -> dict:
             speedup=ratio_stats(speedup),
             memory=memory[name],
             memory_ratio={k: (v / memory[base][k] if memory[base][k] else None) for k, v in memory[name].items()},
+            memory_per_rank=per_rank[name],
+            model_states=model_states[name],
+            comm=comm.get(name),
+            technique_notes=sessions[name].build.notes_for_record(),
         )
     return dict(schema=SCHEMA_VERSION, kind="interleaved", baseline=base, rounds=spec.rounds,
                 steps_per_round=spec.steps, warmup_steps=spec.warmup, ci_method=CI_METHOD, order=orders,
