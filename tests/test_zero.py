@@ -58,10 +58,20 @@ def _train(session, start: int, stop: int) -> list[float]:
 
 def _job(name: str, fields: dict, resume_at: int | None) -> dict:
     session = train.prepare(train.Recipe(**fields))
-    out = dict(losses=_train(session, 0, STEPS))
+    x, y = session.batches.get("train", 0)
+    accum = session.plan.accum_steps
+    out = dict(flops=session.engine.count_flops(x, y),
+               activations=session.engine.activation_bytes(x.chunk(accum)[0].clone(), y.chunk(accum)[0].clone()))
+    out["losses"] = []
+    out["grad_norms"] = []
+    for step in range(STEPS):
+        out["losses"] += _train(session, step, step + 1)
+        out["grad_norms"].append(session.engine.last_grad_norm)
     out["params"] = _params(session)
     out["state"] = session.engine.state_bytes() if hasattr(session.engine, "stage") else None
     out["notes"] = session.build.notes_for_record().get("zero")
+    out["precision"] = session.plan.precision
+    out["param_dtypes"] = sorted({str(p.dtype) for p in session.model.parameters()})
     out["psi"] = session.model.num_params()
     zero = getattr(session.engine, "optimizer", None)
     # stage 2 keeps the whole gradient of every tensor overlapping this rank's partition
@@ -112,22 +122,30 @@ def _paper_fp32(psi: int, dp: int, stage: int) -> dict:
                 optimizer_bytes=8 * psi / dp)
 
 
-def _check_bytes(got: dict, dp: int, stage: int) -> dict:
-    """Measured per-rank bytes vs the paper's fp32 formula; returns {key: (measured, formula,
-    ratio)}.  Residuals, asserted exactly rather than hidden in a tolerance:
+def _check_bytes(got: dict, dp: int, stage: int, low_precision: bool = False) -> dict:
+    """Measured per-rank bytes vs the paper's formula (fp32 equivalents 4Ψ + 4Ψ + 8Ψ, or mixed
+    precision 2Ψ + 2Ψ + 12Ψ with ``low_precision``); returns {key: (measured, formula, ratio)}.
+    Residuals, asserted exactly rather than hidden in a tolerance:
 
-    * optimizer: DeepSpeed keeps an fp32 master partition (4Ψ/N_d) even for an fp32 module, so
-      optimizer = 8Ψ/N_d + 4Ψ/N_d (+ 8 bytes: AdamW's ``step`` scalar of each of the 2 param
-      groups); padding of the flat partitions to a multiple of N_d (< 0.1%, tolerance 0.1%);
+    * fp32 optimizer: DeepSpeed keeps an fp32 master partition (4Ψ/N_d) even for an fp32 module,
+      so optimizer = 8Ψ/N_d + 4Ψ/N_d (mixed precision: K = 12 already counts it);
+    * + 8 bytes: AdamW's ``step`` scalar of each of the 2 param groups; padding of the flat
+      partitions to a multiple of N_d (< 0.1%): tolerance 0.1%;
     * stage-2 grads: ``grads_in_partition`` holds the whole gradient of every tensor that overlaps
       this rank's partition (a tensor straddling the boundary is kept whole on both ranks): exactly
-      4 × Σ numel(params_in_partition) — on nano's few large tensors +11% / +18% over 4Ψ/N_d, on a
-      model with many tensors ≤ one tensor per param group."""
-    state, psi = got["state"], got["psi"]
-    formula = _paper_fp32(psi, dp, stage)
-    expected = dict(formula, optimizer_bytes=formula["optimizer_bytes"] + 4 * psi / dp)
+      Σ numel(params_in_partition) elements — on nano's few large tensors +11% / +18% over
+      Ψ/N_d, on a model with many tensors at most one tensor per param group more."""
+    state, psi = got["state"], got["notes"]["params"]
+    zero_notes_formula = got["notes"]["paper_formula"]
+    p, g, o = (2, 2, 12) if low_precision else (4, 4, 8)
+    formula = dict(params_bytes=p * psi / (dp if stage >= 3 else 1), grads_bytes=g * psi / (dp if stage >= 2 else 1),
+                   optimizer_bytes=o * psi / dp)
+    assert zero_notes_formula == pytest.approx(formula)  # the record's formula is this one
+    expected = dict(formula)
+    if not low_precision:
+        expected["optimizer_bytes"] += 4 * psi / dp
     if stage == 2 and dp > 1:
-        expected["grads_bytes"] = 4 * got["whole_grad_elements"]
+        expected["grads_bytes"] = g * got["whole_grad_elements"]
     for key, want in expected.items():
         assert state[key] == pytest.approx(want, rel=1e-3), (key, state[key], want, state["breakdown"])
     return {k: (state[k], formula[k], round(state[k] / formula[k], 4)) for k in formula}
@@ -137,7 +155,7 @@ STAGES = (1, 2, 3)
 LR = train.Recipe().lr
 
 
-def _assert_params_match(got: dict, want: dict, what: str):
+def _assert_params_match(got: dict, want: dict, what: str, rtol: float = 1e-6, atol: float = 1e-7):
     """Parameters equal DDP's to rounding (rtol 1e-6, atol 1e-7), except the key third of the
     attention's qkv bias: its gradient is mathematically zero (softmax is invariant to adding
     q·b_k to every score of a query), so in floating point it is rounding noise, which Adam
@@ -150,7 +168,7 @@ def _assert_params_match(got: dict, want: dict, what: str):
             d = p.numel() // 3
             torch.testing.assert_close(q[d:2 * d], p[d:2 * d], rtol=0, atol=STEPS * LR, msg=f"{what} {name} (k)")
             q, p = torch.cat([q[:d], q[2 * d:]]), torch.cat([p[:d], p[2 * d:]])
-        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7, msg=f"{what} {name}")
+        torch.testing.assert_close(q, p, rtol=rtol, atol=atol, msg=f"{what} {name}")
 
 
 @pytest.mark.slow
@@ -166,6 +184,7 @@ def test_zero_stages_match_ddp_bytes_and_resume_at_two_ranks(tmp_path):
             assert got["losses"] == pytest.approx(ddp["losses"], rel=1e-6, abs=1e-7), (s, got["losses"], ddp["losses"])
             _assert_params_match(got["params"], ddp["params"], f"zero{s}")
             table[(s, rank)] = _check_bytes(got, 2, s)
+            assert got["flops"] == results[rank]["ddp"]["flops"] and got["activations"] == results[rank]["ddp"]["activations"]
             # resume: bit-identical parameters and losses
             assert got["resumed_losses"] == got["losses"][1:]
             for name, p in got["params"].items():
@@ -174,3 +193,122 @@ def test_zero_stages_match_ddp_bytes_and_resume_at_two_ranks(tmp_path):
         notes = results[0][f"zero{s}"]["notes"]
         assert notes["stage"] == s and notes["dp"] == 2 and notes["deepspeed_estimate"]["per_device_bytes"] > 0
     print("\nper-rank bytes (measured, fp32 paper formula, ratio):", table)
+
+
+@pytest.mark.slow
+def test_accumulation_clipping_precision_and_offload_at_two_ranks(tmp_path):
+    """Gradient accumulation and clipping against DDP (losses, parameters, pre-clip norms); bf16
+    mode's 16-bit parameters and its mixed-precision bytes (2Ψ + 2Ψ + 12Ψ, sharded); offload of
+    optimizer (DeepSpeedCPUAdam) and parameters (stage 3)."""
+    acc = dict(FIELDS, grad_clip=0.05)
+    jobs = [("ddp", dict(acc, techniques=["grad_accum:steps=2"]), None),
+            ("zero2", dict(acc, techniques=["grad_accum:steps=2", "zero:stage=2,bucket_mb=0.25"]), None),
+            ("bf16", dict(FIELDS, techniques=["bf16", "zero:stage=2,bucket_mb=0.25"]), None),
+            ("offload", dict(FIELDS, techniques=["zero:stage=3,offload_optimizer=cpu,offload_param=cpu"]), None),
+            ("plain", dict(FIELDS, techniques=[]), None)]
+    results = _spawn(tmp_path, 2, jobs)
+    for rank, r in enumerate(results):
+        ddp, got = r["ddp"], r["zero2"]
+        assert got["losses"] == pytest.approx(ddp["losses"], rel=1e-6, abs=1e-7)
+        assert all(n > 0.05 for n in ddp["grad_norms"])  # clipping was active
+        assert got["grad_norms"] == pytest.approx(ddp["grad_norms"], rel=1e-5)
+        _assert_params_match(got["params"], ddp["params"], "zero2 accumulation+clipping")
+        _check_bytes(got, 2, 2)
+        bf16 = r["bf16"]
+        assert bf16["param_dtypes"] == ["torch.bfloat16"] and bf16["precision"] == "bf16-params+fp32-master"
+        assert bf16["losses"][0] == pytest.approx(ddp["losses"][0], rel=1e-2)
+        print(f"\nrank {rank} bf16 ZeRO-2 bytes (measured, paper mixed precision, ratio):", _check_bytes(bf16, 2, 2, True))
+        off = r["offload"]
+        notes = off["notes"]
+        assert notes["optimizer_ran"].startswith("deepspeed.ops.adam.DeepSpeedCPUAdam")
+        assert notes["offload"]["device_type"] == "cpu" and "moves no bytes" in notes["offload"]["meaning"]
+        # DeepSpeedCPUAdam's fused update against torch's AdamW under DDP: equal to rounding
+        assert off["losses"] == pytest.approx(r["plain"]["losses"], rel=1e-5)
+        _assert_params_match(off["params"], r["plain"]["params"], "offload (DeepSpeedCPUAdam)", rtol=1e-5, atol=1e-6)
+        assert off["state"]["params_bytes"] == pytest.approx(4 * notes["params"] / 2, rel=1e-3)
+
+
+@pytest.mark.slow
+def test_zero3_at_four_ranks(tmp_path):
+    """4 ranks oversubscribed on 2 cores: ZeRO-3's losses and parameters equal DDP's, per-rank
+    bytes the paper's fp32 formula at N_d = 4 (with the fp32 master partition)."""
+    jobs = [("ddp", dict(FIELDS, techniques=[]), None),
+            ("zero3", dict(FIELDS, techniques=["zero:stage=3,bucket_mb=0.25"]), None)]
+    results = _spawn(tmp_path, 4, jobs)
+    table = {}
+    for rank, r in enumerate(results):
+        assert r["zero3"]["losses"] == pytest.approx(r["ddp"]["losses"], rel=1e-6, abs=1e-7)
+        _assert_params_match(r["zero3"]["params"], r["ddp"]["params"], "zero3 ws4")
+        table[rank] = _check_bytes(r["zero3"], 4, 3)
+    print("\nZeRO-3 at 4 ranks, per-rank bytes (measured, fp32 paper formula, ratio):", table)
+
+
+def test_one_rank_run_through_the_cli(tmp_path):
+    """World size 1: DeepSpeed gets a one-rank gloo group; the record carries the bytes and notes."""
+    out = tmp_path / "run.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "impls.cli", "run", "--model", "nano", "--steps", "2", "--batch-size",
+                           "2", "--seq-len", "16", "--eval-batches", "1", "--technique", "zero:stage=3",
+                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    record = json.loads(out.read_text())
+    notes, memory = record["technique_notes"]["zero"], record["memory"]
+    psi = record["params"]
+    assert psi == notes["params"] > 0  # ZeRO-3's partitioned parameters count their full size
+    assert notes["stage"] == 3 and notes["dp"] == 1 and notes["deepspeed_estimate"]["per_device_bytes"] > 0
+    assert memory["params_bytes"] == 4 * psi and memory["grads_bytes"] == 4 * psi
+    assert memory["optimizer_bytes"] == pytest.approx(12 * psi, rel=1e-3)
+    assert record["status"] == "ok" and record["mfu"] > 0
+
+
+from impls import cli  # noqa: E402
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--technique", "zero:stage=2,offload_param=cpu"], "zero:offload_param=cpu needs stage=3"),
+    (["--technique", "zero", "--technique", "ddp", "--nproc", "2"], "techniques 'zero' and 'ddp' cannot be combined"),
+    (["--technique", "zero", "--optimizer", "lion"], "optimizer 'lion' cannot be partitioned by DeepSpeed here; valid: adamw, adam, sgd"),
+    (["--technique", "zero:stage=4"], "bad value '4' for zero:stage; valid: 1, 2, 3"),
+    (["--technique", "onebit"], "onebit:kind=adam cannot run here: missing"),
+    (["--technique", "onebit:kind=lamb"], "the OneBitLamb optimizer"),
+    (["--technique", "onebit", "--technique", "zero"], "cannot be combined"),
+], ids=["offload-param-stage2", "zero-ddp", "unknown-optimizer", "stage4", "onebit", "onebit-lamb", "onebit-zero"])
+def test_refusals_exit_2_before_any_work(argv, message, tmp_path, capsys):
+    out = tmp_path / "never" / "run.json"
+    status = cli.main(["run", "--model", "nano", "--steps", "3", *argv, "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and message in err, err
+    assert err.count("\n") == 0 and err.startswith("etbench: error:")
+    assert not out.parent.exists()
+
+
+def test_onebit_refusal_names_every_missing_piece_on_cpu():
+    from impls.techniques import onebit
+
+    missing = onebit.missing_pieces("adam", "cpu")
+    assert any("CUDA" in m for m in missing)
+    if not torch.cuda.is_available():
+        assert len(missing) >= 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="1-bit Adam needs CUDA with NCCL and cupy; no CUDA here")
+def test_onebit_on_cuda(tmp_path):
+    """On a CUDA machine: runs through the deepspeed engine where this DeepSpeed still ships the
+    optimizers and cupy is installed (notes carry the compression ratio), else is refused naming
+    what is missing."""
+    from impls.techniques import onebit
+
+    out = tmp_path / "run.json"
+    missing = onebit.missing_pieces("adam", "cuda")
+    status = cli.main(["run", "--model", "nano", "--steps", "3", "--optimizer", "adam", "--device", "cuda",
+                       "--technique", "onebit:freeze_step=1", "--out", str(out)])
+    if missing:
+        assert status == 2
+        return
+    import json
+
+    assert status == 0
+    notes = json.loads(out.read_text())["technique_notes"]["onebit"]
+    assert notes["compression"]["ratio"] > 20

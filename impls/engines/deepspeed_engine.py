@@ -36,7 +36,7 @@ torch engine:
 """
 from __future__ import annotations
 
-import contextlib
+import copy
 import math
 import os
 import tempfile
@@ -112,7 +112,7 @@ class DeepSpeedEngine:
         self.device = build.device
         self.dp = build.dims.dp
         owner, notes = _owner(build)
-        part = dict(notes[CONFIG_KEY])
+        part = copy.deepcopy(notes[CONFIG_KEY])
         offload = part.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
         _dist_ready()
         if torch.distributed.get_world_size() != self.dp:
@@ -137,7 +137,9 @@ class DeepSpeedEngine:
                 config["zero_allow_untested_optimizer"] = True  # torch SGD is outside ZeRO's tested list
             if offload and recipe.optimizer == "sgd":
                 config["zero_force_ds_cpu_optimizer"] = False  # no DeepSpeed CPU SGD: torch's runs on the host
-        else:
+        else:  # DeepSpeed's own optimizer, with the recipe's hyper-parameters
+            config["optimizer"]["params"].update(lr=recipe.lr, weight_decay=recipe.weight_decay,
+                                                 betas=list(optimizers.ADAM_BETAS), eps=1e-8)
             described = f"DeepSpeed {config['optimizer']['type']}"
         # DeepSpeed's own optimizer (config "optimizer") is built over these groups (the recipe's
         # decay / no-decay split); a client optimizer already holds them.

@@ -57,9 +57,13 @@ def configure(plan, options):
         import torch
 
         if plan.autocast_dtype is torch.float16 and plan.device_type == "cpu":
-            from deepspeed.accelerator import get_accelerator
-
-            if not get_accelerator().is_fp16_supported():
+            # DeepSpeed's CPU accelerator answers is_fp16_supported() with exactly this call
+            # (deepspeed/accelerator/cpu_accelerator.py); asked directly, no deepspeed import.
+            try:
+                fp16_ok = bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+            except Exception:
+                fp16_ok = False
+            if not fp16_ok:
                 raise ConfigError("zero with fp16: DeepSpeed's CPU accelerator reports no fp16 support on this "
                                   "machine (torch.ops.mkldnn._is_mkldnn_fp16_supported() is False); use bf16")
         # DeepSpeed's bf16/fp16 mode: 16-bit params and grads, fp32 master partition; no autocast.
