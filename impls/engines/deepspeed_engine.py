@@ -46,8 +46,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .. import optimizers
-from ..build import StepOutput
-from ..loss import lm_loss, lm_loss_sum, target_count
+from ..loss import lm_loss, target_count
 from ..measure import SavedActivations
 from ..measure.memory import storage_key, tensor_bytes, tensors_in
 from .torch_engine import TorchEngine
@@ -64,10 +63,21 @@ CHECKPOINT_TAG = "etbench"
 
 def _dist_ready() -> None:
     """DeepSpeed needs a process group even on one rank: create a one-rank gloo group (an
-    in-memory store, no port) when the run did not (world size 1)."""
+    in-memory store, no port) when the run did not (world size 1).  DeepSpeed caches the groups
+    it made (a clone of the world group) at module level; if the process group they belonged to
+    was destroyed since (an earlier run in this process, :func:`impls.dist.shutdown`), those
+    references are released so DeepSpeed makes new ones."""
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
     os.environ.setdefault("LOCAL_RANK", "0")
+    from deepspeed.utils import groups
+
+    cached = getattr(groups, "_WORLD_GROUP", None)
+    if cached is not None:
+        try:
+            torch.distributed.get_process_group_ranks(cached)
+        except (ValueError, KeyError, RuntimeError):
+            groups._release_process_group_references(None)
 
 
 def _owner(build) -> tuple[str, dict]:
@@ -148,6 +158,7 @@ class DeepSpeedEngine:
                                                              model_parameters=groups, dist_init_required=False)
         notes["deepspeed_config_used"] = {k: v for k, v in config.items()}
         notes["optimizer_ran"] = described
+        notes["optimizer_name"] = recipe.optimizer
         self.stage = int(config.get("zero_optimization", {}).get("stage", 0))
         global_batch = recipe.batch_size * self.plan.accum_steps * self.dp
         ratio = global_batch / recipe.base_batch

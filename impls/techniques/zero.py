@@ -44,6 +44,8 @@ DATA_PARALLEL = True
 
 #: The ZeRO paper's K for Adam with fp32 master weights (master params, momentum, variance).
 K_ADAM = 12
+#: K per optimizer the engine runs: bytes per parameter of fp32 master copy plus optimizer state.
+K_BY_OPTIMIZER = {"adamw": K_ADAM, "adam": K_ADAM, "sgd": 8}  # SGD: master 4 + momentum 4
 
 
 def configure(plan, options):
@@ -128,8 +130,8 @@ def deepspeed_estimates(model, dp: int, options) -> dict:
 
 def paper_bytes(params: int, dp: int, stage: int, low_precision: bool, k: int = K_ADAM) -> dict:
     """The ZeRO paper's per-rank model-state bytes (params, grads, optimizer) at ``stage``:
-    mixed precision 2Ψ + 2Ψ + KΨ; fp32 equivalents 4Ψ + 4Ψ + 8Ψ (Adam's two moments; the
-    weights are their own master copy).  Stage s divides optimizer (s >= 1), grads (s >= 2) and
+    mixed precision 2Ψ + 2Ψ + KΨ; fp32 equivalents 4Ψ + 4Ψ + (K-4)Ψ (Adam: 8Ψ, its two moments;
+    the weights are their own master copy).  Stage s divides optimizer (s >= 1), grads (s >= 2) and
     params (s >= 3) by N_d."""
     p, g, o = (2, 2, k) if low_precision else (4, 4, k - 4)
     return dict(params_bytes=p * params / (dp if stage >= 3 else 1), grads_bytes=g * params / (dp if stage >= 2 else 1),
@@ -149,7 +151,6 @@ def apply(build, options):
                  if build.plan.low_precision_params else "fp32",
                  deepspeed_config=deepspeed_config(options),
                  deepspeed_estimate=deepspeed_estimates(model, dp, options),
-                 paper_formula=paper_bytes(params, dp, options["stage"], build.plan.low_precision_params),
                  estimate_vs_paper=(
                      "DeepSpeed's estimators assume 16-bit params and count 18 bytes/param of partitioned state "
                      "(2 16-bit grads + 4 fp32 grads + 4 fp32 params + 8 Adam moments) where the paper counts "
@@ -159,20 +160,37 @@ def apply(build, options):
                      "neither counts the alignment padding of the flat partitions or the reduction buckets"),
                  measured_vs_paper=(
                      "DeepSpeed keeps an fp32 master partition (4Ψ/N_d, counted in optimizer_bytes) also when the "
-                     "module is fp32, so fp32 optimizer bytes are 12Ψ/N_d against the paper's fp32-equivalent 8Ψ/N_d; "
-                     "the flat buffers are padded to a multiple of N_d (and an alignment), a few bytes"),
+                     "module is fp32, so fp32 optimizer bytes are KΨ/N_d against the paper's fp32 equivalent "
+                     "(K-4)Ψ/N_d (Adam: 12 vs 8); stage 2 keeps the whole gradient of every tensor overlapping "
+                     "this rank's partition (grads_in_partition), so a tensor straddling a partition boundary is "
+                     "held whole on both ranks (at most one tensor per param group above 4Ψ/N_d or 2Ψ/N_d); "
+                     "stage 1's whole gradients exist from backward until the boundary's reduction, when they "
+                     "are sampled; the flat buffers are padded to a multiple of N_d (and an alignment), a few "
+                     "bytes; the reduction buckets (breakdown.buckets_bytes) are constant-size scratch, not "
+                     "model state"),
                  model_init=("the model is materialised whole on every rank and then partitioned by "
                              "deepspeed.initialize (no deepspeed.zero.Init): start-up briefly holds 4Ψ per rank"
                              if options["stage"] == 3 else None))
-    if offloaded:
-        moved = {"optimizer": options["offload_optimizer"] != "none", "params": options["offload_param"] != "none"}
-        per = paper_bytes(params, dp, options["stage"], build.plan.low_precision_params)
-        would = (per["optimizer_bytes"] + (per["grads_bytes"] if options["stage"] >= 2 else 0)) if moved["optimizer"] else 0
-        would += per["params_bytes"] if moved["params"] else 0
-        notes["offload"] = dict(
-            device_type=build.device.type, moved=moved, bytes_that_would_leave_the_device=int(would),
-            meaning=("on this CPU-only run the device is the host: offloading moves no bytes anywhere (the states "
-                     "stay in the same RAM); it changes only which code runs the update (DeepSpeedCPUAdam) and adds "
-                     "the copies between 'device' and host buffers" if build.device.type == "cpu" else
-                     f"these states live in host memory instead of {build.device.type} memory"))
     build.notes[NAME] = notes
+
+    def formula() -> dict:  # when the record is made: the engine has named the optimizer it ran
+        k = K_BY_OPTIMIZER.get(notes.get("optimizer_name"), K_ADAM)
+        per = paper_bytes(params, dp, options["stage"], build.plan.low_precision_params, k)
+        out = dict(paper_k=k, paper_formula=per)
+        if offloaded:
+            moved = {"optimizer": options["offload_optimizer"] != "none", "params": options["offload_param"] != "none"}
+            # the paper's bytes of what offload keeps in host memory: master + optimizer states and
+            # the gradient partition (the update's input), and the parameter partition (offload_param)
+            would = (per["optimizer_bytes"] + per["grads_bytes"] / (1 if options["stage"] >= 2 else dp)
+                     if moved["optimizer"] else 0) + (per["params_bytes"] if moved["params"] else 0)
+            out["offload"] = dict(
+                device_type=build.device.type, moved=moved, bytes_off_the_device=int(would),
+                meaning=("on this CPU-only run the device is the host: offloading moves no bytes anywhere (the "
+                         "states stay in the same RAM); it changes only which code runs the update "
+                         "(DeepSpeedCPUAdam for adam/adamw) and adds copies between the 'device' and host buffers "
+                         "(an fp32 host copy of the gradient partition: see breakdown.grad_partitions_bytes)"
+                         if build.device.type == "cpu" else
+                         f"these states live in host memory instead of {build.device.type} memory"))
+        return out
+
+    build.describe(NAME, formula)
