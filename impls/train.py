@@ -81,6 +81,7 @@ def _check(r: Recipe, world_size: int):
     for spec in specs:
         spec.technique.check_mesh(dims, spec.options)
     plan = techniques.configure(specs, device.type)
+    techniques.check_recipe(specs, r)  # e.g. an optimizer the technique's engine cannot run
     # A technique that would find nothing to change in this model is refused here, before any
     # work, rather than training a baseline under the technique's name.
     techniques.check_model(specs, cfg, r.seq_len)

@@ -8,6 +8,11 @@ the measurements and checkpoint/resume are the same whichever engine runs:
   ``torch.optim`` optimizer (wrapped by the build's optimizer wrappers), autocast and loss
   scaling from the plan, micro-batches, whatever wrap technique the build applied (DDP...).
 
+* ``deepspeed`` (:class:`~impls.engines.deepspeed_engine.DeepSpeedEngine`): ``deepspeed.initialize``
+  owns optimizer, precision, backward and the gradient reduction (ZeRO 1/2/3, offload, 1-bit
+  Adam), selected by an ``engine``-stage technique (``zero``, ``onebit``); its state is sharded
+  (``sharded_state``: each rank's ``save_checkpoint`` files).
+
 An engine that drives a ``torch.distributed.pipelining`` schedule over several model parts, or
 DeepSpeed's (which owns optimizer, precision and backward itself), plugs in by implementing the
 same protocol and registering here; a technique of the ``engine`` stage selects it by setting
@@ -16,7 +21,7 @@ behind ``state_dict``/``load_state_dict``.
 """
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
@@ -62,7 +67,13 @@ class Engine(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-REGISTRY: dict[str, type] = {"torch": TorchEngine}
+def _deepspeed(build, recipe, total_steps):  # deepspeed is imported only when a run uses it (seconds)
+    from .deepspeed_engine import DeepSpeedEngine
+
+    return DeepSpeedEngine(build, recipe, total_steps)
+
+
+REGISTRY: dict[str, Callable] = {"torch": TorchEngine, "deepspeed": _deepspeed}
 
 
 def create(build, recipe, total_steps: int) -> Engine:

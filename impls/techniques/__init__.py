@@ -53,7 +53,9 @@ class TechniqueModule(Protocol):
     """What a technique module defines.  Optional, with defaults: ``RANK`` (int, order within the
     stage, default 50), ``CHOICES`` (option -> allowed values), ``CONFLICTS`` (technique -> why
     the two cannot be combined), ``MESH_DIMS`` (mesh dimensions it shards over), ``DEFERS_INIT``
-    (bool), ``configure(plan, options)`` (engine settings, run at validation time, before any
+    (bool), ``DATA_PARALLEL`` (bool: an
+    engine-stage technique that reduces gradients over dp itself, so no default ``ddp`` is added),
+    ``configure(plan, options)`` (engine settings, run at validation time, before any
     model exists), ``check_mesh(dims, options)`` (refuse a mesh it cannot use, also before any
     work), ``check_model(cfg, seq_len, options)`` (refuse, from the model's config and the
     sequence length, options under which it would change nothing in this model or could not
@@ -82,10 +84,12 @@ class Technique:
     rank: int
     mesh_dims: tuple[str, ...]
     defers_init: bool
+    data_parallel: bool
     configure: Callable
     check_mesh: Callable
     check_model: Callable
     apply: Callable
+    check_recipe: Callable
 
     @classmethod
     def of(cls, module: ModuleType) -> "Technique":
@@ -96,8 +100,8 @@ class Technique:
         ns = vars(module)
         return cls(module.NAME, module, stage_of, dict(module.OPTIONS), ns.get("CHOICES", {}), ns.get("CONFLICTS", {}),
                    ns.get("RANK", DEFAULT_RANK), tuple(ns.get("MESH_DIMS", ())), ns.get("DEFERS_INIT", False),
-                   ns.get("configure", _noop), ns.get("check_mesh", _noop), ns.get("check_model", _noop),
-                   ns.get("apply", _noop))
+                   ns.get("DATA_PARALLEL", False), ns.get("configure", _noop), ns.get("check_mesh", _noop),
+                   ns.get("check_model", _noop), ns.get("apply", _noop), ns.get("check_recipe", _noop))
 
 
 def _discover() -> dict[str, Technique]:
@@ -142,6 +146,8 @@ class Plan:
         if self.autocast_dtype is None:
             return "fp32"
         name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
+        if self.low_precision_params:  # 16-bit parameters with an fp32 master copy, no autocast
+            return f"{name}-params+fp32-master"
         return f"{name}-autocast" + ("+loss-scaling" if self.loss_scaling else "")
 
 
@@ -203,8 +209,9 @@ def ordered(specs: list[TechniqueSpec]) -> list[TechniqueSpec]:
 
 def with_defaults(specs: list[TechniqueSpec], dp: int) -> list[TechniqueSpec]:
     """``specs`` plus the defaults a run needs: DDP when the data-parallel size is > 1 and no
-    technique of the ``wrap`` stage was given."""
-    if dp > 1 and not any(stage(s) == "wrap" for s in specs) and "ddp" in REGISTRY:
+    technique of the ``wrap`` stage, nor one that does its own data parallelism
+    (``DATA_PARALLEL``: DeepSpeed's ZeRO), was given."""
+    if dp > 1 and not any(stage(s) == "wrap" or s.technique.data_parallel for s in specs) and "ddp" in REGISTRY:
         specs = [*specs, parse("ddp")]
     return specs
 
@@ -220,6 +227,13 @@ def configure(specs: list[TechniqueSpec], device_type: str | None = None) -> Pla
     for spec in ordered(specs):
         spec.technique.configure(plan, spec.options)
     return plan
+
+
+def check_recipe(specs: list[TechniqueSpec], recipe) -> None:
+    """Each technique's ``check_recipe`` hook over the recipe (optimizer and other fields it
+    cannot serve are a one-line ConfigError before any work)."""
+    for spec in ordered(specs):
+        spec.technique.check_recipe(recipe, spec.options)
 
 
 def check_model(specs: list[TechniqueSpec], cfg, seq_len: int) -> None:

@@ -271,17 +271,22 @@ class Transformer(nn.Module):
 
     def num_params(self, matmul_only: bool = False) -> int:
         """Distinct parameters; ``matmul_only`` drops the position table, which costs no matmul
-        FLOPs (the N of 6N; the tied embedding stays in as the LM head, as in nanoGPT)."""
+        FLOPs (the N of 6N; the tied embedding stays in as the LM head, as in nanoGPT).  A
+        parameter partitioned by DeepSpeed ZeRO-3 counts its full size (``ds_numel``)."""
+
+        def numel(p) -> int:
+            return getattr(p, "ds_numel", None) or p.numel()
+
         seen, n = set(), 0
         for p in self.parameters():
             if id(p) not in seen:
                 seen.add(id(p))
-                n += p.numel()
+                n += numel(p)
         if matmul_only:
             if self.pos_emb is not None:
-                n -= self.pos_emb.weight.numel()
+                n -= numel(self.pos_emb.weight)
             if not self.cfg.tie_embeddings:  # an untied input table is a lookup, not a matmul
-                n -= self.tok_emb.weight.numel()
+                n -= numel(self.tok_emb.weight)
         return n
 
     def forward(self, idx: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
