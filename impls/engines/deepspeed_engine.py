@@ -367,14 +367,22 @@ class DeepSpeedEngine:
         return dict(format="deepspeed-checkpoint/1", tag=CHECKPOINT_TAG, stage=self.stage, dp=self.dp, files=files)
 
     def load_state_dict(self, state: dict) -> None:
-        """``state["files"]``: every rank's files (the union); written back, then
-        ``load_checkpoint`` (module, ZeRO partitions, optimizer moments, step counters)."""
+        """``state``: what :meth:`state_dict` returned on this rank (a collective: every rank
+        loads together).  ``load_checkpoint`` reads files other ranks wrote (rank 0's module
+        states), so the ranks first exchange their files; the union is written back, then
+        loaded (module, ZeRO partitions, optimizer moments, step counters)."""
         if state.get("dp") != self.dp or state.get("stage") != self.stage:
             raise ValueError(f"a deepspeed checkpoint of stage {state.get('stage')} at dp={state.get('dp')} cannot "
                              f"load into stage {self.stage} at dp={self.dp}")
+        files = dict(state["files"])
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            gathered = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, files)
+            for other in gathered:
+                files.update(other)
         with tempfile.TemporaryDirectory(prefix="etbench-ds-") as tmp:
             root = Path(tmp) / state["tag"]
-            for name, blob in state["files"].items():
+            for name, blob in files.items():
                 path = root / name
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(blob)
