@@ -168,6 +168,16 @@ def apply(build, options):
                      "are sampled; the flat buffers are padded to a multiple of N_d (and an alignment), a few "
                      "bytes; the reduction buckets (breakdown.buckets_bytes) are constant-size scratch, not "
                      "model state"),
+                 comm_vs_paper=(
+                     "the paper's 2Ψ for stages 1-2 assumes a reduce-scatter of the gradients (Ψ) and an all-gather "
+                     "of the updated parameters (Ψ); DeepSpeed 0.19's stage 1/2 all-reduces each gradient bucket "
+                     "(use_multi_rank_bucket_allreduce, its default: 2Ψ) and then all-gathers the parameters (Ψ), "
+                     "3Ψ per step, 1.5x the paper (record.comm.ratio); stage 3 gathers parameters for the forward "
+                     "and the backward and reduce-scatters gradients, the paper's 3Ψ"
+                     if options["stage"] in (1, 2) else
+                     "stage 3: all-gather of the parameters in the forward and again in the backward, reduce-scatter "
+                     "of the gradients: the paper's 3Ψ (record.comm.ratio; prefetch and the persistence threshold "
+                     "move it a little)"),
                  model_init=("the model is materialised whole on every rank and then partitioned by "
                              "deepspeed.initialize (no deepspeed.zero.Init): start-up briefly holds 4Ψ per rank"
                              if options["stage"] == 3 else None))
