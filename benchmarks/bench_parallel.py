@@ -23,6 +23,11 @@ VARIANTS = {
     "zero1": ["zero:stage=1"],
     "zero2": ["zero:stage=2"],
     "zero3": ["zero:stage=3"],
+    # DeepSpeed's bf16 mode: 16-bit parameters and gradients, fp32 master partition -- the paper's
+    # mixed-precision setting (2Ψ + 2Ψ + 12Ψ), where its formula should hold to the byte
+    "zero1-bf16": ["bf16", "zero:stage=1"],
+    "zero2-bf16": ["bf16", "zero:stage=2"],
+    "zero3-bf16": ["bf16", "zero:stage=3"],
     "zero2-offload": ["zero:stage=2,offload_optimizer=cpu"],
     "zero3-offload": ["zero:stage=3,offload_optimizer=cpu,offload_param=cpu"],
     "fsdp": ["fsdp"],
@@ -35,7 +40,8 @@ WORLD_SIZES = [1, 2, 4]  # the fixed grid; a profile runs a subset
 SETTINGS = {
     # nano at 2 ranks, all techniques in one launch: the family's whole quick cost
     "quick": dict(model="nano", world_sizes=[2], batch_size=4, seq_len=64,
-                  variants=["ddp", "zero1", "zero2", "zero3", "zero2-offload", "fsdp", "zero-redundancy", "oss"]),
+                  variants=["ddp", "zero1", "zero2", "zero3", "zero1-bf16", "zero2-bf16", "zero3-bf16", "zero2-offload",
+                            "fsdp", "zero-redundancy", "oss"]),
     "full": dict(model="small", world_sizes=[1, 2, 4], batch_size=8, seq_len=256, variants=list(VARIANTS)),
 }[common.profile_name()]
 

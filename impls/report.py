@@ -1256,6 +1256,30 @@ def _comm_measured(comm: dict | None):
                          comm.get("total_bytes"), check.get("measured_bytes"))
 
 
+def interleaved_parallel_runs(interleaved: Sequence[dict]) -> pd.DataFrame:
+    """The variants of interleaved comparisons that carry a ``model_states`` block (the
+    data-parallel family times every technique of a world size in one comparison) as rows like
+    :func:`records_frame`'s, for :func:`data_parallel_frame`: per-rank bytes, the collectives of
+    one step and tokens/s from the interleaved rounds' median step time (its interval from theirs)."""
+    rows = []
+    for record in interleaved:
+        for name, v in record.get("variants", {}).items():
+            if not isinstance(v.get("model_states"), dict) or "error" in v["model_states"]:
+                continue
+            seconds = v.get("seconds_per_step") or {}
+            median = seconds.get("median")
+            if not _is_number(median) or median <= 0:
+                continue
+            rows.append({"run": f"{name}/ws{record.get('world_size')} [{Path(record.get('source') or '').stem}]",
+                         "family": record.get("family"), "recipe": v.get("recipe") or {},
+                         "world_size": record.get("world_size"), "tokens_per_step": v.get("tokens_per_step"),
+                         "tokens_per_second": v["tokens_per_step"] / median,
+                         "step_time": {"ci95": seconds.get("ci95")}, "device": record.get("device") or {},
+                         "load": record.get("load") or {}, "model_states": v["model_states"],
+                         "comm": v.get("comm")})
+    return pd.json_normalize(rows) if rows else pd.DataFrame()
+
+
 def data_parallel_frame(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per run that has a ``model_states`` block (records of data-parallel techniques).
 
@@ -1710,7 +1734,8 @@ def write_report(paths: Sequence[Path], out_dir: Path) -> list[Path]:
     markdown = markdown_table(table) + refused_markdown(loaded.refused)
     markdown += "".join("\n" + interleaved_markdown(record) for record in loaded.interleaved)
     markdown += overhead_markdown(loaded.extra)
-    data_parallel_written, data_parallel_section = write_data_parallel(runs, loaded.comm, out_dir)
+    parallel_runs = pd.concat([runs, interleaved_parallel_runs(loaded.interleaved)], ignore_index=True)
+    data_parallel_written, data_parallel_section = write_data_parallel(parallel_runs, loaded.comm, out_dir)
     markdown += data_parallel_section
     written = [write_text(out_dir / "summary.csv", table.to_csv(index=False)),
                write_text(out_dir / "summary.md", markdown + _peak_log_markdown(out_dir)),

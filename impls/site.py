@@ -1233,7 +1233,10 @@ def data_parallel_section(loaded, page: "_Page", copied: set, rel_plots: str) ->
     is no comm record."""
     from . import report
 
-    frame = report.data_parallel_frame(loaded.runs)
+    import pandas as pd
+
+    frame = report.data_parallel_frame(pd.concat([loaded.runs, report.interleaved_parallel_runs(loaded.interleaved)],
+                                                 ignore_index=True))
     bw = report.comm_bandwidth_frame(loaded.comm)
     if frame.empty and bw.empty:
         return ""
