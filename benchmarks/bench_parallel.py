@@ -46,8 +46,14 @@ SETTINGS = {
 }[common.profile_name()]
 
 
-def _variants() -> dict[str, dict]:
-    return {name: dict(techniques=VARIANTS[name]) for name in SETTINGS["variants"]}
+#: Techniques refused on one rank (nothing to shard or wrap: they would be the single-process run
+#: under their name); DeepSpeed's ZeRO runs there (N_d = 1: the formula's unsharded end).
+NEEDS_RANKS = ("fsdp", "fsdp-no-reshard", "zero-redundancy", "oss")
+
+
+def _variants(world_size: int) -> dict[str, dict]:
+    return {name: dict(techniques=VARIANTS[name]) for name in SETTINGS["variants"]
+            if world_size > 1 or name not in NEEDS_RANKS}
 
 
 def _common() -> dict:
@@ -74,7 +80,7 @@ class DataParallelSharding:
     timeout = 1800
 
     def setup_cache(self):
-        return {w: common.compare_record("parallel", _variants(), baseline="ddp", common=_common(), nproc=w,
+        return {w: common.compare_record("parallel", _variants(w), baseline="ddp", common=_common(), nproc=w,
                                          name=f"ws{w}")
                 for w in SETTINGS["world_sizes"] if _runnable(w) is None}
 
@@ -85,7 +91,8 @@ class DataParallelSharding:
         if why:
             raise NotImplementedError(why)
         if technique not in records[world_size]["variants"]:
-            raise NotImplementedError(f"{technique} is not in the {common.profile_name()} profile of this family")
+            raise NotImplementedError(f"{technique} is not in the {common.profile_name()} profile of this family"
+                                      + (" (it needs more than one rank)" if technique in NEEDS_RANKS else ""))
 
     @staticmethod
     def _variant(records, technique, world_size) -> dict:

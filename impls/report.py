@@ -1324,6 +1324,7 @@ def data_parallel_frame(runs: pd.DataFrame) -> pd.DataFrame:
         if comm and not isinstance(comm_formula, dict) and _is_number(g_b):
             comm_formula = ms.comm_volume(psi, n_d, stage, grad_bytes=g_b, param_bytes=p_b if _is_number(p_b) else None)
         row = {"run": run["run"], "family": run["family"], "model": run.get("recipe.model"),
+               "batch_size": run.get("recipe.batch_size"), "seq_len": run.get("recipe.seq_len"),
                "optimizer": run.get("recipe.optimizer"), "technique": _technique_label(run.get("recipe.techniques")),
                "n_d": n_d, "world_size": world_size, "stage": stage,
                "stage_name": block.get("stage_name") or ms.STAGES[stage][0], "psi": psi,
@@ -1347,7 +1348,15 @@ def data_parallel_frame(runs: pd.DataFrame) -> pd.DataFrame:
                                                                for w in ("measured", "formula")],
                "ratio_total", "tokens_per_second", "tokens_per_rank", "tokens_per_rank_lo", "tokens_per_rank_hi",
                "cpu_count", "threads", "oversubscribed", "comm_measured", "comm_paper", "comm_ring", "comm_payload"]
-    frame = pd.DataFrame(rows, columns=columns)
+    frame = pd.DataFrame(rows, columns=columns + ["batch_size", "seq_len"])
+    # Every record checks its model states, single-process ones included: the section shows the
+    # data-parallel runs, and of the one-rank runs only those that are a multi-rank run's
+    # reference (same model, batch and sequence length), for the scaling efficiency.
+    config = ["model", "batch_size", "seq_len"]
+    parallel = (frame["n_d"] > 1) | (frame["stage"] > 0)
+    keys = set(map(tuple, frame.loc[parallel, config].astype(str).values))
+    reference = frame[config].astype(str).apply(tuple, axis=1).isin(keys)
+    frame = frame[parallel | reference].reset_index(drop=True)
     if frame["model"].nunique() > 1:
         frame["technique"] = [f"{t} [{m}]" for t, m in zip(frame["technique"], frame["model"])]
     return frame.sort_values(["technique", "n_d", "run"], kind="stable").reset_index(drop=True)
@@ -1386,11 +1395,13 @@ def scaling_efficiency(frame: pd.DataFrame) -> pd.DataFrame:
     ``oversubscribed``."""
     rows = []
     for _, r in frame.iterrows():
-        same = frame[(frame["technique"] == r["technique"]) & (frame["n_d"] == 1)]
+        # the same tokens per rank and step: same model, batch and sequence length
+        config = ((frame["model"] == r["model"]) & (frame["batch_size"].astype(str) == str(r["batch_size"]))
+                  & (frame["seq_len"].astype(str) == str(r["seq_len"])))
+        same = frame[(frame["technique"] == r["technique"]) & (frame["n_d"] == 1) & config]
         reference = "same technique, 1 rank"
         if same.empty:
-            same = frame[(frame["technique"].str.split(" ").str[0] == "none") & (frame["n_d"] == 1)
-                         & (frame["model"] == r["model"])]
+            same = frame[(frame["technique"].str.split(" ").str[0] == "none") & (frame["n_d"] == 1) & config]
             reference = "no technique, 1 rank"
         if same.empty:
             rows.append({"technique": r["technique"], "n_d": r["n_d"], "tokens_per_rank": r["tokens_per_rank"],
