@@ -16,6 +16,7 @@ bench_baseline = importlib.import_module("benchmarks.bench_baseline")
 bench_optimizers = importlib.import_module("benchmarks.bench_optimizers")
 bench_techniques = importlib.import_module("benchmarks.bench_techniques")
 bench_mod = importlib.import_module("benchmarks.bench_mod")
+bench_parallel = importlib.import_module("benchmarks.bench_parallel")
 
 
 @pytest.mark.parametrize("variant", list(bench_techniques.VARIANTS))
@@ -90,3 +91,25 @@ def test_each_profile_has_its_own_asv_machine():
     assert "ASV_MACHINE ?= $(shell hostname)-$(PROFILE)" in makefile
     asv_commands = [line for line in makefile.splitlines() if "$(ASV) run" in line or "$(ASV) machine" in line]
     assert len(asv_commands) == 4 and all("--machine $(ASV_MACHINE)" in line for line in asv_commands)
+
+
+@pytest.mark.parametrize("world_size", bench_parallel.WORLD_SIZES)
+def test_every_data_parallel_variant_is_valid_at_its_world_sizes(world_size, monkeypatch):
+    """Every technique of the parallel family (both profiles' lists) validates at each world size
+    of the grid, or is left out there for the reason the class gives (it needs several ranks)."""
+    from impls import compare
+
+    common = importlib.import_module("benchmarks.common")
+    monkeypatch.setitem(bench_parallel.SETTINGS, "variants", list(bench_parallel.VARIANTS))
+    variants = bench_parallel._variants(world_size)
+    assert "ddp" in variants and "zero3" in variants
+    left_out = set(bench_parallel.VARIANTS) - set(variants)
+    assert left_out == (set(bench_parallel.NEEDS_RANKS) if world_size == 1 else set())
+    spec = compare.parse_spec(dict(baseline="ddp", common=bench_parallel._common(), variants=variants,
+                                   **common.PROFILE["interleave"]))
+    for recipe in spec.recipes.values():
+        train.validate(recipe, world_size)
+    for name in left_out:  # refused at one rank, with the reason
+        with pytest.raises(Exception, match="data-parallel size|dp=1|more than one|> 1"):
+            train.validate(train.Recipe(**bench_parallel._common(), steps=1,
+                                        techniques=bench_parallel.VARIANTS[name]), world_size)
