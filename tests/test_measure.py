@@ -124,3 +124,18 @@ def test_matmul_probe_measures_a_plausible_rate():
 def test_matmul_probe_shrinks_when_a_matmul_is_slow():
     _, n = peak_module.probe_matmul_flops("cpu", torch.float32, max_n=1024, repeats=1, max_seconds=0.0)
     assert n == 128
+
+
+def test_a_freed_parameter_storage_is_not_mistaken_for_a_parameter():
+    """FSDP2 frees each block's gathered parameters after its forward; an activation of the same
+    size may then get the same address.  Only a parameter storage that is still allocated is
+    excluded from the activation bytes."""
+    from impls.measure.memory import _is_live_param, param_storages, storage_key
+
+    weight = torch.nn.Parameter(torch.randn(8, 8))
+    storages = param_storages([weight])
+    key = storage_key(weight)
+    assert _is_live_param(storages, key)
+    weight.untyped_storage().resize_(0)  # what FSDP2's reshard does to the unsharded parameter
+    assert not _is_live_param(storages, key)
+    assert not _is_live_param(storages, storage_key(torch.randn(8, 8)))

@@ -48,7 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .. import optimizers
 from ..loss import lm_loss, target_count
 from ..measure import SavedActivations
-from ..measure.memory import storage_key, tensor_bytes, tensors_in
+from ..measure.memory import param_storages, storage_key, tensor_bytes, tensors_in
 from .torch_engine import TorchEngine
 
 #: The key under which an engine-stage technique leaves its part of the DeepSpeed config in its
@@ -403,5 +403,5 @@ class _SavedExcludingLiveParams(SavedActivations):
         self._params = list(params)
 
     def _pack(self, t):
-        self._exclude = {storage_key(p) for p in self._params if p.numel() > 0}
+        self._exclude = param_storages(p for p in self._params if p.numel() > 0)
         return super()._pack(t)

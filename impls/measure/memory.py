@@ -65,6 +65,24 @@ def model_state_bytes(model: torch.nn.Module, optimizer=None) -> dict[str, int]:
     }
 
 
+def param_storages(params: Iterable[torch.Tensor]) -> dict:
+    """Storage key -> the storage itself, for the parameters to exclude from activation bytes."""
+    out = {}
+    for p in params:
+        if p.device.type != "meta":
+            storage = _local(p).untyped_storage()
+            out[(storage.data_ptr(), storage.nbytes(), str(p.device))] = storage
+    return out
+
+
+def _is_live_param(params: dict, key: tuple) -> bool:
+    """Whether a saved tensor's storage ``key`` is a parameter's *now*.  A parameter storage that
+    was freed since (FSDP2 frees its gathered parameters after each block's forward) may hand its
+    address to an activation of the same size: that one is not a parameter."""
+    storage = params.get(key)
+    return storage is not None and storage.data_ptr() == key[0] and storage.nbytes() == key[1]
+
+
 class SavedActivations:
     """Context manager measuring the bytes autograd saves for backward inside it.
 
@@ -74,7 +92,7 @@ class SavedActivations:
     """
 
     def __init__(self, params: Iterable[torch.Tensor] = ()):
-        self._exclude = {storage_key(p) for p in params if p.device.type != "meta"}
+        self._exclude = param_storages(params)
         self._seen: set = set()
         self.bytes = 0
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
@@ -84,7 +102,7 @@ class SavedActivations:
             self.bytes += t.numel() * t.element_size()
             return t
         key = storage_key(t)
-        if key not in self._exclude and key not in self._seen:
+        if not _is_live_param(self._exclude, key) and key not in self._seen:
             self._seen.add(key)
             self.bytes += key[1]
         return t
