@@ -472,6 +472,9 @@ def make_record(session: Session, cost: StepMeasure, curve: list, timing: dict, 
         seed=recipe.seed,
         precision=plan.precision,
         accum_steps=plan.accum_steps,
+        # sequences per optimizer step over all replicas: micro-batch × accumulation × N_d, what
+        # --lr-scaling scales the learning rate by (against --base-batch)
+        global_batch=recipe.batch_size * plan.accum_steps * session.dims.dp,
         peak_lr=session.engine.peak_lr,
         technique_notes=session.build.notes_for_record(),
         dataset=dict(name=dataset.name, hash=dataset.content_hash, vocab_size=dataset.vocab_size,

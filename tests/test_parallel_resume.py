@@ -51,7 +51,8 @@ def _rank(rank: int, port: int, world: int, folder: str, technique: str, mode: s
     else:
         record = train.run(recipe, resume=state)
     if record is not None and rank == 0:
-        torch.save(dict(curve=record["curve"], params=record["memory"]), os.path.join(folder, f"{mode}.pt"))
+        torch.save(dict(curve=record["curve"], params=record["memory"], global_batch=record["global_batch"],
+                        tokens_per_step=record["tokens_per_step"]), os.path.join(folder, f"{mode}.pt"))
     dist.shutdown()
 
 
@@ -81,6 +82,9 @@ def test_a_sharded_run_resumes_bit_identically(tmp_path, technique):
     straight, resumed = torch.load(tmp_path / "straight.pt"), torch.load(tmp_path / "resumed.pt")
     assert [p["val_loss"] for p in resumed["curve"]] == [p["val_loss"] for p in straight["curve"]], technique
     assert [p["train_loss"] for p in resumed["curve"]] == [p["train_loss"] for p in straight["curve"]], technique
+    # the global batch over both replicas, as --lr-scaling sees it
+    assert straight["global_batch"] == RECIPE["batch_size"] * 2
+    assert straight["tokens_per_step"] == straight["global_batch"] * RECIPE["seq_len"]
 
 
 def test_resuming_a_sharded_state_at_another_world_size_is_refused(tmp_path):
