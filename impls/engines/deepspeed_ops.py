@@ -3,8 +3,10 @@
 DeepSpeed compiles its C++ ops on first use (``torch.utils.cpp_extension``, cached per
 environment under ``$TORCH_EXTENSIONS_DIR``, which the Makefile keeps inside the project: two
 environments sharing one cache directory rebuild it in turn): ``CPUAdamBuilder``
-(``DeepSpeedCPUAdam``, what ZeRO-Offload's optimizer step runs).  Compiling takes about 45 s on
-2 cores; done at setup, no benchmark or test times it.  An op that cannot build here (no compiler, an incompatible system) is reported and
+(``DeepSpeedCPUAdam``, what ZeRO-Offload's optimizer step runs, ~45 s on 2 cores) and, on a CPU
+accelerator, ``ShareMemCommBuilder`` (the shared-memory collectives ``deepspeed.comm`` builds when
+it starts, ``deepspeed/comm/torch.py: build_shm_op``, ~30 s).  Done at setup, no benchmark or
+test times it.  An op that cannot build here (no compiler, an incompatible system) is reported and
 skipped: the ``zero`` technique then says so when offload is asked for.
 """
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import sys
 import time
 
-OPS = ("CPUAdamBuilder",)
+OPS = ("CPUAdamBuilder", "ShareMemCommBuilder")
 
 
 def main() -> int:
