@@ -1476,6 +1476,11 @@ def _comm_points(record: dict):
                 yield str(point.get("scheme") or point.get("name") or "?"), point
 
 
+def _median_of(value):
+    """``value["median"]`` of a summary dict, the number itself otherwise."""
+    return value.get("median") if isinstance(value, dict) else value
+
+
 def comm_bandwidth_frame(records: Sequence[dict]) -> pd.DataFrame:
     """One row per (record, scheme, message size) of ``etbench comm`` records.
 
@@ -1488,10 +1493,15 @@ def comm_bandwidth_frame(records: Sequence[dict]) -> pd.DataFrame:
         for scheme, point in _comm_points(record):
             if not isinstance(point, dict):
                 continue
-            size = _first_number(point.get("bytes"), point.get("size"), point.get("message_bytes"))
+            size = _first_number(point.get("bytes"), point.get("size"), point.get("message_bytes"),
+                                 point.get("size_bytes"))
             n = _first_number(point.get("world_size"), record.get("world_size"))
-            seconds = _seconds(point.get("seconds", point.get("time")))
-            given_alg, given_bus = _first_number(point.get("algbw")), _first_number(point.get("busbw"))
+            seconds = _seconds(point.get("seconds", point.get("time", point.get("time_s"))))
+            # etbench comm's fields: medians of algbw_Bps, and link_Bps -- the busiest link's rate
+            # (the bus bandwidth of a ring all-reduce, the root's link of the parameter server)
+            given_alg = _first_number(point.get("algbw"), _median_of(point.get("algbw_Bps")))
+            given_bus = _first_number(point.get("busbw"), _median_of(point.get("link_Bps")),
+                                      _median_of(point.get("busbw_Bps")))
             if size is None or n is None or (seconds is None and given_alg is None and given_bus is None):
                 continue
             algbw = size / seconds if seconds else given_alg

@@ -646,3 +646,22 @@ def test_write_report_data_parallel_outputs(dp_runs, tmp_path):
     names = {p.name for p in report.write_report([plain], tmp_path / "out3")}
     assert not any(n.startswith(("data_parallel", "comm_")) for n in names)
     assert "Data-parallel" not in (tmp_path / "out3" / "summary.md").read_text()
+
+
+def test_the_bus_bandwidth_frame_reads_etbench_comm_records():
+    """The layout `etbench comm` writes (impls/commbench.py): a flat ``results`` list with
+    ``size_bytes``, ``time_s`` and ``*_Bps`` summaries; the ring all-reduce's bus bandwidth is
+    algbw × 2(n−1)/n and the parameter server's is its root link's rate (``link_Bps``)."""
+    def summary(v):
+        return {"median": v, "ci95": [v * 0.9, v * 1.1]}
+
+    record = {"kind": "comm", "world_size": 4, "schemes": ["allreduce", "ps"], "results": [
+        {"scheme": "allreduce", "size_bytes": 1 << 20, "time_s": summary(0.01), "algbw_Bps": summary((1 << 20) / 0.01),
+         "busbw_Bps": summary(1.5 * (1 << 20) / 0.01), "link_Bps": summary(1.5 * (1 << 20) / 0.01)},
+        {"scheme": "ps", "size_bytes": 1 << 20, "time_s": summary(0.02), "algbw_Bps": summary((1 << 20) / 0.02),
+         "link_Bps": summary(3 * (1 << 20) / 0.02)}]}
+    frame = report.comm_bandwidth_frame([record]).set_index("scheme")
+    assert frame.loc["allreduce", "algbw"] == pytest.approx((1 << 20) / 0.01)
+    assert frame.loc["allreduce", "busbw"] == pytest.approx(1.5 * (1 << 20) / 0.01)
+    assert frame.loc["ps", "busbw"] == pytest.approx(3 * (1 << 20) / 0.02)  # the root's link
+    assert set(frame["bytes"]) == {1 << 20}
