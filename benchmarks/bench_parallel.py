@@ -39,10 +39,11 @@ WORLD_SIZES = [1, 2, 4]  # the full profile's world sizes (the quick one runs 2)
 
 SETTINGS = {
     # nano at 2 ranks, all techniques in one launch: the family's whole quick cost
-    # (ZeRO in the paper's mixed precision; fp32 ZeRO-2 for DeepSpeed's fp32 master copy; the
-    # offload and fp32 stage-1/3 rows are the full profile's)
+    # (ZeRO in the paper's mixed precision; fp32 ZeRO-2 for DeepSpeed's fp32 master copy, and with
+    # its optimizer offloaded; the fp32 stage-1/3 rows are the full profile's)
     "quick": dict(model="nano", world_sizes=[2], batch_size=4, seq_len=64,
-                  variants=["ddp", "zero1-bf16", "zero2-bf16", "zero3-bf16", "zero2", "fsdp", "zero-redundancy", "oss"]),
+                  variants=["ddp", "zero1-bf16", "zero2-bf16", "zero3-bf16", "zero2", "zero2-offload", "fsdp",
+                            "zero-redundancy", "oss"]),
     "full": dict(model="small", world_sizes=[1, 2, 4], batch_size=8, seq_len=256, variants=list(VARIANTS)),
 }[common.profile_name()]
 

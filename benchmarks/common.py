@@ -30,12 +30,11 @@ PROFILES = {
         device="cpu",
         data="synthetic",
         # asv timing of time_/peakmem_: one call per sample, a few samples.
-        timing=dict(number=1, repeat=(1, 3, 6.0), rounds=1, warmup_time=0.5),
+        timing=dict(number=1, repeat=(1, 5, 10.0), rounds=1, warmup_time=0.5),
         # Loss figures: one seed here (the record says so); the full profile reports the spread.
         seeds=[0],
         # Interleaved comparisons (impls.compare): rounds × steps per variant after warm-up.
-        # (10 rounds: the median's order-statistic interval is rounds 2..9, 97.9% coverage)
-        interleave=dict(rounds=10, steps=2, warmup=3),
+        interleave=dict(rounds=12, steps=2, warmup=3),
     ),
     "full": dict(
         models=["small", "gpt2", "gpt2-medium"],
