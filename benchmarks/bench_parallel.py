@@ -111,6 +111,10 @@ class DataParallelSharding:
     def track_optimizer_bytes(self, records, technique, world_size):
         return self._variant(records, technique, world_size)["memory"]["optimizer_bytes"]
 
+    def track_activations_bytes(self, records, technique, world_size):
+        """Bytes saved for backward by one micro-batch on a rank (gathered parameters excluded)."""
+        return self._variant(records, technique, world_size)["memory"]["activations_bytes"]
+
     def track_model_states_vs_formula(self, records, technique, world_size):
         """Measured per-rank model-state bytes ÷ the ZeRO formula of the technique's stage."""
         return self._variant(records, technique, world_size)["model_states"]["ratio"]["total"]
@@ -132,6 +136,7 @@ class DataParallelSharding:
         return 1.0 / self._variant(records, technique, world_size)["speedup"]["value"]
 
     track_params_bytes.unit = track_grads_bytes.unit = track_optimizer_bytes.unit = "bytes"
+    track_activations_bytes.unit = "bytes"
     track_comm_bytes_per_step.unit = "bytes"
     track_model_states_vs_formula.unit = track_comm_vs_formula.unit = track_time_per_token_vs_ddp.unit = "ratio"
     track_seconds_per_mtok.unit = "s/Mtok"
