@@ -1352,11 +1352,16 @@ def data_parallel_frame(runs: pd.DataFrame) -> pd.DataFrame:
     # Every record checks its model states, single-process ones included: the section shows the
     # data-parallel runs, and of the one-rank runs only those that are a multi-rank run's
     # reference (same model, batch and sequence length), for the scaling efficiency.
-    config = ["model", "batch_size", "seq_len"]
+    config = ["family", "model", "batch_size", "seq_len"]
     parallel = (frame["n_d"] > 1) | (frame["stage"] > 0)
-    keys = set(map(tuple, frame.loc[parallel, config].astype(str).values))
-    reference = frame[config].astype(str).apply(tuple, axis=1).isin(keys)
-    frame = frame[parallel | reference].reset_index(drop=True)
+    if frame.empty:
+        return frame
+    key = frame[config].astype(str).apply(tuple, axis=1)
+    wanted = {(k, t) for k, t in zip(key[parallel], frame.loc[parallel, "technique"])}
+    # a one-rank reference: same family and config, and the same technique or none
+    reference = [(k, t) in wanted or (t == "none" and any(k == w for w, _ in wanted))
+                 for k, t in zip(key, frame["technique"])]
+    frame = frame[parallel | pd.Series(reference, index=frame.index)].reset_index(drop=True)
     if frame["model"].nunique() > 1:
         frame["technique"] = [f"{t} [{m}]" for t, m in zip(frame["technique"], frame["model"])]
     return frame.sort_values(["technique", "n_d", "run"], kind="stable").reset_index(drop=True)
@@ -1397,7 +1402,7 @@ def scaling_efficiency(frame: pd.DataFrame) -> pd.DataFrame:
     for _, r in frame.iterrows():
         # the same tokens per rank and step: same model, batch and sequence length
         config = ((frame["model"] == r["model"]) & (frame["batch_size"].astype(str) == str(r["batch_size"]))
-                  & (frame["seq_len"].astype(str) == str(r["seq_len"])))
+                  & (frame["seq_len"].astype(str) == str(r["seq_len"])) & (frame["family"] == r["family"]))
         same = frame[(frame["technique"] == r["technique"]) & (frame["n_d"] == 1) & config]
         reference = "same technique, 1 rank"
         if same.empty:
