@@ -423,17 +423,19 @@ def model_states_check(session: Session, measured: dict) -> dict:
 def comm_check(session: Session, summary: dict, step: int) -> dict:
     """The collectives of one step on this rank (:class:`~impls.measure.comm.CommCounter`),
     the largest rank's traffic, and that against the ZeRO paper's volume for the run's stage
-    (2Ψ for replicated or stage-1/2 states, 3Ψ for stage 3; in bytes of the gradient dtype, ×
-    (N_d − 1)/N_d for ring collectives)."""
+    (2Ψ for replicated or stage-1/2 states, 3Ψ for stage 3 -- or the stage whose collectives the
+    technique declares it issues, ``plan.comm_stage``; in bytes of the gradient dtype, the
+    all-gathers in ``plan.comm_param_bytes`` where set, × (N_d − 1)/N_d for ring collectives)."""
     from .measure import model_states
 
     ctx, plan = session.ctx, session.plan
     traffic = ctx.all_max([float(summary["traffic_bytes"])])[0]
     width = 2.0 if plan.low_precision_params else 4.0
-    out = dict(summary, step=step, traffic_bytes_max_rank=traffic, bytes_per_step=traffic)
+    stage = plan.sharding_stage if plan.comm_stage is None else plan.comm_stage
+    out = dict(summary, step=step, traffic_bytes_max_rank=traffic, bytes_per_step=traffic, formula_stage=stage)
     try:
-        check = model_states.comm_check(traffic, trainable_count(session.build), session.dims.dp, plan.sharding_stage,
-                                        grad_bytes=width, param_bytes=width)
+        check = model_states.comm_check(traffic, trainable_count(session.build), session.dims.dp, stage,
+                                        grad_bytes=width, param_bytes=plan.comm_param_bytes or width)
         out.update(check=check, formula_bytes=check["formula"]["ring_bytes"], ratio=check["ratio_ring"])
     except Exception as e:  # a check must never cost the run its record
         out.update(error=f"{type(e).__name__}: {e}", ratio=None)

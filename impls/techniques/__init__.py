@@ -140,6 +140,12 @@ class Plan:
     # master copy in the optimizer state (DeepSpeed's bf16/fp16 modes: the paper's 2Ψ + 2Ψ + KΨ
     # with K = 12 for Adam); False when parameters stay fp32 (autocast: 4Ψ + 4Ψ + 8Ψ).
     low_precision_params: bool = False
+    # The ZeRO stage whose collectives a step issues, where it differs from ``sharding_stage``
+    # (FSDP without resharding after forward gathers parameters once, not twice: stage 2's 2Ψ,
+    # not stage 3's 3Ψ), and the bytes per element of the parameter all-gathers where they differ
+    # from the parameters' (FSDP's bf16 mixed-precision policy gathers bf16).  None: the defaults.
+    comm_stage: int | None = None
+    comm_param_bytes: float | None = None
 
     @property
     def precision(self) -> str:

@@ -54,6 +54,13 @@ CONFLICTS = {"ddp": "both wrap the model for data parallelism (FSDP reduce-scatt
 
 def configure(plan, options):
     plan.sharding_stage = 3
+    # Per step: all-gather in forward (and again in backward unless the gathered parameters are
+    # kept), reduce-scatter of the gradients -- 3Ψ, or 2Ψ without resharding after forward; the
+    # all-gathers move param_dtype (bf16 under mp=bf16), the reduce-scatter reduce_dtype (fp32).
+    if not options["reshard_after_forward"]:
+        plan.comm_stage = 2
+    if options["mp"] == "bf16":
+        plan.comm_param_bytes = 2.0
 
 
 def check_mesh(dims, options):
