@@ -108,6 +108,9 @@ class Build:
     no_sync: Callable[[], AbstractContextManager] | None = None
     grad_shard_group: object = None
     local_optimizer: torch.optim.Optimizer | None = None
+    # Saved-activation bytes of each Transformer block for one micro-batch (set by the engine's
+    # activation measurement; per-layer formulas are checked against it).
+    layer_activation_bytes: list[int] | None = None
     materialized: bool = False
     _pending: list[Callable[[], None]] = field(default_factory=list, repr=False)
 

@@ -404,6 +404,16 @@ def trainable_count(build: Build) -> int:
     return sum(int(getattr(p, "ds_numel", p.numel())) for p in build.trainable_parameters())
 
 
+def rank_psi(session: Session) -> float:
+    """Ψ one rank's data-parallel formula applies to: the whole model's, or under tensor
+    parallelism the replicated parameters plus 1/t of the sharded ones (what a tp rank holds
+    before any dp sharding)."""
+    tp = session.build.notes.get("tp")
+    if tp and session.dims["tp"] > 1:
+        return tp["replicated_params"] + tp["sharded_params"] / session.dims["tp"]
+    return trainable_count(session.build)
+
+
 def model_states_check(session: Session, measured: dict) -> dict:
     """This rank layout's model-state bytes against the ZeRO paper's formula for the stage the
     run's data-parallel technique declared (:mod:`impls.measure.model_states`).  ``measured``:
@@ -412,10 +422,27 @@ def model_states_check(session: Session, measured: dict) -> dict:
 
     plan = session.plan
     try:
-        return model_states.check_run(measured, trainable_count(session.build), session.dims.dp, plan.sharding_stage,
+        return model_states.check_run(measured, rank_psi(session), session.dims.dp, plan.sharding_stage,
                                       optimizer=session.recipe.optimizer,
                                       low_precision_params=plan.low_precision_params,
                                       autocast=plan.autocast_dtype is not None)
+    except Exception as e:  # a check must never cost the run its record
+        return dict(error=f"{type(e).__name__}: {e}")
+
+
+def layer_activations_check(session: Session) -> dict | None:
+    """One micro-batch's saved bytes per layer (this rank) against the formulas of
+    :mod:`impls.measure.activations` for the run's tensor-parallel layout."""
+    from .measure import activations
+
+    per_layer = session.build.layer_activation_bytes
+    if not per_layer:
+        return None
+    try:
+        tp = session.build.notes.get("tp", {})
+        return activations.check(session.model.cfg, session.recipe.seq_len, session.recipe.batch_size, per_layer,
+                                 t=session.dims["tp"], sp=bool(tp.get("sp")),
+                                 element_bytes=2 if session.plan.autocast_dtype is not None else 4)
     except Exception as e:  # a check must never cost the run its record
         return dict(error=f"{type(e).__name__}: {e}")
 
@@ -434,9 +461,17 @@ def comm_check(session: Session, summary: dict, step: int) -> dict:
     stage = plan.sharding_stage if plan.comm_stage is None else plan.comm_stage
     out = dict(summary, step=step, traffic_bytes_max_rank=traffic, bytes_per_step=traffic, formula_stage=stage)
     try:
-        check = model_states.comm_check(traffic, trainable_count(session.build), session.dims.dp, stage,
+        check = model_states.comm_check(traffic, rank_psi(session), session.dims.dp, stage,
                                         grad_bytes=width, param_bytes=plan.comm_param_bytes or width)
-        out.update(check=check, formula_bytes=check["formula"]["ring_bytes"], ratio=check["ratio_ring"])
+        formula = check["formula"]["ring_bytes"]
+        t = session.dims["tp"]
+        if t > 1:  # tensor parallelism's activation all-reduces, on top of the dp gradients'
+            cfg, r = session.model.cfg, session.recipe
+            tp = model_states.tp_comm_volume(cfg.n_layer, r.batch_size * plan.accum_steps * r.seq_len, cfg.d_model, t,
+                                             activation_bytes=2.0 if plan.autocast_dtype is not None else 4.0)
+            check["tp"] = tp
+            formula += tp["ring_bytes"]
+        out.update(check=check, formula_bytes=formula, ratio=traffic / formula if formula else None)
     except Exception as e:  # a check must never cost the run its record
         out.update(error=f"{type(e).__name__}: {e}", ratio=None)
     return out
@@ -505,6 +540,8 @@ def make_record(session: Session, cost: StepMeasure, curve: list, timing: dict, 
                     peak_kind=peak.kind, optimizer_state=optimizer_state,
                     **({"per_rank": per_rank} if ctx.world_size > 1 else {})),
         model_states=model_states_check(session, memory),
+        # saved bytes per Transformer layer vs Korthikanti et al.'s formula and this suite's count
+        layer_activations=layer_activations_check(session),
         # the collectives of one step (None on one rank, or when no step was untimed)
         comm=comm,
         curve=curve,

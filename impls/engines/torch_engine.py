@@ -19,7 +19,7 @@ import math
 import torch
 import torch.distributed as torch_dist
 from torch.distributed.tensor import DTensor
-from torch.utils.flop_counter import FlopCounterMode
+from ..measure.flops import LocalFlopCounterMode as FlopCounterMode
 
 from .. import optimizers
 from ..build import StepOutput
@@ -47,7 +47,8 @@ class TorchEngine:
         self.train_module = build.train_parts[0]
         #: True when :meth:`state_dict` holds only this rank's shard (parameters or optimizer state
         #: sharded over the data-parallel ranks); the training state then gathers every rank's.
-        self.sharded_state = self.plan.sharding_stage > 0
+        self.sharded_state = self.plan.sharding_stage > 0 or any(
+            isinstance(p, DTensor) for p in self.module.parameters())  # tensor parallelism shards too
         # fp16 gradients underflow below 2^-24: scale the loss up, unscale before the update, skip
         # steps whose gradients overflowed and back the scale off (Micikevicius et al. 2018, §3.2).
         # With partitioned gradients an overflow may show on one rank only: the sharded scaler
@@ -204,11 +205,14 @@ class TorchEngine:
         for module in fsdp:
             module.unshard()
         try:
-            with SavedActivations(self.module.parameters()) as saved, self.autocast():
+            blocks = list(getattr(self.module, "blocks", ()))
+            with SavedActivations(self.module.parameters(), by_module=blocks) as saved, self.autocast():
                 self.loss_sum(x, y, self.module(x))
         finally:
             for module in fsdp:
                 module.reshard()
+        # each block's own saved bytes: what per-layer formulas (Korthikanti et al. 2022) describe
+        self.build.layer_activation_bytes = saved.per_module
         return saved.bytes
 
     def state_bytes(self) -> dict[str, int]:

@@ -57,3 +57,39 @@ def model_flops_per_step(model, batch_size: int, seq_len: int) -> int:
     per_token = model_flops_per_token(model.num_params(matmul_only=True), cfg.n_layer, cfg.n_head,
                                       cfg.head_dim, seq_len)
     return per_token * batch_size * seq_len
+
+
+class _LocalMode:  # filled in lazily below (torch.utils.flop_counter's mode class is private)
+    cls = None
+
+
+def _local_mode_class():
+    """``_FlopCounterMode`` that lets tensor subclasses (DTensor) dispatch first: a DTensor op
+    returns ``NotImplemented`` here, DTensor runs it as local ops on this rank's shards, and those
+    come back through the mode and are counted.  Without this the mode sees the *global* op (a
+    DTensor's shape is the whole tensor's) and every tensor-parallel rank counts the whole layer."""
+    if _LocalMode.cls is None:
+        from torch.distributed.tensor import DTensor
+        from torch.utils.flop_counter import _FlopCounterMode
+
+        class _LocalFlopCounterMode(_FlopCounterMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if any(issubclass(t, DTensor) for t in types):
+                    return NotImplemented
+                return super().__torch_dispatch__(func, types, args, kwargs)
+
+        _LocalMode.cls = _LocalFlopCounterMode
+    return _LocalMode.cls
+
+
+class LocalFlopCounterMode(FlopCounterMode):
+    """``FlopCounterMode`` counting the FLOPs this rank executes: the local shards of DTensor ops
+    (tensor parallelism, sequence parallelism), plain ops as usual.  Summed over ranks, it gives
+    the hardware FLOPs of the step (replicated work counted on every rank that does it)."""
+
+    def __enter__(self):
+        self.flop_counts.clear()
+        self.mod_tracker.__enter__()
+        self.mode = _local_mode_class()(self)
+        self.mode.__enter__()
+        return self

@@ -89,30 +89,62 @@ class SavedActivations:
     >>> with SavedActivations(model.parameters()) as saved:
     ...     loss = model(x, y)[1]
     >>> saved.bytes
+
+    ``by_module``: modules (the Transformer blocks, say) whose forwards' saved bytes are also
+    kept apart, in ``per_module`` (same order): each module's own count, deduplicated within
+    that module's forward (a block's input is saved by that block's first layer norm and counts
+    there), which is what a per-layer formula such as Korthikanti et al.'s sbh(34 + 5as/h)
+    describes.
     """
 
-    def __init__(self, params: Iterable[torch.Tensor] = ()):
+    def __init__(self, params: Iterable[torch.Tensor] = (), by_module: Iterable[torch.nn.Module] = ()):
         self._exclude = param_storages(params)
         self._seen: set = set()
         self.bytes = 0
+        self._modules = list(by_module)
+        self.per_module = [0] * len(self._modules)
+        self._module_seen: list[set] = [set() for _ in self._modules]
+        self._active: list[int] = []
+        self._handles: list = []
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         if t.device.type == "meta":
             self.bytes += t.numel() * t.element_size()
+            for i in self._active[-1:]:
+                self.per_module[i] += t.numel() * t.element_size()
             return t
         key = storage_key(t)
-        if not _is_live_param(self._exclude, key) and key not in self._seen:
-            self._seen.add(key)
-            self.bytes += key[1]
+        if not _is_live_param(self._exclude, key):
+            if key not in self._seen:
+                self._seen.add(key)
+                self.bytes += key[1]
+            for i in self._active[-1:]:
+                if key not in self._module_seen[i]:
+                    self._module_seen[i].add(key)
+                    self.per_module[i] += key[1]
         return t
 
     def __enter__(self):
+        def enter(i):
+            def hook(*_):
+                self._active.append(i)
+            return hook
+
+        def leave(*_):  # returns None: a forward hook's return value would replace the output
+            self._active.pop()
+
+        for i, module in enumerate(self._modules):
+            self._handles.append(module.register_forward_pre_hook(enter(i)))
+            self._handles.append(module.register_forward_hook(leave, always_call=True))
         self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc):
         self._hooks.__exit__(*exc)
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
         return False
 
 

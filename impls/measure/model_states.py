@@ -484,3 +484,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def tp_comm_volume(n_layer: int, tokens: int, d_model: int, t: int, *, activation_bytes: float = 4.0) -> dict:
+    """Per-rank tensor-parallel traffic of one step (Shoeybi et al. 2019, §3): per layer and
+    micro-batch, 2 all-reduces in forward and 2 in backward of the (b, s, h) activation, i.e.
+    4·L·(tokens·h) elements all-reduced, ``tokens`` = b·s summed over the step's micro-batches;
+    a ring all-reduce moves 2(t−1)/t of it per rank.  Sequence parallelism replaces each
+    all-reduce by a reduce-scatter plus an all-gather, (t−1)/t each: the same bytes (Korthikanti
+    et al. 2022, §4.2.2)."""
+    elements = 4 * n_layer * tokens * d_model
+    ring_factor = 2 * (t - 1) / t if t > 1 else 0.0
+    return dict(source="Shoeybi et al. 2019 (arXiv 1909.08053) §3: 2 all-reduces forward + 2 backward per layer",
+                all_reduces=4 * n_layer, elements=elements, bytes=elements * activation_bytes,
+                ring_factor=ring_factor, ring_bytes=elements * activation_bytes * ring_factor)

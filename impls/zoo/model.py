@@ -144,19 +144,24 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.cfg
-        b, t, c = x.shape  # (B, T, C)
-        kv_dim = cfg.n_kv_head * cfg.head_dim
-        q, k, v = self.qkv(x).split([c, kv_dim, kv_dim], dim=-1)
-        q = q.view(b, t, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (B, H, T, Q)
-        k = k.view(b, t, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, Q)
-        v = v.view(b, t, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        b, t, _ = x.shape  # (B, T, C)
+        # The head counts come from the width of qkv's output, not from the config: under tensor
+        # parallelism (impls/techniques/tp.py) a rank's qkv computes only its H/t query heads and
+        # their Hkv/t K/V heads, laid out [q | k | v] like the whole layer's output.
+        group = cfg.n_head // cfg.n_kv_head  # query heads per K/V head (1 without GQA)
+        qkv = self.qkv(x)  # (B, T, (H + 2·Hkv)·Q), or its 1/t share
+        kv_width = qkv.shape[-1] // (group + 2)
+        q, k, v = qkv.split([group * kv_width, kv_width, kv_width], dim=-1)
+        q = q.view(b, t, -1, cfg.head_dim).transpose(1, 2)  # (B, H, T, Q)
+        k = k.view(b, t, -1, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, Q)
+        v = v.view(b, t, -1, cfg.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cfg.n_kv_head != cfg.n_head:  # GQA: each K/V head serves n_head/n_kv_head query heads
-            k = k.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
-            v = v.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
+        if group > 1:  # GQA: each K/V head serves n_head/n_kv_head query heads
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
         y = self.attend(q, k, v, cfg.causal, attn_mask, cfg.dropout if self.training else 0.0)  # (B, H, T, Q)
-        return self.proj(y.transpose(1, 2).reshape(b, t, c))  # (B, T, C)
+        return self.proj(y.transpose(1, 2).reshape(b, t, -1))  # (B, T, C)
 
 
 class MLP(nn.Module):
