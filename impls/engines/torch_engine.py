@@ -159,19 +159,26 @@ class TorchEngine:
         then skips) clips nothing."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        grads = [_local(p.grad) for group in self.optimizer.param_groups for p in group["params"]
-                 if p.grad is not None]
-        norms = [torch.linalg.vector_norm(g.detach(), dtype=torch.float32) for g in grads]
+        all_grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        grads = [_local(g) for g in all_grads]
+        # DTensor gradients (FSDP2's shards, tensor parallelism's shards and replicas) know their
+        # layout: the norm of each is reduced over the mesh dimensions it is sharded on, and not
+        # over those it is replicated on.  Plain gradients are local (or, with a shard group
+        # such as ShardedDDP's, a partition summed over that group).
+        plain = [torch.linalg.vector_norm(g.detach(), dtype=torch.float32) for g in all_grads
+                 if not isinstance(g, DTensor)]
+        dtensor = [torch.linalg.vector_norm(g.detach(), dtype=torch.float32).full_tensor() for g in all_grads
+                   if isinstance(g, DTensor)]
         shard_group = self.build.grad_shard_group
-        if shard_group is not None:  # every rank joins the reduction, even one holding no gradients
-            square = torch.stack(norms).square().sum() if norms else torch.zeros((), device=self.device)
+        square = torch.stack(plain).square().sum() if plain else torch.zeros((), device=self.device)
+        if shard_group is not None and not dtensor:  # every rank joins, even one holding no gradients
             torch_dist.all_reduce(square, group=shard_group)
-            norm = square.sqrt()
-        elif not grads:
+        if dtensor:
+            square = square + torch.stack(dtensor).square().sum()
+        if not all_grads and shard_group is None:
             self.last_grad_norm = 0.0
             return 0.0
-        else:
-            norm = torch.linalg.vector_norm(torch.stack(norms))
+        norm = square.sqrt()
         self.last_grad_norm = float(norm)
         if math.isfinite(self.last_grad_norm):
             # as torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6), never up

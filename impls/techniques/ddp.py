@@ -39,9 +39,12 @@ def check_mesh(dims, options):
 
 def apply(build, options):
     import torch
+    from torch.distributed.tensor import DTensor
 
     device = build.device
     group = build.dims.group("dp", device.type)
+    if any(isinstance(p, DTensor) for part in build.model_parts for p in part.parameters()):
+        return _apply_replicate(build, options, group)
     build.train_parts = [
         torch.nn.parallel.DistributedDataParallel(
             part, process_group=group, bucket_cap_mb=options["bucket_mb"],
@@ -58,3 +61,29 @@ def no_sync_all(wrappers) -> contextlib.ExitStack:
     for wrapper in wrappers:
         stack.enter_context(wrapper.no_sync())
     return stack
+
+
+def _apply_replicate(build, options, group):
+    """DP over tensor-parallel DTensor parameters (2-D DP×TP).  ``DistributedDataParallel``'s
+    C++ reducer takes plain tensors, so here the data-parallel replication is torch's composable
+    ``replicate`` (``torch.distributed._composable.replicate_with_fsdp``: DDP semantics -- every
+    rank keeps whole (tp-local) parameters, gradients are all-reduced over ``dp`` after each
+    block's backward -- built on FSDP2's machinery, which accepts DTensors on a sub-mesh).  Applied
+    per block, then the root, like FSDP2, so each block's all-reduce overlaps the rest of the
+    backward; ``bucket_mb`` does not apply (a block is a bucket)."""
+    import torch
+    from torch.distributed._composable.replicate_with_fsdp import replicate
+
+    from .fsdp import _no_gradient_sync
+
+    mesh = build.dims.mesh(build.device.type)["dp"]
+    for part in build.model_parts:
+        for block in part.blocks:
+            replicate(block, mesh=mesh)
+        replicate(part, mesh=mesh)
+    roots = list(build.model_parts)
+    build.train_parts = roots
+    build.no_sync = lambda: _no_gradient_sync(roots)
+    build.notes[NAME] = dict(dp=build.dims.dp, backend=torch.distributed.get_backend(group),
+                             implementation="torch.distributed._composable.replicate_with_fsdp (DTensor parameters: "
+                                            "DistributedDataParallel takes plain tensors)", buckets="one per block")
