@@ -608,16 +608,17 @@ def predict(counts: ModelCounts, layout: Layout, hw: Hardware, seq_len: int, glo
             dp_exposed = dp_total
         else:
             formulas.append("overlap_dp_backward")
-            # the last micro-batch's backward on this stage is the window for the gradient reduction
             # stages 0-1 reduce during the last micro-batch's backward, stages 2-3 during every one
             window = backward if layout.zero_stage >= 2 else backward / m
-            dp_exposed = max(grads - window, min(last_bucket, grads))
             if layout.zero_stage == 3:
+                # the forward's all-gathers hide behind the forward, the backward's all-gathers and the
+                # reduce-scatters share the backward (one link: their times add)
                 formulas.append("overlap_zero3_prefetch")
                 first_bucket = min(bucket, psi_dev * precision.param_bytes) * ring / bw
-                dp_exposed += max(params - compute, min(first_bucket, params))
+                dp_exposed = max(params / 2 - forward, min(first_bucket, params / 2)) \
+                    + max(params / 2 + grads - window, min(last_bucket, grads))
             else:
-                dp_exposed += params
+                dp_exposed = max(grads - window, min(last_bucket, grads)) + params
     step = pipeline + bubble_time + dp_exposed
     times = {"compute": compute, "tp_comm": tp_time, "pp_p2p": pp_time, "bubble": bubble_time,
              "dp_comm_exposed": dp_exposed, "dp_comm_total": dp_total}
@@ -633,13 +634,15 @@ def memory_reason(memory: dict, total: float, capacity: float, stage: int, p: in
     states = memory["params"] + memory["grads"] + memory["optimizer"]
     where = f" (pipeline stage {stage})" if p > 1 else ""
     parts = ", ".join(f"{k} {v / GIB:.1f}" for k, v in memory.items())
-    largest = max(memory, key=memory.get)
-    if states > capacity:
+    if states > capacity:  # the largest component of what overflows on its own
         head = f"model states alone {states / GIB:.1f} GiB > {capacity / GIB:.1f} GiB"
+        largest = max(("params", "grads", "optimizer"), key=memory.get)
     elif memory["activations"] > capacity:
         head = f"activations alone {memory['activations'] / GIB:.1f} GiB > {capacity / GIB:.1f} GiB"
+        largest = "activations"
     else:
         head = f"model states + activations {total / GIB:.1f} GiB > {capacity / GIB:.1f} GiB"
+        largest = max(memory, key=memory.get)
     return f"does not fit{where}: {head}; largest component {largest}; GiB: {parts}"
 
 
