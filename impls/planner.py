@@ -477,12 +477,16 @@ def stage_activations(counts: ModelCounts, layout: Layout, stage: int, s: int, p
 
 
 def activation_bytes(cfg, s: int, b: int, precision: str = "fp32", attention: str = "flash",
-                     checkpointing: bool = False) -> dict:
+                     checkpointing: bool = False, working_set: bool = False) -> dict:
     """One micro-batch's saved activations of the whole model on one device (no parallelism):
-    ``{"bytes", "terms", "formulas"}`` — what ``engine.activation_bytes`` measures."""
+    ``{"bytes", "terms", "formulas"}`` — what ``engine.activation_bytes`` measures (the tensors
+    the forward saves; ``working_set`` adds the layer recomputed during the backward, which the
+    planner's peak memory counts but a forward's saved tensors do not hold)."""
     counts = counts_of_config(cfg)
     layout = Layout(1, 1, 1, 0, "none", 1, b, 1, checkpointing)
     total, terms, names = stage_activations(counts, layout, 0, s, PRECISIONS[precision], attention)
+    if not working_set and "recompute_working_layer" in terms:
+        total -= terms.pop("recompute_working_layer")
     return {"bytes": total, "terms": terms, "formulas": names}
 
 
@@ -734,7 +738,8 @@ def memory_by_layout(models, devices: int, *, device_mem: float = 80 * GIB, seq_
     a pandas DataFrame with columns model, label, dp, tp, pp, zero_stage, schedule,
     micro_batch_size, micro_batches, checkpointing, params, grads, optimizer, activations, total,
     fits, step_time — what the report plots for the big zoo models.  Hardware speeds do not
-    change memory; the step time uses an H100-like default (989 TFLOP/s, 400 Gbit/s, MFU 0.4)."""
+    change memory; the step time uses an H100-like default (989 TFLOP/s, MFU 0.4, 400 Gbit/s for
+    DP/PP and 3200 Gbit/s, NVLink-like, for TP)."""
     import pandas as pd
 
     rows = []

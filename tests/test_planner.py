@@ -170,19 +170,28 @@ def test_tp_and_pp_shares_add_up():
     assert tp2 == psi - sharded // 2
 
 
-def test_activation_prediction_against_measured(measured):
-    """Korthikanti's terms (fp32 elements, no dropout, flash attention: etbench's nano run) against
-    the bytes autograd saved in one micro-batch (``engine.activation_bytes``): reported, and within
-    a loose band (:data:`ACTIVATION_BAND`)."""
-    run = measured["single"][0]
-    predicted = planner.activation_bytes(run["cfg"], COMMON["seq_len"], COMMON["batch_size"], precision="fp32",
-                                         attention="flash")
-    ratio = predicted["bytes"] / run["activations"]
-    print(f"\nactivations nano b={COMMON['batch_size']} s={COMMON['seq_len']}: predicted {predicted['bytes']:.0f} B, "
-          f"measured {run['activations']} B, ratio {ratio:.3f}; terms {predicted['terms']}")
-    assert run["activations"] > 0 and predicted["bytes"] > 0
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_activation_prediction_against_measured(measured, one_thread, checkpointing):
+    """Korthikanti's terms (fp32 elements, no dropout, flash attention: etbench's nano run; with
+    full checkpointing each block's input) against the bytes autograd saved in one micro-batch
+    (``engine.activation_bytes``): reported, and within a loose band (:data:`ACTIVATION_BAND`)."""
+    if checkpointing:
+        recipe = train.Recipe(**{**COMMON, "techniques": ["checkpoint"]})
+        session = train.prepare(recipe)
+        x, y = session.batches.get("train", 0)
+        got = session.engine.activation_bytes(x, y)
+        cfg = zoo.config(recipe.model, **train.model_overrides(recipe, session.dataset))
+    else:
+        got, cfg = measured["single"][0]["activations"], measured["single"][0]["cfg"]
+    predicted = planner.activation_bytes(cfg, COMMON["seq_len"], COMMON["batch_size"], precision="fp32",
+                                         attention="flash", checkpointing=checkpointing)
+    ratio = predicted["bytes"] / got
+    print(f"\nactivations nano b={COMMON['batch_size']} s={COMMON['seq_len']} checkpointing={checkpointing}: "
+          f"predicted {predicted['bytes']:.0f} B, measured {got} B, ratio {ratio:.3f}; terms {predicted['terms']}")
+    assert got > 0 and predicted["bytes"] > 0
     assert ACTIVATION_BAND[0] <= ratio <= ACTIVATION_BAND[1], ratio
     assert "act_korthikanti" in predicted["formulas"]
+    assert ("act_full_recompute" in predicted["formulas"]) == checkpointing
 
 
 # --------------------------------------------------------------------------- the formulas themselves
