@@ -964,3 +964,7 @@ def main(argv=None) -> int:
     from .cli import main as cli_main
 
     return cli_main(["plan", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
