@@ -8,6 +8,8 @@
     etbench isoflop --budgets 1e10,3e10 --variants baseline,mod --out results/isoflop/NAME
     etbench compare SPEC.json --out compare.json   # variants timed interleaved, ratios with intervals
     etbench comm --nproc 4 --sizes 4K,1M,64M --out comm.json  # ring all-reduce vs parameter server
+    etbench plan --model llama-7b --devices 64 --device-mem 80GiB --device-flops 989e12 --link-gbps 400 \
+        --global-batch 1024 --seq-len 2048 [--json plan.json]   # layouts ranked by a predicted step time
 
 Exit statuses: 0 done; 2 bad input (one line on stderr, before any work, nothing written: unknown
 names, invalid values, an output path that cannot be written, a checkpoint that does not fit);
@@ -234,6 +236,12 @@ def _cmd_peak(args, argv) -> int:
     return 0
 
 
+def _cmd_plan(args, argv) -> int:
+    from . import planner
+
+    return planner.run_cli(args)
+
+
 def _cmd_report(args, argv) -> int:
     from . import report
 
@@ -272,6 +280,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--bench-log", metavar="JSON", help="re-probe fp32 and bf16 and log them for a benchmark run")
     p.add_argument("--phase", choices=("start", "end"), default="start", help="with --bench-log: which end of the run")
     sub.add_parser("isoflop", help="isoFLOP sweep: train sizes × budgets × variants, fit optima (see --help)")
+    p = sub.add_parser("plan", help="auto-parallel planner: layouts ranked by a predicted step time (see --help)")
+    from . import planner
+
+    planner.add_arguments(p)
     p = sub.add_parser("report", help="plots and tables from run records")
     p.add_argument("paths", nargs="+")
     p.add_argument("-o", "--out", default="results/plots")
@@ -316,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         except WriteError as e:
             return _fail(EXIT_FAILED, str(e))
     args = parser().parse_args(argv)
-    commands = {"run": _cmd_run, "compare": _cmd_compare, "comm": _cmd_comm, "zoo": _cmd_zoo, "peak": _cmd_peak, "report": _cmd_report}
+    commands = {"run": _cmd_run, "compare": _cmd_compare, "comm": _cmd_comm, "zoo": _cmd_zoo, "peak": _cmd_peak, "report": _cmd_report,
+                "plan": _cmd_plan}
     try:
         return commands[args.command](args, argv)
     except ConfigError as e:  # bad input: one line, status 2; anything else keeps its traceback
