@@ -231,6 +231,9 @@ def measure(spec: Spec, ctx: dist.DistContext | None = None) -> dict:
             memory_per_rank=per_rank[name],
             model_states=model_states[name],
             comm=comm.get(name),
+            # saved bytes per layer vs Korthikanti et al. (set by the activation measurement above)
+            layer_activations=train.layer_activations_check(sessions[name]),
+            mesh=dict(sessions[name].dims.sizes),
             technique_notes=sessions[name].build.notes_for_record(),
         )
     return dict(schema=SCHEMA_VERSION, kind="interleaved", baseline=base, rounds=spec.rounds,

@@ -1263,6 +1263,8 @@ def interleaved_parallel_runs(interleaved: Sequence[dict]) -> pd.DataFrame:
     one step and tokens/s from the interleaved rounds' median step time (its interval from theirs)."""
     rows = []
     for record in interleaved:
+        if record.get("family") == "model_parallel":  # its own section (impls.report_model_parallel)
+            continue
         for name, v in record.get("variants", {}).items():
             if not isinstance(v.get("model_states"), dict) or "error" in v["model_states"]:
                 continue
@@ -1763,9 +1765,13 @@ def write_report(paths: Sequence[Path], out_dir: Path) -> list[Path]:
     parallel_runs = pd.concat([runs, interleaved_parallel_runs(loaded.interleaved)], ignore_index=True)
     data_parallel_written, data_parallel_section = write_data_parallel(parallel_runs, loaded.comm, out_dir)
     markdown += data_parallel_section
+    from .report_model_parallel import write_model_parallel
+
+    model_parallel_written, model_parallel_section = write_model_parallel(loaded.interleaved, out_dir)
+    markdown += model_parallel_section
     written = [write_text(out_dir / "summary.csv", table.to_csv(index=False)),
                write_text(out_dir / "summary.md", markdown + _peak_log_markdown(out_dir)),
-               *data_parallel_written]
+               *data_parallel_written, *model_parallel_written]
     # One set of plots per benchmark family: dozens of runs in one axes would be unreadable.
     families = list(dict.fromkeys(runs["family"]))
     multi = len(set(families) | {r["family"] for r in loaded.interleaved}) > 1
