@@ -108,6 +108,9 @@ class Build:
     no_sync: Callable[[], AbstractContextManager] | None = None
     grad_shard_group: object = None
     local_optimizer: torch.optim.Optimizer | None = None
+    # The whole model on ``meta`` (no storage) when ``model_parts`` are pipeline stages: its
+    # parameter count and model FLOPs are the run's, whichever stage this rank holds.
+    full_model: nn.Module | None = None
     materialized: bool = False
     _pending: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
@@ -124,6 +127,11 @@ class Build:
             raise RuntimeError(f"this build has {len(self.model_parts)} model parts (pipeline stages); "
                                f"use build.model_parts")
         return self.model_parts[0]
+
+    @property
+    def whole_model(self) -> nn.Module:
+        """The whole model: ``full_model`` where the parts are pipeline stages, else the model."""
+        return self.full_model if self.full_model is not None else self.model
 
     @property
     def notes(self) -> dict:
