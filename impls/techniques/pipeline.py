@@ -20,8 +20,8 @@ Schedules (``torch.distributed.pipelining``):
   micro-batch crosses every rank v times with 1/v of the layers each time, so the bubble time
   shrinks v-fold: (p−1)·(t_f+t_b)/v, an idle share of (p−1)/(v·m+p−1), for v times more
   point-to-point messages.  Megatron requires m to be a multiple of p; torch relaxes it to
-  m a multiple of ⌈rounds⌉ = max(1, ⌊m/p⌋), and with m < p the v-fold reduction does not happen
-  (the schedule degenerates to a fill-drain of m micro-batches over p·v chunks).
+  m a multiple of rounds = max(1, ⌊m/p⌋); with m < p (one round of m micro-batches) the bubble
+  shrinks less than v-fold, and not at all for m = 1.
 
 All three are synchronous ("flush") schedules: every stage applies the same weights to all m
 micro-batches of a step, and the gradient equals that of the whole batch.  PipeDream's
@@ -227,7 +227,9 @@ def apply(build, options):
     build.train_parts = list(parts)
     build.engine = "pipeline"
     build.notes[NAME] = dict(schedule=options["schedule"], pp=p, chunks=v, microbatches=m, stages=num_stages,
-                             layers_per_stage=per_stage, stage_indices=[s.index for s in parts],
+                             layers_per_stage=per_stage,
+                             # the stages each pipeline rank runs (the same note on every rank)
+                             placement=[stage_indices(options["schedule"], p, v, r) for r in range(p)],
                              tied_embeddings=bool(model.cfg.tie_embeddings),
                              bubble_formula=bubble_formula(p, m, v),
                              bubble_formula_text=f"(p-1)/(v*m+p-1) = ({p}-1)/({v}*{m}+{p}-1)")
