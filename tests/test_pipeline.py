@@ -216,3 +216,75 @@ def test_four_stages_and_pp_times_dp(tmp_path, one_thread, reference):
         got = [sum(r["pp2dp2"]["losses"][i] for r in ranks) / 4 for i in range(STEPS)]
         assert got == pytest.approx(mean, rel=1e-5)
         assert rank["pp2dp2"]["norms"] == pytest.approx(ddp[0]["ddp"]["norms"], rel=1e-4)
+
+
+class _Stop(Exception):
+    """Raised right after the first checkpoint: the run is 'killed' there."""
+
+
+def _run_rank(rank: int, world: int, port: int, folder: str, mode: str):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    from impls import dist, training_state
+
+    recipe = train.Recipe(**{**COMMON, "steps": 4, "eval_every": 1, "mesh": {"pp": 2},
+                             "techniques": [SCHEDULES["interleaved"]]})
+    state = os.path.join(folder, "state.pt")
+    record = None
+    if mode == "straight":
+        record = train.run(recipe)
+    elif mode == "killed":
+        save = training_state.save
+
+        def save_then_stop(*args, **kwargs):
+            save(*args, **kwargs)
+            raise _Stop
+
+        training_state.save = save_then_stop
+        try:
+            train.run(recipe, save_every=2, checkpoint=state)
+        except _Stop:
+            pass
+    else:
+        record = train.run(recipe, resume=state)
+    if record is not None:
+        torch.save(dict(curve=record["curve"], params=record["params"], notes=record["technique_notes"]["pp"]),
+                   os.path.join(folder, f"{mode}.{rank}.pt"))
+    dist.shutdown()
+
+
+def _run_launch(folder, mode: str):
+    ranks = torch.multiprocessing.start_processes(_run_rank, args=(2, _free_port(), str(folder), mode), nprocs=2,
+                                                  join=False, start_method="spawn")
+    deadline = time.monotonic() + 300
+    while not ranks.join(timeout=2):
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail(f"pp {mode}: ranks did not finish within 300 s")
+
+
+@pytest.mark.slow
+def test_a_pipelined_run_resumes_bit_identically(tmp_path):
+    """Through the one training loop: each rank's stages and optimizer state go into the one
+    checkpoint file, come back to the same rank, and the resumed curve equals the straight one."""
+    for mode in ("straight", "killed"):
+        _run_launch(tmp_path, mode)
+    payload = torch.load(__import__("io").BytesIO(torch.load(tmp_path / "state.pt", weights_only=False)["payload"]),
+                         weights_only=False)
+    assert payload["step"] == 2 and payload["engine_sharded"] is True and len(payload["engine"]) == 2
+    # rank 0 saved stages 0 and 2 (the embedding among them), rank 1 stages 1 and 3 (the LM head)
+    assert any("tok_emb" in k for k in payload["engine"][0]["model"])
+    assert any("lm_head" in k for k in payload["engine"][1]["model"])
+    _run_launch(tmp_path, "resumed")
+    from impls import data, zoo
+
+    recipe = train.Recipe(**{**COMMON, "steps": 4})
+    whole = zoo.build("nano", device="meta", **train.model_overrides(recipe, data.load(recipe.data))).num_params()
+    for rank in range(2):
+        straight = torch.load(tmp_path / f"straight.{rank}.pt", weights_only=False)
+        resumed = torch.load(tmp_path / f"resumed.{rank}.pt", weights_only=False)
+        assert [p["train_loss"] for p in resumed["curve"]] == [p["train_loss"] for p in straight["curve"]]
+        assert [p["val_loss"] for p in resumed["curve"]] == [p["val_loss"] for p in straight["curve"]]
+        assert straight["params"] == whole  # the record's Ψ is the whole model's, not the rank's stages
