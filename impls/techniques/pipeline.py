@@ -232,4 +232,6 @@ def apply(build, options):
                              placement=[stage_indices(options["schedule"], p, v, r) for r in range(p)],
                              tied_embeddings=bool(model.cfg.tie_embeddings),
                              bubble_formula=bubble_formula(p, m, v),
+                             # the v-fold reduction assumes m a multiple of p (Megatron's condition)
+                             bubble_formula_applies=v == 1 or m % p == 0,
                              bubble_formula_text=f"(p-1)/(v*m+p-1) = ({p}-1)/({v}*{m}+{p}-1)")
