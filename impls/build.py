@@ -111,6 +111,9 @@ class Build:
     # Saved-activation bytes of each Transformer block for one micro-batch (set by the engine's
     # activation measurement; per-layer formulas are checked against it).
     layer_activation_bytes: list[int] | None = None
+    # The whole model on ``meta`` (no storage) when ``model_parts`` are pipeline stages: its
+    # parameter count and model FLOPs are the run's, whichever stage this rank holds.
+    full_model: nn.Module | None = None
     materialized: bool = False
     _pending: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
@@ -127,6 +130,11 @@ class Build:
             raise RuntimeError(f"this build has {len(self.model_parts)} model parts (pipeline stages); "
                                f"use build.model_parts")
         return self.model_parts[0]
+
+    @property
+    def whole_model(self) -> nn.Module:
+        """The whole model: ``full_model`` where the parts are pipeline stages, else the model."""
+        return self.full_model if self.full_model is not None else self.model
 
     @property
     def notes(self) -> dict:

@@ -162,7 +162,8 @@ class Session:
 
     @property
     def model(self) -> torch.nn.Module:
-        return self.build.model
+        """The whole model (on ``meta`` where this rank holds pipeline stages only)."""
+        return self.build.whole_model
 
     @property
     def dims(self) -> ParallelDims:

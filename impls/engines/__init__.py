@@ -8,6 +8,10 @@ the measurements and checkpoint/resume are the same whichever engine runs:
   ``torch.optim`` optimizer (wrapped by the build's optimizer wrappers), autocast and loss
   scaling from the plan, micro-batches, whatever wrap technique the build applied (DDP...).
 
+* ``pipeline`` (:class:`~impls.engines.pipeline_engine.PipelineEngine`): a
+  ``torch.distributed.pipelining`` schedule (GPipe, 1F1B, interleaved 1F1B) over this rank's
+  pipeline stages, selected by the ``pp`` technique; per-rank (sharded) state.
+
 * ``deepspeed`` (:class:`~impls.engines.deepspeed_engine.DeepSpeedEngine`): ``deepspeed.initialize``
   owns optimizer, precision, backward and the gradient reduction (ZeRO 1/2/3, offload, 1-bit
   Adam), selected by an ``engine``-stage technique (``zero``, ``onebit``); its state is sharded
@@ -73,7 +77,13 @@ def _deepspeed(build, recipe, total_steps):  # deepspeed is imported only when a
     return DeepSpeedEngine(build, recipe, total_steps)
 
 
-REGISTRY: dict[str, Callable] = {"torch": TorchEngine, "deepspeed": _deepspeed}
+def _pipeline(build, recipe, total_steps):  # torch.distributed.pipelining, imported only for pp runs
+    from .pipeline_engine import PipelineEngine
+
+    return PipelineEngine(build, recipe, total_steps)
+
+
+REGISTRY: dict[str, Callable] = {"torch": TorchEngine, "deepspeed": _deepspeed, "pipeline": _pipeline}
 
 
 def create(build, recipe, total_steps: int) -> Engine:
