@@ -6,11 +6,6 @@ tensor by tensor from the zoo config on ``meta``) are compared with the exact by
 holds (``engine.state_bytes()``) in real runs of the same layouts on the nano model: one process,
 DDP, ZeRO-1 (ZeroRedundancyOptimizer), ZeRO-2 (fairscale OSS + ShardedDDP) and ZeRO-3 (FSDP2) at
 2 gloo ranks, and TP (t=2) and PP (p=2, 1F1B) at 2 ranks.
-
-Integration seam (temporary): the TP and PP comparisons run once the techniques ``tp``
-(``impls/techniques/tp.py``) and ``pp`` (``impls/techniques/pipeline.py``) are registered in
-``impls.techniques.REGISTRY``; until they land those two tests skip, saying so.  Nothing else is
-skipped.
 """
 import json
 import math
@@ -43,16 +38,8 @@ RUNS = {
     "zero2": (dict(techniques=["oss"]), 2, (2, 1, 1, 2, "none")),
     "fsdp": (dict(techniques=["fsdp"]), 2, (2, 1, 1, 3, "none")),
     "tp": (dict(techniques=["tp"], mesh={"tp": 2}), 2, (1, 2, 1, 0, "none")),
-    "pp": (dict(techniques=["pp:schedule=1f1b"], mesh={"pp": 2}, model_args={"n_layer": 4}), 2, (1, 1, 2, 0, "1f1b")),
+    "pp": (dict(techniques=["pp:schedule=1f1b,microbatches=2"], mesh={"pp": 2}, model_args={"n_layer": 4}), 2, (1, 1, 2, 0, "1f1b")),
 }
-#: runs that need a technique not registered yet (the seam above)
-NEEDS = {"tp": "tp", "pp": "pp"}
-
-
-def _available(name: str) -> bool:
-    return NEEDS.get(name, "") in techniques.REGISTRY or name not in NEEDS
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -88,7 +75,7 @@ def _rank(rank: int, world: int, port: int, out: str, names: list):
 def measured(tmp_path_factory) -> dict:
     """name -> one dict per rank (bytes, cfg, activations, pp/tp coordinates)."""
     out = {}
-    names = [n for n, (_, world, _) in RUNS.items() if world == 2 and _available(n)]
+    names = [n for n, (_, world, _) in RUNS.items() if world == 2]
     folder = tmp_path_factory.mktemp("planner")
     ranks = torch.multiprocessing.start_processes(_rank, args=(2, _free_port(), str(folder / "rank"), names),
                                                   nprocs=2, join=False, start_method="spawn")
@@ -146,9 +133,7 @@ def test_model_state_bytes_match_tp_and_pp_runs(measured, name):
     """TP (t=2): each rank holds the column/row shards of the blocks' linear layers and the
     replicated rest; PP (p=2, 1F1B, 4 layers): stage 0 its 2 blocks + embeddings, stage 1 its 2
     blocks + final norm + LM head (a copy of the tied embedding).  Each rank's bytes against the
-    planner's for its own stage.  Skips (the integration seam) until the technique is registered."""
-    if not _available(name):
-        pytest.skip(f"technique {NEEDS[name]!r} not registered in impls.techniques.REGISTRY yet (integration seam)")
+    planner's for its own stage."""
     for row in _compare(name, measured[name]):
         print(f"\n{name}: predicted/measured " + ", ".join(f"{k} {v:.4f}" for k, v in row["ratio"].items()))
         for key, ratio in row["ratio"].items():
