@@ -26,13 +26,22 @@ LAYOUTS = {
     "tp-sp": dict(techniques=["tp:sp=true"], mesh={"tp": 2}),
     "fsdp-tp": dict(techniques=["fsdp", "tp"], mesh={"tp": 2}),
     "dp-tp-sp": dict(techniques=["tp:sp=true"], mesh={"tp": 2}),
+    "pp-gpipe": dict(techniques=["pp:schedule=gpipe,microbatches=4"], mesh={"pp": 2}),
+    "pp-1f1b": dict(techniques=["pp:schedule=1f1b,microbatches=4"], mesh={"pp": 2}),
+    "pp-interleaved": dict(techniques=["pp:schedule=interleaved,microbatches=4,chunks=2"], mesh={"pp": 2}),
+    # the bubble's dependence on m (the formula's other end): m = 2 and 8
+    "pp-1f1b-m2": dict(techniques=["pp:schedule=1f1b,microbatches=2"], mesh={"pp": 2}),
+    "pp-1f1b-m8": dict(techniques=["pp:schedule=1f1b,microbatches=8"], mesh={"pp": 2}),
+    "pp-gpipe-m8": dict(techniques=["pp:schedule=gpipe,microbatches=8"], mesh={"pp": 2}),
+    "dp-pp": dict(techniques=["pp:schedule=1f1b,microbatches=4"], mesh={"pp": 2}),
 }
 #: which world sizes a layout needs (its mesh's non-dp product, and dp > 1 for the 2-D ones)
-MIN_WORLD = {"fsdp-tp": 4, "dp-tp-sp": 4}
+MIN_WORLD = {"fsdp-tp": 4, "dp-tp-sp": 4, "dp-pp": 4}
 WORLD_SIZES = [2, 4]
 
 SETTINGS = {
-    "quick": dict(model="nano", world_sizes=[2], batch_size=4, seq_len=64, layouts=["ddp", "tp", "tp-sp"]),
+    "quick": dict(model="nano", world_sizes=[2], batch_size=8, seq_len=64,
+                  layouts=["ddp", "tp", "tp-sp", "pp-gpipe", "pp-1f1b", "pp-interleaved"]),
     "full": dict(model="small", world_sizes=[2, 4], batch_size=8, seq_len=256, layouts=list(LAYOUTS)),
 }[common.profile_name()]
 
@@ -121,6 +130,21 @@ class ModelParallel:
         v = self._v(records, layout, world_size)
         return 1e6 * v["seconds_per_step"]["median"] / v["tokens_per_step"]
 
+    def track_bubble_measured(self, records, layout, world_size):
+        """Pipelines: the largest stage's idle share of the step (1 − busy/step, wall clock)."""
+        pp = self._v(records, layout, world_size)["technique_notes"].get("pp") or {}
+        return max(pp["measured_idle"]) if pp.get("measured_idle") else float("nan")
+
+    def track_bubble_schedule(self, records, layout, world_size):
+        """Pipelines: the idle share of torch's executed action order (t_b = 2 t_f), which
+        should equal (p−1)/(m+p−1) (÷ v interleaved)."""
+        pp = self._v(records, layout, world_size)["technique_notes"].get("pp") or {}
+        return pp.get("schedule_bubble_max", float("nan"))
+
+    def track_bubble_formula(self, records, layout, world_size):
+        pp = self._v(records, layout, world_size)["technique_notes"].get("pp") or {}
+        return pp.get("bubble_formula", float("nan"))
+
     def track_time_per_token_vs_ddp(self, records, layout, world_size):
         return 1.0 / self._v(records, layout, world_size)["speedup"]["value"]
 
@@ -130,3 +154,4 @@ class ModelParallel:
     track_layer_activations_vs_paper_reduction.unit = track_model_states_vs_formula.unit = "ratio"
     track_comm_vs_formula.unit = track_time_per_token_vs_ddp.unit = "ratio"
     track_seconds_per_mtok.unit = "s/Mtok"
+    track_bubble_measured.unit = track_bubble_schedule.unit = track_bubble_formula.unit = "fraction"

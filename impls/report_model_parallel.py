@@ -30,6 +30,8 @@ FAMILY = "model_parallel"
 GIB = 2 ** 30
 PLANNER_MODELS = ("gpt2-xl", "llama-7b")
 PLANNER_DEVICES = 64
+#: (tp, pp) of the model-parallel layouts the memory plot shows (with ZeRO-1 over the remaining dp)
+LAYOUT_GRID = ((2, 1), (8, 1), (1, 2), (1, 8), (2, 4), (8, 8))
 
 
 def _is_model_parallel(record: dict, variant: dict) -> bool:
@@ -70,9 +72,9 @@ def layouts_frame(interleaved: Sequence[dict]) -> pd.DataFrame:
                 time_per_token_vs_ddp=(1.0 / speed["value"]) if speed.get("value") else None,
                 speedup_ci_low=(speed.get("ci95") or [None, None])[0], speedup_ci_high=(speed.get("ci95") or [None, None])[1],
                 schedule=pp.get("schedule"), microbatches=pp.get("microbatches"), chunks=pp.get("chunks"),
-                bubble_formula=pp.get("bubble_formula"), bubble_schedule=pp.get("bubble_schedule"),
-                bubble_measured=pp.get("bubble_measured"),
-                stashed_microbatches=pp.get("peak_stashed_microbatches"),
+                bubble_formula=pp.get("bubble_formula"), bubble_schedule=pp.get("schedule_bubble_max"),
+                bubble_measured=(max(pp["measured_idle"]) if pp.get("measured_idle") else None),
+                stashed_microbatches=(max(pp["stash"]) if pp.get("stash") else None),
                 device=(record.get("device") or {}).get("name"), noisy=(record.get("load") or {}).get("noisy"),
                 source=record.get("source")))
     return pd.DataFrame(rows)
@@ -104,9 +106,26 @@ def plot_activations(frame: pd.DataFrame):
 
 
 def bubble_curve(schedule: str, p: int, m: np.ndarray, v: int = 1) -> np.ndarray:
-    """(p−1)/(m+p−1) for GPipe and 1F1B; ÷ v for interleaved 1F1B (Narayanan et al. 2021)."""
-    bubble = (p - 1) / (m + p - 1)
-    return bubble / v if schedule.startswith("interleaved") else bubble
+    """Idle share of a step: (p−1)/(m+p−1) for GPipe and 1F1B; interleaved 1F1B divides the
+    bubble *time* by v (Narayanan et al. 2021: (1/v)·(p−1)/m of the ideal time), i.e. a share
+    (p−1)/(v·m+p−1), when m is a multiple of p."""
+    v = v if schedule.startswith("interleaved") else 1
+    return (p - 1) / (v * m + p - 1)
+
+
+def schedule_bubbles(schedule: str, p: int, v: int, ms=(1, 2, 4, 8)) -> list[tuple[int, float]]:
+    """(m, bubble) of torch's own action order for each m it accepts, replayed offline with
+    t_b = 2·t_f (:func:`impls.engines.pipeline_engine.simulate`): no ranks needed."""
+    from .engines.pipeline_engine import planned_order, simulate
+
+    out = []
+    for m in ms:
+        try:
+            order = planned_order(schedule, p, m, v)
+            out.append((m, max(simulate(order, p * v, v)["idle"].values())))
+        except Exception:  # an m the schedule refuses (1F1B needs m >= p)
+            continue
+    return out
 
 
 def plot_bubble(frame: pd.DataFrame):
@@ -117,15 +136,17 @@ def plot_bubble(frame: pd.DataFrame):
     colors = {"gpipe": "#4c72b0", "1f1b": "#55a868", "interleaved": "#c44e52"}
     for (schedule, p, v), group in rows.groupby(["schedule", "pp", rows["chunks"].fillna(1)]):
         color = colors.get(schedule, None)
+        p, v = int(p), int(v)
         m = np.linspace(1, max(8, group["microbatches"].max()), 100)
-        ax.plot(m, bubble_curve(schedule, int(p), m, int(v)), color=color, lw=1,
-                label=f"{schedule} p={p}" + (f" v={int(v)}" if v > 1 else "") + " formula")
-        if group["bubble_schedule"].notna().any():
-            ax.scatter(group["microbatches"], group["bubble_schedule"], color=color, marker="o",
-                       label=f"{schedule}: schedule's idle slots")
+        ax.plot(m, bubble_curve(schedule, p, m, v), color=color, lw=1,
+                label=f"{schedule} p={p}" + (f" v={v}" if v > 1 else "") + ": formula")
+        offline = schedule_bubbles(schedule, p, v)
+        if offline:
+            ax.scatter([x for x, _ in offline], [b for _, b in offline], color=color, marker="o", facecolors="none",
+                       label=f"{schedule}: torch's schedule, replayed")
         if group["bubble_measured"].notna().any():
             ax.scatter(group["microbatches"], group["bubble_measured"], color=color, marker="x",
-                       label=f"{schedule}: measured idle time")
+                       label=f"{schedule}: measured idle time (wall clock)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("micro-batches m")
     ax.set_ylabel("bubble (idle) fraction")
@@ -144,8 +165,9 @@ def planner_memory(models: Sequence[str] = PLANNER_MODELS, devices: int = PLANNE
     if frame.empty:
         return frame
     keep = frame.sort_values("total").groupby(["model", "tp", "pp", "zero_stage"], as_index=False).first()
-    wanted = keep[((keep["tp"] == 1) & (keep["pp"] == 1)) | ((keep["zero_stage"].isin([0, 1])) & (keep["tp"] * keep["pp"] <= 64))]
-    return wanted.sort_values(["model", "total"]).reset_index(drop=True)
+    pure_dp = (keep["tp"] == 1) & (keep["pp"] == 1)  # DDP and ZeRO-1/2/3 over all devices
+    model_parallel = keep["zero_stage"].eq(1) & keep[["tp", "pp"]].apply(tuple, axis=1).isin(LAYOUT_GRID)
+    return keep[pure_dp | model_parallel].sort_values(["model", "tp", "pp", "zero_stage"]).reset_index(drop=True)
 
 
 def plot_planner_memory(frame: pd.DataFrame):
@@ -156,7 +178,7 @@ def plot_planner_memory(frame: pd.DataFrame):
     parts = ["params", "grads", "optimizer", "activations"]
     colors = ["#4c72b0", "#55a868", "#c44e52", "#8172b3"]
     for ax, model in zip(axes[:, 0], models):
-        rows = frame[frame["model"] == model].head(14)
+        rows = frame[frame["model"] == model]
         x, bottom = np.arange(len(rows)), np.zeros(len(rows))
         for part, color in zip(parts, colors):
             values = rows[part].to_numpy(dtype=float) / GIB
@@ -165,7 +187,6 @@ def plot_planner_memory(frame: pd.DataFrame):
         ax.axhline(80, color="black", ls="--", lw=1, label="80 GiB device")
         ax.set_xticks(x, rows["label"], rotation=30, ha="right", fontsize=6)
         ax.set_ylabel("GiB per device")
-        ax.set_yscale("log")
         ax.set_title(f"{model} on {PLANNER_DEVICES} devices: planner's per-device memory by layout", fontsize=9)
         ax.legend(fontsize=6, ncol=5)
     fig.tight_layout()
