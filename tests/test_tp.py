@@ -250,6 +250,7 @@ def test_two_d_meshes_at_four_ranks_equal_ddp_at_two(four, two):
     (["tp:sp=true"], {"tp": 2}, {"seq_len": 15}, "seq_len=15 is not divisible by tp=2"),
     (["tp:sp=true", "mod"], {"tp": 2}, {}, "top-k router ranks tokens over the whole sequence"),
     (["tp:sp=true", "moe"], {"tp": 2}, {}, "routed token lists"),
+    (["tp:sp=true", "pp:schedule=gpipe,microbatches=2"], {"tp": 2, "pp": 2}, {}, "residual stream"),
     (["tp", "fuse"], {"tp": 2}, {}, "cannot be combined"),
     ([], {"tp": 2}, {}, "needs a technique that shards over 'tp'"),
 ])
@@ -258,3 +259,64 @@ def test_bad_layouts_are_refused_before_any_work(techniques, mesh, args, message
     recipe = train.Recipe(**{**fields, "techniques": techniques, "mesh": mesh})
     with pytest.raises(ConfigError, match=message):
         train.check_recipe_fields(recipe, world_size=4)
+
+
+# --------------------------------------------------------------------------- with pipeline parallelism
+
+PIPE = dict(COMMON, batch_size=4, model_args={"n_layer": 4})
+PIPE_TECHNIQUES = ["pp:schedule=1f1b,microbatches=2", "tp"]
+
+
+def _pipe_train(techniques, mesh) -> dict:
+    session = train.prepare(train.Recipe(**{**PIPE, "techniques": techniques, "mesh": mesh}))
+    losses, norms = [], []
+    for step in range(PIPE["steps"]):
+        x, y = session.batches.get("train", step)
+        losses.append(session.engine.train_step(x, y, step))
+        norms.append(session.engine.last_grad_norm)
+    return dict(losses=losses, norms=norms, bytes=session.engine.state_bytes())
+
+
+def _pipe_rank(rank: int, world: int, port: int, out: str, jobs: list):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from impls import dist
+
+    results = {key: _pipe_train(*args) for key, args in jobs}
+    torch.save(results, f"{out}.{rank}")
+    dist.shutdown()
+
+
+def _pipe_launch(tmp_path, world, jobs):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    out = tmp_path / "rank"
+    ranks = torch.multiprocessing.start_processes(_pipe_rank, args=(world, _free_port(), str(out), jobs),
+                                                  nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + 600
+    while not ranks.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail(f"{world} ranks did not finish within 600 s")
+    return [torch.load(f"{out}.{r}", weights_only=False) for r in range(world)]
+
+
+def test_tp_times_pp_at_four_ranks_and_three_d_at_eight_equal_the_reference(tmp_path):
+    """TP × PP (pp=2 × tp=2: the pipeline split first, then each stage's blocks sharded,
+    torchtitan's order) equals the single-process run; DP × TP × PP (dp=2 × pp=2 × tp=2, 8 ranks on
+    this 2-core machine: slow, exact) equals DDP at 2 ranks, rank by rank of the data-parallel
+    shard.  Each (pp, tp) rank holds its stage's replicated parameters plus 1/t of its blocks'."""
+    torch.set_num_threads(1)
+    single = _pipe_train([], {})
+    four = _pipe_launch(tmp_path / "four", 4, [("tp-pp", (PIPE_TECHNIQUES, {"pp": 2, "tp": 2}))])
+    for rank in four:
+        assert rank["tp-pp"]["losses"] == pytest.approx(single["losses"], rel=1e-5)
+        assert rank["tp-pp"]["norms"] == pytest.approx(single["norms"], rel=1e-5)
+        assert rank["tp-pp"]["bytes"]["params_bytes"] < single["bytes"]["params_bytes"] / 3
+    eight = _pipe_launch(tmp_path / "eight", 8, [("3d", (PIPE_TECHNIQUES, {"pp": 2, "tp": 2}))])
+    two = _pipe_launch(tmp_path / "two", 2, [("ddp", ([], {}))])
+    for rank, result in enumerate(eight):
+        dp_rank = (rank // 2) % 2  # mesh (pp, dp, tp): rank = 4·pp + 2·dp + tp
+        assert result["3d"]["losses"] == pytest.approx(two[dp_rank]["ddp"]["losses"], rel=1e-5), rank
+        assert result["3d"]["norms"] == pytest.approx(two[dp_rank]["ddp"]["norms"], rel=1e-5), rank

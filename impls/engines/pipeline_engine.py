@@ -39,6 +39,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as torch_dist
+from torch.distributed.tensor import DTensor
 import torch.nn as nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
@@ -315,7 +316,9 @@ class PipelineEngine(TorchEngine):
                                    mb_bytes=dict(self.meter.bytes)))
         if self.emb_group is not None and self.tied.grad is not None:
             # the two stages' contributions to the shared weight's gradient, summed on both
-            torch_dist.all_reduce(self.tied.grad, group=self.emb_group)
+            # (a replicated DTensor under tensor parallelism: its local tensor is the whole gradient)
+            grad = self.tied.grad
+            torch_dist.all_reduce(grad.to_local() if isinstance(grad, DTensor) else grad, group=self.emb_group)
         return total
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> float:
@@ -335,8 +338,11 @@ class PipelineEngine(TorchEngine):
                 if p.grad is None:
                     continue
                 grads.append(p.grad)
+                norm = torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32)
+                if isinstance(norm, DTensor):  # tensor parallel: reduced over the dims it is sharded on
+                    norm = norm.full_tensor()
                 if not (p is self.tied and not self.has_first):
-                    counted.append(torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32))
+                    counted.append(norm)
         square = torch.stack(counted).square().sum() if counted else torch.zeros((), device=self.device)
         torch_dist.all_reduce(square, group=self.pp_group)
         self.last_grad_norm = float(square.sqrt())

@@ -41,8 +41,9 @@ both copies receive the full gradient and stay identical.  The step's loss is Σ
 the last stage per micro-batch (no extra 1/m: the schedule runs with ``scale_grads=False``), as
 in the torch engine.  The engine is :mod:`impls.engines.pipeline_engine`.
 
-Refused before any work: ``pp=1`` (nothing to pipeline), ``tp``/``cp`` > 1 with it (the stages
-wrap whole blocks; composing them with tensor/sequence-parallel blocks is not wired), layers not
+Refused before any work: ``pp=1`` (nothing to pipeline), ``cp`` > 1 with it (no technique
+shards the sequence here; tensor parallelism composes: ``tp`` shards each stage's blocks after
+the split, and sequence parallelism is refused with pp by ``tp``), layers not
 divisible into p·v stages, a batch not divisible into m micro-batches, 1F1B with m < p, torch's
 interleaving condition, and techniques whose loss terms or engines cannot run stage-wise (see
 ``CONFLICTS``).  Data parallelism composes: with ``dp`` > 1 the default ``ddp`` wraps each stage
@@ -113,10 +114,9 @@ def check_mesh(dims, options):
     if p == 1:
         raise ConfigError("technique 'pp' needs a pipeline size > 1 (this run has pp=1: nothing to pipeline); "
                           "give --mesh pp=N with N ranks or more")
-    for other in ("tp", "cp"):
-        if dims[other] > 1:
-            raise ConfigError(f"technique 'pp' with {other}={dims[other]}: pipeline stages here wrap whole "
-                              f"blocks and are not wired to {other}-sharded blocks; valid: pp with dp only")
+    if dims["cp"] > 1:
+        raise ConfigError(f"technique 'pp' with cp={dims['cp']}: no technique shards the sequence across "
+                          f"stages here; valid: pp with dp and tp")
     m = options["microbatches"]
     if options["schedule"] == "1f1b" and m < p:
         raise ConfigError(f"pp:microbatches={m} < pp={p}: torch's Schedule1F1B needs at least one "

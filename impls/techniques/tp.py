@@ -33,8 +33,8 @@ SwiGLU's fused ``up`` (``[gate | up]``) is permuted the same way.  The permutati
 of the same weights (:func:`qkv_order`, :func:`swiglu_order`), so a seed gives the unsharded
 model's function, and the losses equal the single-process run's.
 
-Composition (torchtitan's order: TP before checkpointing, compilation and the data-parallel
-wrap): under ``dp > 1``, DDP (whose reducer takes plain tensors) gets the blocks' DTensor
+Composition (torchtitan's order: the pipeline split, then TP of each stage's blocks, before
+checkpointing, compilation and the data-parallel wrap; 3-D DP×TP×PP): under ``dp > 1``, DDP (whose reducer takes plain tensors) gets the blocks' DTensor
 parameters as local tensors through ``torch.distributed.tensor.parallel.ddp``, and FSDP2
 shards the DTensors again over ``dp`` (2-D parameters).  MoE experts are MLPs and are split like
 the dense MLP (Megatron's tensor parallelism inside each expert); MoD routes over the whole
@@ -51,7 +51,7 @@ from ..errors import ConfigError
 
 NAME = "tp"
 STAGE = "shard"
-RANK = 10  # before the pipeline split of the same stage
+RANK = 60  # after the pipeline split of the same stage (pp, 50): each stage's blocks are sharded
 OPTIONS = {"sp": False}
 MESH_DIMS = ("tp",)
 CONFLICTS = {"fuse": "fuse:mode=jit calls the up projection's weight directly, bypassing the Linear that "
@@ -81,6 +81,10 @@ def check_recipe(recipe, options):
                               f"divisors of {name}")
     if options["sp"] and recipe.seq_len % t:
         raise ConfigError(f"tp:sp=true splits the sequence: seq_len={recipe.seq_len} is not divisible by tp={t}")
+    if options["sp"] and int(recipe.mesh.get("pp", 1)) > 1:
+        raise ConfigError("tp:sp=true cannot be combined with pipeline parallelism here: the stages exchange the "
+                          "whole (B, T, C) residual stream, which sequence parallelism splits along T; use tp "
+                          "without sp with pp")
     if options["sp"]:
         for spec in recipe.techniques:
             name = spec.partition(":")[0]
