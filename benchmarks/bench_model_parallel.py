@@ -34,9 +34,10 @@ LAYOUTS = {
     "pp-1f1b-m8": dict(techniques=["pp:schedule=1f1b,microbatches=8"], mesh={"pp": 2}),
     "pp-gpipe-m8": dict(techniques=["pp:schedule=gpipe,microbatches=8"], mesh={"pp": 2}),
     "dp-pp": dict(techniques=["pp:schedule=1f1b,microbatches=4"], mesh={"pp": 2}),
+    "tp-pp": dict(techniques=["pp:schedule=1f1b,microbatches=4", "tp"], mesh={"pp": 2, "tp": 2}),
 }
 #: which world sizes a layout needs (its mesh's non-dp product, and dp > 1 for the 2-D ones)
-MIN_WORLD = {"fsdp-tp": 4, "dp-tp-sp": 4, "dp-pp": 4}
+MIN_WORLD = {"fsdp-tp": 4, "dp-tp-sp": 4, "dp-pp": 4, "tp-pp": 4}
 WORLD_SIZES = [2, 4]
 
 SETTINGS = {
