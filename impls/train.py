@@ -448,6 +448,30 @@ def layer_activations_check(session: Session) -> dict | None:
         return dict(error=f"{type(e).__name__}: {e}")
 
 
+def pp_comm_volume(session: Session, boundary_bytes: float) -> dict:
+    """This rank's pipeline traffic per step (GPipe, Huang et al. 2019; Narayanan et al. 2021):
+    each of its stages sends its output activations to the next stage and the gradient of its
+    input to the previous one, every micro-batch -- per direction the step's (b, s, h) residual
+    stream, ``boundary_bytes`` -- and, with tied embeddings, the first and last stage all-reduce
+    the embedding's gradient (2 ranks: V·h elements each way)."""
+    sends = 0
+    for part in session.build.model_parts:
+        index, stages = getattr(part, "index", None), getattr(part, "num_stages", None)
+        if index is None:
+            continue
+        sends += (index < stages - 1) + (index > 0)
+    p2p = sends * boundary_bytes
+    tied = 0.0
+    cfg = session.model.cfg
+    holds_tied = any(getattr(part, "is_first", False) or getattr(part, "is_last", False)
+                     for part in session.build.model_parts)
+    if cfg.tie_embeddings and holds_tied:
+        tied = cfg.vocab_size * cfg.d_model * 4.0  # fp32 gradient, all-reduce over 2 ranks: 2(n-1)/n = 1
+    return dict(source="activations forward + input gradients backward per stage boundary, every micro-batch; "
+                       "tied-embedding gradient all-reduce between first and last stage",
+                stage_sends=sends, p2p_bytes=p2p, tied_embedding_bytes=tied, bytes=p2p + tied)
+
+
 def comm_check(session: Session, summary: dict, step: int) -> dict:
     """The collectives of one step on this rank (:class:`~impls.measure.comm.CommCounter`),
     the largest rank's traffic, and that against the ZeRO paper's volume for the run's stage
@@ -465,13 +489,21 @@ def comm_check(session: Session, summary: dict, step: int) -> dict:
         check = model_states.comm_check(traffic, rank_psi(session), session.dims.dp, stage,
                                         grad_bytes=width, param_bytes=plan.comm_param_bytes or width)
         formula = check["formula"]["ring_bytes"]
+        cfg, r = session.model.cfg, session.recipe
+        act_bytes = 2.0 if plan.autocast_dtype is not None else 4.0
+        tokens = r.batch_size * plan.accum_steps * r.seq_len  # this rank's tokens per step
         t = session.dims["tp"]
         if t > 1:  # tensor parallelism's activation all-reduces, on top of the dp gradients'
-            cfg, r = session.model.cfg, session.recipe
-            tp = model_states.tp_comm_volume(cfg.n_layer, r.batch_size * plan.accum_steps * r.seq_len, cfg.d_model, t,
-                                             activation_bytes=2.0 if plan.autocast_dtype is not None else 4.0)
+            layers = sum(len(part.blocks) for part in session.build.model_parts)  # this rank's (a stage's, under pp)
+            tp = model_states.tp_comm_volume(layers, tokens, cfg.d_model, t, activation_bytes=act_bytes)
             check["tp"] = tp
             formula += tp["ring_bytes"]
+        if session.dims["pp"] > 1:
+            pp = pp_comm_volume(session, tokens * cfg.d_model * act_bytes)
+            check["pp"] = pp
+            formula += pp["bytes"]
+        # the largest rank's formula, as the traffic is the largest rank's
+        formula = ctx.all_max([float(formula)])[0] if ctx.world_size > 1 else formula
         out.update(check=check, formula_bytes=formula, ratio=traffic / formula if formula else None)
     except Exception as e:  # a check must never cost the run its record
         out.update(error=f"{type(e).__name__}: {e}", ratio=None)

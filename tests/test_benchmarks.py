@@ -113,3 +113,21 @@ def test_every_data_parallel_variant_is_valid_at_its_world_sizes(world_size, mon
         with pytest.raises(Exception, match="data-parallel size|dp=1|more than one|> 1"):
             train.validate(train.Recipe(**bench_parallel._common(), steps=1,
                                         techniques=bench_parallel.VARIANTS[name]), world_size)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_every_model_parallel_layout_is_valid_at_its_world_sizes(world_size, monkeypatch):
+    """Every layout of the model-parallel family (both profiles' lists) validates at each world
+    size it is listed for, and the quick grid times them in one comparison against DDP."""
+    from impls import compare
+
+    bench = importlib.import_module("benchmarks.bench_model_parallel")
+    common = importlib.import_module("benchmarks.common")
+    monkeypatch.setitem(bench.SETTINGS, "layouts", list(bench.LAYOUTS))
+    layouts = bench._layouts(world_size)
+    assert "ddp" in layouts and "tp" in layouts and "pp-1f1b" in layouts
+    assert set(bench.LAYOUTS) - set(layouts) == ({n for n, w in bench.MIN_WORLD.items() if w > world_size})
+    spec = compare.parse_spec(dict(baseline="ddp", common=bench._common(), variants=layouts,
+                                   **common.PROFILE["interleave"]))
+    for recipe in spec.recipes.values():
+        train.validate(recipe, world_size)
