@@ -54,8 +54,8 @@ def probe_matmul_flops(device: torch.device, dtype: torch.dtype, max_n: int = PR
     ``F.linear`` — the op every model matmul runs — whichever is faster: on a CPU they can take
     different kernels (fp16 ``a @ b`` falls back to a reference loop at ~1 GFLOP/s while
     ``F.linear`` reaches oneDNN at ~40), and a peak below what the model's own kernel achieves
-    would put its MFU above 100%.  ``n`` grows from 128 up to ``max_n`` while one product stays
-    under ``max_seconds``, so the probe stays cheap on slow paths too."""
+    would put its MFU above 100%.  For each op ``n`` grows from 128 up to ``max_n`` while one of
+    its products stays under ``max_seconds``, so the probe stays cheap on slow paths too."""
     device = torch.device(device)
 
     def sync():
@@ -69,19 +69,24 @@ def probe_matmul_flops(device: torch.device, dtype: torch.dtype, max_n: int = PR
         sync()
         return time.perf_counter() - t0
 
-    n = 128
-    while True:
-        a = torch.randn(n, n, device=device).to(dtype)
-        b = torch.randn(n, n, device=device).to(dtype)
-        ops = (lambda: a @ b, lambda: torch.nn.functional.linear(a, b))
-        for op in ops:
+    # Each op grows its own n: sized by the fastest op, a slow path (fp16 ``a @ b`` on a CPU)
+    # would time ``repeats`` products of the largest size at ~1 GFLOP/s -- minutes, not seconds.
+    best_rate, best_n = 0.0, 128
+    for make in (lambda a, b: (lambda: a @ b), lambda a, b: (lambda: torch.nn.functional.linear(a, b))):
+        n = 128
+        while True:
+            a = torch.randn(n, n, device=device).to(dtype)
+            b = torch.randn(n, n, device=device).to(dtype)
+            op = make(a, b)
             op()  # warm-up: thread pool start, kernel selection
-        # Doubling n multiplies the time by 8: stop before a product would exceed max_seconds.
-        if n >= max_n or 8 * min(timed(op) for op in ops) > max_seconds:
-            break
-        n *= 2
-    best = min(timed(op) for op in ops for _ in range(repeats))
-    return 2 * n**3 / best, n
+            # Doubling n multiplies the time by 8: stop before a product would exceed max_seconds.
+            if n >= max_n or 8 * timed(op) > max_seconds:
+                break
+            n *= 2
+        rate = 2 * n**3 / min(timed(op) for _ in range(repeats))
+        if rate > best_rate:
+            best_rate, best_n = rate, n
+    return best_rate, best_n
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, reprobe: bool = False) -> dict:
