@@ -420,7 +420,9 @@ def layer_activation_terms(cfg, s: int, b: int, tp: int = 1, sp: bool = False, a
     if attention == "stored":
         terms["attention_scores"] = (2 * e + (1 if dropout else 0)) * a * s * s * b / tp
     else:
-        terms["flash_output"] = e * sbh / tp
+        # the fused kernel keeps its output -- which *is* proj's input (the (B, T, H, Q) output
+        # reshaped to (B, T, C) is a view: one storage, counted once as "proj_input") -- and its
+        # fp32 log-sum-exp per head and position
         terms["flash_logsumexp"] = 4 * a * s * b / tp
     return terms
 
