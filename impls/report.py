@@ -247,6 +247,9 @@ class Loaded(NamedTuple):
     extra: list[dict] = []
     #: ``etbench comm`` bandwidth records (kind ``comm``), with ``source``/``family``.
     comm: list[dict] = []
+    #: Sparse-storage measurements (kind ``sparse_storage``: bytes per format and sparse×dense
+    #: matmul time across densities), with ``source``/``family``.
+    storage: list[dict] = []
 
 
 def _estimate(stat: dict):
@@ -323,7 +326,9 @@ def load_all(paths: Sequence[Path]) -> Loaded:
 
     Files that are none of these are skipped with a :class:`RecordWarning` naming the file.
     """
-    records, sources, refused, interleaved, extra, comm = [], [], [], [], [], []
+    from .report_compression import STORAGE_KIND
+
+    records, sources, refused, interleaved, extra, comm, storage = [], [], [], [], [], [], []
     for path in _find_json_files(paths):
         try:
             document = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -338,6 +343,12 @@ def load_all(paths: Sequence[Path]) -> Loaded:
             if isinstance(document, dict) and document.get("kind") == COMM_KIND:
                 validate_comm(document)
                 comm.append({**document, "source": str(path), "family": Path(path).parent.name})
+                continue
+            if isinstance(document, dict) and document.get("kind") == STORAGE_KIND:
+                from .measure.sparse_storage import validate_storage
+
+                validate_storage(document)
+                storage.append({**document, "source": str(path), "family": Path(path).parent.name})
                 continue
             if isinstance(document, dict) and document.get("kind") is not None:
                 validate_interleaved(document)
@@ -357,7 +368,7 @@ def load_all(paths: Sequence[Path]) -> Loaded:
     interleaved.sort(key=lambda r: (r["family"], r["source"]))
     refused.sort(key=lambda r: (r["family"], r["label"]))
     comm.sort(key=lambda r: r["source"])
-    return Loaded(records_frame(records, sources), refused, interleaved, extra, comm)
+    return Loaded(records_frame(records, sources), refused, interleaved, extra, comm, storage)
 
 
 def load_records(paths: Sequence[Path]) -> pd.DataFrame:
@@ -1752,7 +1763,7 @@ def write_report(paths: Sequence[Path], out_dir: Path) -> list[Path]:
         warnings.warn(f"not plotted: {entry['source']}: " + "; ".join(entry["reasons"]), RecordWarning,
                       stacklevel=2)
     runs = loaded.runs
-    if runs.empty and not loaded.interleaved and not loaded.extra and not loaded.comm:
+    if runs.empty and not loaded.interleaved and not loaded.extra and not loaded.comm and not loaded.storage:
         looked = ", ".join(str(p) for p in paths) or "(no paths given)"
         raise NoRecordsError(f"no valid run records found in {looked} "
                              "(searched recursively for *.json)")
@@ -1769,9 +1780,13 @@ def write_report(paths: Sequence[Path], out_dir: Path) -> list[Path]:
 
     model_parallel_written, model_parallel_section = write_model_parallel(loaded.interleaved, out_dir)
     markdown += model_parallel_section
+    from .report_compression import write_compression
+
+    compression_written, compression_section = write_compression(runs, loaded.interleaved, loaded.storage, out_dir)
+    markdown += compression_section
     written = [write_text(out_dir / "summary.csv", table.to_csv(index=False)),
                write_text(out_dir / "summary.md", markdown + _peak_log_markdown(out_dir)),
-               *data_parallel_written, *model_parallel_written]
+               *data_parallel_written, *model_parallel_written, *compression_written]
     # One set of plots per benchmark family: dozens of runs in one axes would be unreadable.
     families = list(dict.fromkeys(runs["family"]))
     multi = len(set(families) | {r["family"] for r in loaded.interleaved}) > 1

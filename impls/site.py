@@ -1268,6 +1268,57 @@ def data_parallel_section(loaded, page: "_Page", copied: set, rel_plots: str) ->
             + data_parallel_memory_html(report.data_parallel_memory_table()) + "</section>")
 
 
+def compression_section(loaded, copied: set, rel_plots: str) -> str:
+    """The front page's "Compression techniques" section (:mod:`impls.report_compression`): one
+    sortable table of every pruning, quantized-training, low-rank, activation-compression and
+    sparse-storage run against its family's baseline, and the report's curves (loss vs sparsity,
+    loss vs rank, memory by component, the sparse-format crossover); empty without such records."""
+    from . import report
+    from . import report_compression as rc
+
+    import pandas as pd
+
+    frame = rc.compression_frame(loaded.runs, loaded.interleaved)
+    if frame.empty and not loaded.storage:
+        return ""
+    parts = ['<section class="family" id="compression"><h2>Compression techniques</h2>',
+             '<p class="note">Each run against the baseline of its own family, trained to the same model-FLOP '
+             "budget. Speed: baseline time per token ÷ the technique's, from interleaved rounds (95% interval); "
+             "n/a where the technique was not timed. Memory: each exact component ÷ the baseline's.</p>"]
+    if not frame.empty:
+        rows = []
+        for r in frame.to_dict("records"):
+            lo, hi = r.get("speed_lo"), r.get("speed_hi")
+            speed = r.get("speed_ratio")
+            speed_text = (None if speed is None or speed != speed else
+                          f"{speed:.3g} [{lo:.3g}, {hi:.3g}]" if lo == lo and hi == hi else f"{speed:.3g}")
+            rows.append({"family": r["family"], "techniques": r["techniques"],
+                         r["knob"] or "knob": None if pd.isna(r["knob_value"]) else str(r["knob_value"]),
+                         "loss Δ": r["loss_delta"], "speed ratio": (speed_text, speed),
+                         **{f"{c} ÷ base": r.get(f"{c} / baseline") for c in rc.COMPONENTS.values()},
+                         "counted FLOPs ÷ base": r.get("counted flops / baseline")})
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        for row in rows:
+            for c in columns:
+                row.setdefault(c, None)
+        parts.append('<div class="scroll">' + report.html_table(
+            rows, columns, formats={"loss Δ": "{:+.4f}"},
+            text_columns=[c for c in columns if c in ("family", "techniques") or c in {k for k, _ in rc.KNOBS.values()}],
+            table_id="compression-table") + "</div>")
+    figures = [(name, caption) for name, caption in (
+        ("compression_memory.png", "memory by component per technique, normalised to its family baseline"),
+        ("compression_loss_vs_sparsity.png", "loss at the budget vs sparsity, per pruning method"),
+        ("compression_loss_vs_rank.png", "loss at the budget vs rank: factorised layers, LoRA, GaLore"),
+        ("compression_sparse_crossover.png", "sparse storage: bytes and matmul time vs density per format"))
+        if name in copied]
+    if figures:
+        parts.append('<div class="charts">' + "".join(
+            f'<figure><a href="{rel_plots}/{n}"><img class="static" src="{rel_plots}/{n}" alt="{_esc(c)}" width="640"></a>'
+            f"<figcaption>{_esc(c)}</figcaption></figure>" for n, c in figures) + "</div>")
+    parts.append("</section>")
+    return "".join(parts)
+
+
 def build_front_page(html_dir: Path, runs_root: Path = Path("results/runs"),
                      plots_root: Path = Path("results/plots"), isoflop_root: Path = Path("results/isoflop"),
                      runs: Path | None = None, previous: Path | None = None) -> list[str]:
@@ -1365,6 +1416,9 @@ def build_front_page(html_dir: Path, runs_root: Path = Path("results/runs"),
     data_parallel = data_parallel_section(loaded, page, copied, rel_plots)
     if data_parallel:
         sections.append(data_parallel)
+    compression = compression_section(loaded, copied, rel_plots)
+    if compression:
+        sections.append(compression)
     iso_dirs = sorted(p for p in Path(isoflop_root).glob(f"{commit}-*") if p.is_dir()) if Path(isoflop_root).is_dir() else []
     for iso_dir in iso_dirs:
         sections.append(_isoflop_section(iso_dir, html_dir, page, asv))
@@ -1389,6 +1443,7 @@ def build_front_page(html_dir: Path, runs_root: Path = Path("results/runs"),
     downloads = " · ".join(f'<a href="{rel_plots}/{n}">{n}</a>' for n in ("summary.csv", "summary.md") if n in copied)
     nav = "".join(f'<a href="#family-{_esc(f)}">{_esc(f)}</a>' for f in families)
     nav += '<a href="#data-parallel">data-parallel</a>' if data_parallel else ""
+    nav += '<a href="#compression">compression</a>' if compression else ""
     nav += "".join(f'<a href="#isoflop-{_esc(d.name)}">isoFLOP {_esc(d.name)}</a>' for d in iso_dirs)
     scripts = "".join(f'<script src="{url}"></script>' for url in REPORT_CDN_ASSETS)
     specs_json = json.dumps(_json_safe(page.specs), separators=(",", ":")).replace("</", "<\\/")

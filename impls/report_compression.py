@@ -1,0 +1,225 @@
+"""The report's compression section (issue 12): pruning, quantized training, low-rank, activation
+compression and sparse storage, each technique against the baseline of its own family, trained
+to the same model-FLOP budget.
+
+Outputs (each written atomically, only where there is data):
+
+* ``compression.csv``: per technique run, its family and main knob (sparsity, rank, bits,
+  saved-tensor dtype), the loss gap to the family's baseline at the same budget, every memory
+  component as a ratio to the baseline's same component, and the speed ratio with its 95%
+  interval from the family's interleaved comparison (absent where that technique was not timed);
+* ``compression_memory.png``: memory by component per technique, as fractions of its family
+  baseline's total exact memory (the baseline is 1);
+* ``compression_loss_vs_sparsity.png``: loss at the budget vs achieved sparsity, per pruning
+  method, the dense baseline at sparsity 0;
+* ``compression_loss_vs_rank.png``: loss at the budget vs rank for factorised layers, LoRA and
+  GaLore, the full-rank baseline as a line;
+* ``compression_sparse_crossover.png``: bytes of COO/CSR/BSR vs density against dense storage,
+  and sparse×dense matmul time over dense (from the ``sparse_storage`` record).
+
+The knob of a run is read from its technique notes (what the technique measured, e.g. the achieved
+sparsity) and, failing that, from the technique's options in the recipe (what was asked).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from .files import write_text
+
+FAMILIES = ("pruning", "quant", "lowrank", "actmem", "sparse")
+#: family -> the knob its curves are drawn over, and the note/option keys that hold it (first found wins)
+KNOBS = {
+    "pruning": ("sparsity", ("achieved_sparsity", "sparsity", "target_sparsity")),
+    "lowrank": ("rank", ("rank",)),
+    "quant": ("bits", ("weight_bits", "bits")),
+    "actmem": ("dtype", ("dtype",)),
+    "sparse": ("density", ("density",)),
+}
+COMPONENTS = {"memory.params_bytes": "params", "memory.grads_bytes": "grads",
+              "memory.optimizer_bytes": "optimizer state", "memory.activations_bytes": "activations"}
+STORAGE_KIND = "sparse_storage"
+
+
+def _techniques(run) -> list[str]:
+    value = run.get("recipe.techniques")
+    return list(value) if isinstance(value, (list, tuple)) else []
+
+
+def _main_technique(run) -> tuple[str, dict]:
+    """(name, options) of the run's first technique that is not a reference precision/recompute
+    setting -- the compression technique the run measures; ("baseline", {}) for none."""
+    from . import techniques
+
+    specs = []
+    for text in _techniques(run):
+        try:
+            specs.append(techniques.parse(text))
+        except Exception:  # a record of another commit may name a technique this one lacks
+            name, _, _ = text.partition(":")
+            specs.append(techniques.TechniqueSpec(name, {}))
+    if not specs:
+        return "baseline", {}
+    return specs[0].name, dict(specs[0].options)
+
+
+def _knob(run, family: str, name: str, options: dict):
+    if family not in KNOBS or name == "baseline":
+        return None
+    _, keys = KNOBS[family]
+    from .report import _nested
+
+    notes = (_nested(run, "technique_notes") or {}).get(name) or {}
+    for key in keys:
+        value = notes.get(key)
+        if value is not None and not (isinstance(value, float) and math.isnan(value)):
+            return value
+    for key in keys:
+        if key in options:
+            return options[key]
+    return None
+
+
+def compression_frame(runs: pd.DataFrame, interleaved: Sequence[dict] = ()) -> pd.DataFrame:
+    """One row per run of a compression family, relative to that family's baseline (the run with
+    no technique in the same comparison group, :func:`impls.report.technique_comparison`)."""
+    from .report import technique_comparison
+
+    rows = []
+    if runs.empty or "family" not in runs:
+        return pd.DataFrame()
+    for family in FAMILIES:
+        group = runs[runs["family"] == family].reset_index(drop=True)
+        if group.empty:
+            continue
+        comparison = technique_comparison(group, [r for r in interleaved if r.get("family") == family])
+        if comparison.empty:
+            continue
+        by_run = {run["run"]: run for _, run in group.iterrows()}
+        base = next((r for r in by_run.values() if not _techniques(r)), None)
+        for _, row in comparison.iterrows():
+            run = by_run[row["run"]]
+            name, options = _main_technique(run)
+            out = dict(family=family, run=row["run"], technique=name,
+                       techniques="+".join(_techniques(run)) or "baseline",
+                       knob=KNOBS.get(family, ("", ()))[0], knob_value=_knob(run, family, name, options),
+                       final_val_loss=run.get("final_val_loss"), loss_delta=row["loss delta"],
+                       speed_ratio=row["speed ratio"], speed_lo=row["speed ratio lo"], speed_hi=row["speed ratio hi"],
+                       tokens_per_second=run.get("tokens_per_second"), steps=run.get("steps"),
+                       flops_per_step=run.get("flops_per_step"), model_flops_per_step=run.get("model_flops_per_step"))
+            for column, label in COMPONENTS.items():
+                out[f"{label} / baseline"] = (run.get(column) / base[column]
+                                              if base is not None and base.get(column) else math.nan)
+                out[f"{label} / baseline memory"] = row[f"{label} / baseline memory"]
+            if base is not None and base.get("flops_per_step"):
+                out["counted flops / baseline"] = run.get("flops_per_step") / base["flops_per_step"]
+            rows.append(out)
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _label(row) -> str:
+    return row["techniques"] if row["techniques"] != "baseline" else f"{row['family']} baseline"
+
+
+def plot_memory(frame: pd.DataFrame):
+    """Stacked memory components per run, as fractions of the family baseline's total."""
+    from .report import _new_figure
+
+    frame = frame.reset_index(drop=True)
+    figure = _new_figure(11.0, 1.4 + 0.36 * max(len(frame), 1))
+    ax = figure.subplots()
+    y = np.arange(len(frame))
+    left = np.zeros(len(frame))
+    colours = dict(zip(COMPONENTS.values(), ("#4c72b0", "#dd8452", "#55a868", "#c44e52")))
+    for label in COMPONENTS.values():
+        values = frame[f"{label} / baseline memory"].to_numpy(float)
+        values = np.nan_to_num(values)
+        ax.barh(y, values, left=left, color=colours[label], label=label)
+        left += values
+    ax.axvline(1.0, color="black", linewidth=0.8, linestyle="--")
+    ax.set_yticks(y, [f"{_label(r)}" for _, r in frame.iterrows()], fontsize="small")
+    ax.invert_yaxis()
+    ax.set_xlabel("exact memory / the family baseline's total (params + grads + optimizer + activations)")
+    ax.set_title("Memory by component, normalised to each family's baseline")
+    ax.legend(fontsize="small", loc="lower right")
+    return figure
+
+
+def plot_loss_vs_knob(frame: pd.DataFrame, family: str, *, log_x: bool = False):
+    """Loss at the family's budget vs its knob, one line per technique; the baseline as a
+    horizontal line (and, for sparsity, the point at 0)."""
+    from .report import _new_figure
+
+    knob = KNOBS[family][0]
+    rows = frame[frame["family"] == family]
+    figure = _new_figure(7.0, 4.2)
+    ax = figure.subplots()
+    base = rows[rows["technique"] == "baseline"]
+    for technique, group in rows[rows["technique"] != "baseline"].groupby("technique", sort=True):
+        group = group[pd.to_numeric(group["knob_value"], errors="coerce").notna()]
+        if group.empty:
+            continue
+        x = pd.to_numeric(group["knob_value"]).to_numpy(float)
+        y = group["final_val_loss"].to_numpy(float)
+        order = np.argsort(x)
+        ax.plot(x[order], y[order], marker="o", label=technique)
+    if not base.empty:
+        loss = float(base["final_val_loss"].iloc[0])
+        ax.axhline(loss, color="black", linestyle="--", linewidth=0.9, label="baseline (dense, full rank)")
+        if knob == "sparsity":
+            ax.plot([0.0], [loss], marker="s", color="black")
+    if log_x:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(knob)
+    ax.set_ylabel("validation loss at the budget (nats/token)")
+    ax.set_title(f"{family}: loss vs {knob} at the same model-FLOP budget")
+    ax.legend(fontsize="small")
+    return figure
+
+
+# --------------------------------------------------------------------------- summary.md
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return ""
+    cols = ["family", "techniques", "knob", "knob_value", "loss_delta", "speed_ratio", "speed_lo", "speed_hi",
+            *[f"{label} / baseline" for label in COMPONENTS.values()], "counted flops / baseline"]
+    table = frame[[c for c in cols if c in frame]]
+    return "\n".join([
+        "", "## Compression techniques", "",
+        "Each technique against the baseline of its own family, at the same model-FLOP budget: loss gap "
+        "(nats/token), speed ratio (baseline time per token ÷ the technique's, interleaved rounds with a 95% "
+        "interval; blank where not timed), and each memory component ÷ the baseline's.", "",
+        table.to_markdown(index=False, floatfmt=".4g"), ""])
+
+
+def write_compression(runs: pd.DataFrame, interleaved: Sequence[dict], storage: Sequence[dict],
+                      out_dir: Path) -> tuple[list[Path], str]:
+    """Write the section's files; returns the written paths and the summary.md section."""
+    from .report import _write_figure
+
+    out_dir, written = Path(out_dir), []
+    frame = compression_frame(runs, interleaved)
+    section = markdown(frame)
+    if not frame.empty:
+        written.append(write_text(out_dir / "compression.csv", frame.to_csv(index=False)))
+        written.append(_write_figure(out_dir / "compression_memory.png", plot_memory(frame)))
+        for family, name, log_x in (("pruning", "compression_loss_vs_sparsity.png", False),
+                                    ("lowrank", "compression_loss_vs_rank.png", True)):
+            rows = frame[(frame["family"] == family) & (frame["technique"] != "baseline")]
+            if pd.to_numeric(rows["knob_value"], errors="coerce").notna().any():
+                written.append(_write_figure(out_dir / name, plot_loss_vs_knob(frame, family, log_x=log_x)))
+    for record in storage[:1]:
+        from .measure.sparse_storage import plot_sparse_crossover, storage_markdown
+
+        written.append(_write_figure(out_dir / "compression_sparse_crossover.png", plot_sparse_crossover(record)))
+        section += storage_markdown(record)
+    return written, section

@@ -1,0 +1,73 @@
+"""The compression section of the report and site: every run against its family's baseline,
+its knob read from what the technique measured, and the curves written."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from impls import report, report_compression as rc, site
+
+from test_report import HASH_A, make_record
+
+
+def _run(root, family, name, techniques=(), notes=None, scale=1.0, optimizer_mib=4):
+    record = make_record(f"nano/{name}", HASH_A, techniques=tuple(techniques), scale=scale)
+    record["memory"]["optimizer_bytes"] = optimizer_mib * report.MIB
+    if notes:
+        record["technique_notes"] = notes
+    path = root / family / f"{family}-{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+
+
+@pytest.fixture
+def runs_dir(tmp_path):
+    root = tmp_path / "runs"
+    _run(root, "pruning", "baseline")
+    for sparsity, scale in ((0.5, 1.02), (0.9, 1.2)):
+        _run(root, "pruning", f"prune-{sparsity}", [f"prune:sparsity={sparsity}"],
+             notes={"prune": {"achieved_sparsity": sparsity}}, scale=scale)
+    _run(root, "lowrank", "baseline")
+    for rank, scale in ((4, 1.3), (16, 1.1)):
+        _run(root, "lowrank", f"lora-{rank}", [f"lora:rank={rank}"], notes={"lora": {"rank": rank}},
+             scale=scale, optimizer_mib=1)
+    # not a compression family: never in the section
+    _run(root, "technique", "baseline")
+    _run(root, "technique", "bf16", ["bf16"], scale=1.01)
+    return root
+
+
+def test_frame_is_relative_to_each_family_baseline(runs_dir):
+    loaded = report.load_all([runs_dir])
+    frame = rc.compression_frame(loaded.runs, loaded.interleaved)
+    assert set(frame["family"]) == {"pruning", "lowrank"}
+    row = frame[frame["techniques"] == "prune:sparsity=0.9"].iloc[0]
+    assert row["knob"] == "sparsity" and row["knob_value"] == 0.9
+    assert row["loss_delta"] == pytest.approx(2.5 * 1.2 - 2.5)
+    lora = frame[frame["techniques"] == "lora:rank=4"].iloc[0]
+    assert lora["optimizer state / baseline"] == pytest.approx(1 / 4)
+    assert lora["params / baseline"] == pytest.approx(1.0)
+    base = frame[(frame["family"] == "lowrank") & (frame["technique"] == "baseline")].iloc[0]
+    assert pd.isna(base["knob_value"]) and base["loss_delta"] == 0
+
+
+def test_report_and_site_show_the_curves_and_table(runs_dir, tmp_path):
+    out = tmp_path / "plots"
+    written = {p.name for p in report.write_report([runs_dir], out)}
+    assert {"compression.csv", "compression_memory.png", "compression_loss_vs_sparsity.png",
+            "compression_loss_vs_rank.png"} <= written
+    assert "## Compression techniques" in (out / "summary.md").read_text()
+    loaded = report.load_all([runs_dir])
+    html = site.compression_section(loaded, written, "plots/x")
+    assert 'id="compression"' in html and "prune:sparsity=0.5" in html and "lora:rank=16" in html
+    assert "compression_loss_vs_rank.png" in html and "bf16" not in html
+
+
+def test_figures_render(runs_dir, tmp_path):
+    loaded = report.load_all([runs_dir])
+    frame = rc.compression_frame(loaded.runs)
+    for figure in (rc.plot_memory(frame), rc.plot_loss_vs_knob(frame, "pruning"),
+                   rc.plot_loss_vs_knob(frame, "lowrank", log_x=True)):
+        figure.savefig(tmp_path / "x.png")
