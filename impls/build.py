@@ -114,6 +114,9 @@ class Build:
     # The whole model on ``meta`` (no storage) when ``model_parts`` are pipeline stages: its
     # parameter count and model FLOPs are the run's, whichever stage this rank holds.
     full_model: nn.Module | None = None
+    # The run's optimizer steps, once the budget has fixed them (set by ``train.measure_step``):
+    # hooks acting at a fraction of training (pruning schedules) read it; None before that.
+    total_steps: int | None = None
     materialized: bool = False
     _pending: list[Callable[[], None]] = field(default_factory=list, repr=False)
 

@@ -232,6 +232,7 @@ def measure_step(session: Session) -> StepMeasure:
             raise RecipeError(f"flops_budget {r.flops_budget:.3g} is smaller than one step "
                               f"({per_step:.3g} {r.budget_flops} FLOPs)")
     engine.total_steps = total_steps
+    session.build.total_steps = total_steps  # for hooks acting at a fraction of training
     # The MFU denominator, probed (if not cached) before training and by rank 0 alone while the
     # other ranks wait, so concurrent ranks never disturb the probe; they then read its cache.
     peak_dtype = plan.autocast_dtype or torch.float32
