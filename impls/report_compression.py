@@ -34,7 +34,7 @@ from .files import write_text
 FAMILIES = ("pruning", "quant", "lowrank", "actmem", "sparse")
 #: family -> the knob its curves are drawn over, and the note/option keys that hold it (first found wins)
 KNOBS = {
-    "pruning": ("sparsity", ("achieved_sparsity", "sparsity", "target_sparsity")),
+    "pruning": ("sparsity", ("overall_sparsity", "achieved_sparsity", "sparsity", "target_sparsity")),
     "lowrank": ("rank", ("rank",)),
     "quant": ("bits", ("weight_bits", "bits")),
     "actmem": ("dtype", ("dtype",)),
