@@ -162,8 +162,9 @@ def test_lora_model_flops_are_counted_and_near_4n_base_plus_6n_adapter():
     adapters = L * sum(r * (m + n) for m, n in SHAPES.values())
     analytic = lora.analytic_flops_per_token(session.model, adapters, SMALL["seq_len"])["per_token"]
     ratio = record["flops_per_step"] / record["tokens_per_step"] / analytic
-    # lower than 1: block 0's qkv input needs no gradient, biases and norms do no matmul
-    assert 0.9 < ratio < 1.0
+    # a few percent off: block 0's qkv input needs no gradient, biases and norms do no matmul
+    # (lower); the counted SDPA backward includes recomputation (higher)
+    assert 0.9 < ratio < 1.05
     dense = train.run(recipe())
     assert record["flops_per_step"] < dense["flops_per_step"]  # no weight gradients for the base
 

@@ -31,9 +31,10 @@ gradients only for the adapters (2N_adapter): with N_total = N_base + N_adapter,
 (work that never runs: the frozen weight gradients) nor 6N_trainable (it ignores the forward and backward through the frozen base) is the
 model's work, so the record's model FLOPs (MFU's numerator and the budget's unit) are the
 *counted* FLOPs of a step (``plan.dense_compute = False``); the notes give the analytic
-4N_base + 6N_adapter + 12LHQT per token beside them.  The counted figure is a little lower: the
-first block's ``qkv`` input needs no gradient (embedding and norm are frozen), and biases and
-norms do no matmul.  The record's ZeRO model-state check (``model_states``) counts Ψ =
+4N_base + 6N_adapter + 12LHQT per token beside them.  The two differ by a few percent either
+way: the first block's ``qkv`` input needs no gradient (embedding and norm are frozen) and biases
+and norms do no matmul (lower), while the counted SDPA backward includes the fused kernel's
+recomputation (higher, growing with T) — the same differences the dense 6N has.  The record's ZeRO model-state check (``model_states``) counts Ψ =
 trainable parameters, so the frozen base's bytes show as parameters beyond its formula.
 """
 from __future__ import annotations
