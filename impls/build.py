@@ -23,7 +23,8 @@ changes the build instead of returning a patched model.  The build holds
   rank's share of a sharded optimizer's state).
 
 Initialisation (torchtitan's meta-device flow): the model is constructed on ``meta``; the build
-materialises it (``to_empty`` + ``init_weights`` from the recipe's seed) right after
+materialises it (``to_empty`` + ``init_weights`` from the recipe's seed, then the trained weights
+of ``--init-from`` if given: :mod:`impls.init_from`) right after
 construction, unless a technique declares ``DEFERS_INIT`` (sharded initialisation: it must see
 the model before any storage exists), in which case after that technique's stage.  Modules a
 technique creates are created on ``meta`` and registered with :meth:`Build.own`; they are
@@ -118,6 +119,11 @@ class Build:
     # hooks acting at a fraction of training (pruning schedules) read it; None before that.
     total_steps: int | None = None
     materialized: bool = False
+    # ``--init-from`` (impls/init_from.py): the trained weights the model starts from, loaded when
+    # it is materialised (before the surgery that may need them), and where they came from (the
+    # record's ``init_from`` block).  None: the seeded random initialisation.
+    initial_state: dict | None = None
+    init_from: dict | None = None
     _pending: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     def __post_init__(self):
@@ -169,7 +175,12 @@ class Build:
             return
         for part in self.model_parts:
             part.to_empty(device=self.device)
-            part.init_weights()
+            part.init_weights()  # also with --init-from: the seed's random stream stays the same
+        if self.initial_state is not None:
+            from .init_from import load
+
+            load(self.model, self.initial_state)
+            self.initial_state = None  # loaded: the model holds the weights now
         self.materialized = True
         pending, self._pending = self._pending, []
         for fn in pending:

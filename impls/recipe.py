@@ -176,6 +176,13 @@ class Recipe:
     mesh: dict = field(default_factory=dict, metadata=_flag(
         "device-mesh sizes other than dp, e.g. tp=2; dp takes the remaining ranks", metavar="DIM=N,...",
         parse=_mesh, write=lambda mesh: [kv.join(mesh)] if mesh else []))
+    # Trained weights to start from (impls/init_from.py): a finished run's training state, or its
+    # record with the state saved beside it.  Loaded right after the model is materialised and
+    # before the techniques' surgery, which may need them (LoRA on a trained base, SVD init).
+    init_from: str | None = field(default=None, metadata=_flag(
+        "start from the weights of a finished run: its training state (etbench run --save-every N "
+        "--checkpoint PATH) or its record (RECORD.json, with the state saved beside it as RECORD.state.pt)",
+        metavar="RECORD_OR_CHECKPOINT"))
 
     @property
     def label(self) -> str:

@@ -29,6 +29,7 @@ import torch
 
 from . import data as data_lib
 from . import dist, engines, optimizers, techniques, training_state, zoo
+from . import init_from as init_from_lib
 from . import recipe as recipe_lib
 from .build import Build
 from .files import clean_stale, write_text
@@ -100,6 +101,7 @@ class Validated:
     plan: techniques.Plan
     dims: ParallelDims
     dataset: data_lib.TokenData
+    source: "init_from_lib.Source | None" = None  # --init-from's weights, read and checked
 
 
 def validate(r: Recipe, world_size: int = 1) -> Validated:
@@ -121,7 +123,15 @@ def validate(r: Recipe, world_size: int = 1) -> Validated:
             raise RecipeError(f"flops_budget {r.flops_budget:.3g} is smaller than one step "
                               f"({one_step:.3g} model FLOPs for {r.model}, batch "
                               f"{r.batch_size}×{plan.accum_steps}×{dims.dp}, seq_len {r.seq_len})")
-    return Validated(specs, plan, dims, dataset)
+    source = None
+    if r.init_from is not None:  # read and checked here: a bad source fails before any work
+        deferring = [s.name for s in specs if s.technique.defers_init]
+        if deferring:
+            raise RecipeError(f"init_from cannot be combined with {', '.join(deferring)}: it materialises the model "
+                              f"only after its own stage, when the whole dense weights no longer fit the modules")
+        source = init_from_lib.read(r.init_from)
+        init_from_lib.check(source, r, meta)
+    return Validated(specs, plan, dims, dataset, source)
 
 
 # --------------------------------------------------------------------------- building a run
@@ -179,6 +189,8 @@ def prepare(recipe: Recipe, ctx: dist.DistContext | None = None) -> Session:
     torch.manual_seed(recipe.seed)
     model = zoo.build(recipe.model, device="meta", **model_overrides(recipe, checked.dataset))
     build = Build(dims=checked.dims, plan=checked.plan, device=ctx.device, model_parts=[model])
+    if checked.source is not None:  # loaded when the model is materialised, before the surgery
+        build.initial_state, build.init_from = checked.source.weights, checked.source.info
     techniques.assemble(build, checked.specs)
     engine = engines.create(build, recipe, total_steps=recipe.steps or 1)
     batches = Batches(checked.dataset, recipe, model.cfg, ctx.device,
@@ -548,6 +560,8 @@ def make_record(session: Session, cost: StepMeasure, curve: list, timing: dict, 
         global_batch=recipe.batch_size * plan.accum_steps * session.dims.dp,
         peak_lr=session.engine.peak_lr,
         technique_notes=session.build.notes_for_record(),
+        # --init-from: the weights the run started from (None: the seeded random initialisation)
+        init_from=session.build.init_from,
         dataset=dict(name=dataset.name, hash=dataset.content_hash, vocab_size=dataset.vocab_size,
                      entropy_floor=dataset.entropy_floor, train_tokens=dataset.tokens("train"),
                      val_tokens=dataset.tokens("val")),

@@ -81,6 +81,25 @@ def engine_state(state: dict, rank: int):
 def load(path: str | os.PathLike, recipe, world_size: int) -> dict:
     """Read (onto the CPU) and check a training state written by :func:`save` for ``recipe``."""
     path = Path(path)
+    state = read(path)
+    mine = dataclasses.asdict(recipe)
+    differing = sorted(k for k in mine if k not in _EXECUTION_ONLY and state["recipe"].get(k) != mine[k])
+    if differing:
+        detail = ", ".join(f"{k}: {state['recipe'].get(k)!r} vs {mine[k]!r}" for k in differing)
+        raise ConfigError(f"checkpoint {path} was written by a different recipe ({detail})")
+    if state["world_size"] != world_size:
+        raise ConfigError(f"checkpoint {path} was written with world_size {state['world_size']}, this run has "
+                          f"{world_size}; resume with --nproc {state['world_size']} (a resumed run must see the "
+                          f"batches and, for sharded engines, the state partition of the run it continues)")
+    return state
+
+
+def read(path: str | os.PathLike) -> dict:
+    """Read (onto the CPU) a training state written by :func:`save`, checking only that it is one
+    (format, SHA-256 of the payload, the payload's keys), whatever recipe wrote it: what
+    ``--init-from`` (:mod:`impls.init_from`) reads a finished run's weights from.  A missing,
+    corrupt or foreign file is a one-line :class:`~impls.errors.ConfigError`."""
+    path = Path(path)
     try:
         outer = torch.load(path, map_location="cpu", weights_only=False)
     except FileNotFoundError:
@@ -105,13 +124,4 @@ def load(path: str | os.PathLike, recipe, world_size: int) -> dict:
         raise ConfigError(f"checkpoint {path} is incomplete: its payload lacks {', '.join(missing)}")
     if not isinstance(state["recipe"], dict):
         raise ConfigError(f"checkpoint {path} is incomplete: its recipe is not a mapping")
-    mine = dataclasses.asdict(recipe)
-    differing = sorted(k for k in mine if k not in _EXECUTION_ONLY and state["recipe"].get(k) != mine[k])
-    if differing:
-        detail = ", ".join(f"{k}: {state['recipe'].get(k)!r} vs {mine[k]!r}" for k in differing)
-        raise ConfigError(f"checkpoint {path} was written by a different recipe ({detail})")
-    if state["world_size"] != world_size:
-        raise ConfigError(f"checkpoint {path} was written with world_size {state['world_size']}, this run has "
-                          f"{world_size}; resume with --nproc {state['world_size']} (a resumed run must see the "
-                          f"batches and, for sharded engines, the state partition of the run it continues)")
     return state

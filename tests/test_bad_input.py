@@ -341,7 +341,7 @@ _OTHER = dict(model="micro", data="synthetic:vocab=32", optimizer="lion", lr=0.5
               schedule="constant", lr_warmup=3, lr_scaling="sqrt", base_batch=16, batch_size=3, seq_len=32,
               techniques=["bf16"], seed=7, steps=5, flops_budget=1e12, budget_flops="counted", eval_every=2,
               eval_batches=9, timing_warmup=5, mlm_rate=0.3, device="cpu", grad_clip=1.0, model_args={"n_layer": 3},
-              mesh={"dp": 1})
+              mesh={"dp": 1}, init_from="base.state.pt")
 
 
 @pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(Recipe)])

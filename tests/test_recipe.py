@@ -43,7 +43,7 @@ def _everything_set(**length) -> Recipe:
                techniques=["mod:capacity=0.25", "attention:kind=local,window=16"], seed=-3, eval_every=5,
                eval_batches=2, timing_warmup=1, mlm_rate=0.1 + 0.05, device="cpu", budget_flops="counted",
                model_args=dict(n_layer=3, bias=False, dropout=0.1 + 0.2, norm="rmsnorm", eps=1e-300),
-               mesh={"dp": 2, "tp": 2}, grad_clip=0.5 + 0.25, **length)
+               mesh={"dp": 2, "tp": 2}, grad_clip=0.5 + 0.25, init_from="runs/base.json", **length)
     default = Recipe()
     assert all(getattr(r, f.name) != getattr(default, f.name) for f in dataclasses.fields(Recipe)
                if f.name not in ("steps", "flops_budget"))
