@@ -435,6 +435,13 @@ def model_states_check(session: Session, measured: dict) -> dict:
     from .measure import model_states
 
     plan = session.plan
+    frozen = sum(int(getattr(p, "ds_numel", p.numel())) for part in session.build.model_parts
+                 for p in part.parameters() if not p.requires_grad)
+    if frozen:
+        return dict(applies=False, reason=f"{frozen} frozen parameters (a LoRA base): the formula's (p+g+K)·Ψ assumes "
+                                          f"every parameter trains; the technique's notes check its own formula")
+    if plan.optimizer_state_formula:
+        return dict(applies=False, reason=plan.optimizer_state_formula)
     try:
         return model_states.check_run(measured, rank_psi(session), session.dims.dp, plan.sharding_stage,
                                       optimizer=session.recipe.optimizer,

@@ -247,3 +247,15 @@ def test_every_lowrank_variant_is_a_valid_recipe(base):
         assert name.startswith(("baseline", "finetune")) or specs
     assert set(bench.LowRankSpeed.params) <= set(bench.VARIANTS)
     assert all(bench.METHOD[v] in (None, "lowrank", "lora", "galore") for v in bench.VARIANTS)
+
+
+def test_zero_formula_is_not_claimed_for_a_frozen_base_or_projected_state():
+    """The ZeRO check's (p+g+K)·Ψ assumes every parameter trains with the optimizer's own state:
+    a LoRA base (frozen) and GaLore (projected moments) say so instead of failing the check."""
+    from impls import train
+
+    for spec in ("lora:rank=4", "galore:rank=4"):
+        session = train.prepare(train.Recipe(model="nano", data="synthetic", steps=1, batch_size=2, seq_len=32,
+                                             techniques=[spec]))
+        block = train.model_states_check(session, dict(params_bytes=1, grads_bytes=1, optimizer_bytes=1))
+        assert block["applies"] is False and block["reason"], spec

@@ -146,6 +146,10 @@ class Plan:
     # from the parameters' (FSDP's bf16 mixed-precision policy gathers bf16).  None: the defaults.
     comm_stage: int | None = None
     comm_param_bytes: float | None = None
+    # Set by a technique whose optimizer state follows its own formula, not the optimizer's K
+    # bytes per parameter (GaLore's projected moments): why the ZeRO model-state check does not
+    # apply; the technique's notes compare the state with its own formula.
+    optimizer_state_formula: str | None = None
 
     @property
     def precision(self) -> str:

@@ -68,6 +68,8 @@ def configure(plan, options):
         raise ConfigError(f"galore:update_proj_gap={options['update_proj_gap']} is invalid; valid: an integer >= 1")
     if not options["scale"] > 0:
         raise ConfigError(f"galore:scale={options['scale']} is invalid; valid: a number > 0")
+    plan.optimizer_state_formula = ("GaLore: projected Adam moments (2·r·n per m×n matrix) plus the m×r projection; "
+                                    "checked against that formula in technique_notes['galore']")
 
 
 def check_recipe(recipe, options):
