@@ -637,9 +637,12 @@ def plot_throughput_memory(runs: pd.DataFrame) -> Figure:
 
 
 def _comparison_key(runs: pd.DataFrame) -> pd.Series:
-    """Runs comparable with one another: same model, data, sequence length, FLOP budget and
-    world size (batch may differ: accumulation keeps the effective batch with smaller ones)."""
-    columns = ["recipe.model", "dataset.hash", "recipe.seq_len", "recipe.flops_budget", "world_size"]
+    """Runs comparable with one another: same model, data, sequence length, FLOP budget, world
+    size and starting weights (batch may differ: accumulation keeps the effective batch with
+    smaller ones).  A run started ``--init-from`` trained weights (LoRA) is compared with full
+    fine-tuning from the same weights, not with training from scratch."""
+    columns = ["recipe.model", "dataset.hash", "recipe.seq_len", "recipe.flops_budget", "world_size",
+               "recipe.init_from"]
     keys = runs.reindex(columns=columns)
     return pd.Series(["|".join(map(str, row)) for row in keys.itertuples(index=False)], index=runs.index)
 

@@ -87,7 +87,7 @@ def _knob(run, family: str, name: str, options: dict):
 def compression_frame(runs: pd.DataFrame, interleaved: Sequence[dict] = ()) -> pd.DataFrame:
     """One row per run of a compression family, relative to that family's baseline (the run with
     no technique in the same comparison group, :func:`impls.report.technique_comparison`)."""
-    from .report import technique_comparison
+    from .report import _comparison_key, technique_comparison
 
     rows = []
     if runs.empty or "family" not in runs:
@@ -100,9 +100,11 @@ def compression_frame(runs: pd.DataFrame, interleaved: Sequence[dict] = ()) -> p
         if comparison.empty:
             continue
         by_run = {run["run"]: run for _, run in group.iterrows()}
-        base = next((r for r in by_run.values() if not _techniques(r)), None)
+        keys = _comparison_key(group)
+        bases = {keys[i]: run for i, run in group.iterrows() if not _techniques(run)}
         for _, row in comparison.iterrows():
             run = by_run[row["run"]]
+            base = bases.get(keys[group.index[group["run"] == row["run"]][0]])
             name, options = _main_technique(run)
             out = dict(family=family, run=row["run"], technique=name,
                        techniques="+".join(_techniques(run)) or "baseline",

@@ -12,8 +12,9 @@ from impls import report, report_compression as rc, site
 from test_report import HASH_A, make_record
 
 
-def _run(root, family, name, techniques=(), notes=None, scale=1.0, optimizer_mib=4):
+def _run(root, family, name, techniques=(), notes=None, scale=1.0, optimizer_mib=4, init_from=None):
     record = make_record(f"nano/{name}", HASH_A, techniques=tuple(techniques), scale=scale)
+    record["recipe"]["init_from"] = init_from
     record["memory"]["optimizer_bytes"] = optimizer_mib * report.MIB
     if notes:
         record["technique_notes"] = notes
@@ -30,9 +31,11 @@ def runs_dir(tmp_path):
         _run(root, "pruning", f"prune-{sparsity}", [f"prune:sparsity={sparsity}"],
              notes={"prune": {"achieved_sparsity": sparsity}}, scale=scale)
     _run(root, "lowrank", "baseline")
-    for rank, scale in ((4, 1.3), (16, 1.1)):
+    # LoRA fine-tunes the baseline's weights: its reference is full fine-tuning from them
+    _run(root, "lowrank", "finetune", init_from="base.json", scale=0.8)
+    for rank, scale in ((4, 0.9), (16, 0.85)):
         _run(root, "lowrank", f"lora-{rank}", [f"lora:rank={rank}"], notes={"lora": {"rank": rank}},
-             scale=scale, optimizer_mib=1)
+             scale=scale, optimizer_mib=1, init_from="base.json")
     # not a compression family: never in the section
     _run(root, "technique", "baseline")
     _run(root, "technique", "bf16", ["bf16"], scale=1.01)
@@ -49,8 +52,9 @@ def test_frame_is_relative_to_each_family_baseline(runs_dir):
     lora = frame[frame["techniques"] == "lora:rank=4"].iloc[0]
     assert lora["optimizer state / baseline"] == pytest.approx(1 / 4)
     assert lora["params / baseline"] == pytest.approx(1.0)
-    base = frame[(frame["family"] == "lowrank") & (frame["technique"] == "baseline")].iloc[0]
-    assert pd.isna(base["knob_value"]) and base["loss_delta"] == 0
+    assert lora["loss_delta"] == pytest.approx(2.5 * 0.9 - 2.5 * 0.8)  # vs fine-tuning, not from scratch
+    finetune = frame[(frame["family"] == "lowrank") & (frame["technique"] == "baseline")].iloc[0]
+    assert finetune["run"] == "nano/finetune" and finetune["loss_delta"] == 0 and pd.isna(finetune["knob_value"])
 
 
 def test_report_and_site_show_the_curves_and_table(runs_dir, tmp_path):
