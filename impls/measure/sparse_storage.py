@@ -164,13 +164,16 @@ def measure_bytes(m: int, n: int, densities: list[float], block: int = 16, seed:
             measured = interpolated_crossing(densities, [b / dense_bytes for b in rows[fmt]], 1.0)
             formula = analytic_crossover(fmt, m, n, block)
             built = interpolated_crossing(densities, [b / dense_bytes for b in as_built[fmt]], 1.0)
-            crossover[fmt] = dict(measured=measured, measured_as_built=built, analytic=formula if (fmt != "bsr" or pattern == "block") else None,
+            ratios = [b / dense_bytes for b in rows[fmt]]
+            outside = None if measured is not None else ("below the grid" if ratios[0] >= 1 else "above the grid")
+            crossover[fmt] = dict(measured=measured, outside_grid=outside, measured_as_built=built, analytic=formula if (fmt != "bsr" or pattern == "block") else None,
                                   measured_over_analytic=(measured / formula) if measured and
                                   (fmt != "bsr" or pattern == "block") else None)
         out["patterns"][pattern] = dict(
             nnz=nnz_list, nonzero_blocks=block_list, bytes=rows, bytes_as_built=as_built, analytic_bytes=analytic,
             ratio_to_dense={fmt: [b / dense_bytes for b in rows[fmt]] for fmt in FORMATS},
-            measured_over_analytic={fmt: [b / a for b, a in zip(rows[fmt], analytic[fmt])] for fmt in FORMATS},
+            measured_over_analytic={fmt: [b / a if a else None for b, a in zip(rows[fmt], analytic[fmt])]
+                                    for fmt in FORMATS},
             crossover=crossover)
     return out
 
