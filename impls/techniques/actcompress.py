@@ -246,9 +246,14 @@ class Compressor:
         if not isinstance(packed, Packed):
             return packed
         if len(packed) == 1:
-            return packed[0].to(packed.dtype)
-        data, scale = packed
-        return (data.float() * scale).to(packed.dtype)
+            values = packed[0].to(packed.dtype)
+        else:
+            data, scale = packed
+            values = (data.float() * scale).to(packed.dtype)
+        if values.stride() != packed.stride:  # a slice's strides (compiled backwards check them)
+            out = torch.empty_strided(values.shape, packed.stride, dtype=values.dtype, device=values.device)
+            values = out.copy_(values)
+        return values
 
 
 def apply(build, options):
