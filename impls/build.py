@@ -15,6 +15,9 @@ changes the build instead of returning a patched model.  The build holds
 * ``optimizer_wrappers``: functions ``(optimizer, build) -> optimizer`` (sharded optimizers);
 * ``hooks``: ``on_batch(x, y, step) -> (x, y)``, ``before_step(step)`` (after backward, before the
   update) and ``after_step(step)``, for techniques acting on data or on a schedule;
+* ``saved_tensors_hooks``: one ``(pack, unpack)`` pair through which the engine stores the tensors
+  autograd saves for backward (compressed or offloaded activations); the activation meter
+  measures what ``pack`` returns, i.e. what is really stored;
 * ``engine``: the name of the engine that executes it (:mod:`impls.engines`);
 * what a data-parallel technique tells the engine: ``no_sync`` (the context under which backward
   communicates no gradients: every micro-batch of a step but the last runs in it),
@@ -98,6 +101,10 @@ class Build:
     # (e.g. the routing statistics of the last evaluation forward).
     describers: list[tuple[str, Callable[[], dict]]] = field(default_factory=list)
     engine: str = "torch"
+    # (pack, unpack) of torch.autograd.graph.saved_tensors_hooks, set by one technique with
+    # set_saved_tensors_hooks: the torch engine runs forward under them, and its activation meter
+    # composes with them (saved_tensors_hooks do not nest: only the innermost pair runs).
+    saved_tensors_hooks: tuple[Callable, Callable] | None = None
     # Set by data-parallel techniques (wrap/optimizer stages), read by the engine.  ``no_sync()``:
     # a context under which backward accumulates gradients locally with no communication (DDP's and
     # ShardedDDP's ``no_sync``, FSDP2's ``set_requires_gradient_sync(False)``); None: the wrap
@@ -112,6 +119,9 @@ class Build:
     # Saved-activation bytes of each Transformer block for one micro-batch (set by the engine's
     # activation measurement; per-layer formulas are checked against it).
     layer_activation_bytes: list[int] | None = None
+    # The same micro-batch's saved bytes by the device they live on ("cpu", "cuda"): offloaded
+    # activations live in host memory.
+    activation_bytes_by_device: dict[str, int] | None = None
     # The whole model on ``meta`` (no storage) when ``model_parts`` are pipeline stages: its
     # parameter count and model FLOPs are the run's, whichever stage this rank holds.
     full_model: nn.Module | None = None
@@ -207,6 +217,14 @@ class Build:
         if kind not in HOOKS:
             raise ValueError(f"unknown hook {kind!r}; valid: {', '.join(HOOKS)}")
         self.hooks[kind].append(fn)
+
+    def set_saved_tensors_hooks(self, pack: Callable, unpack: Callable) -> None:
+        """Store what autograd saves for backward through ``pack`` (tensor -> anything) and get
+        it back through ``unpack``.  One pair per build: hooks do not nest (torch runs only the
+        innermost pair), so two techniques transforming saved tensors cannot both apply."""
+        if self.saved_tensors_hooks is not None:
+            raise ValueError("saved-tensor hooks set twice: only one technique may transform saved activations")
+        self.saved_tensors_hooks = (pack, unpack)
 
     def wrap_optimizer(self, fn: Callable) -> None:
         self.optimizer_wrappers.append(fn)

@@ -80,6 +80,12 @@ class TorchEngine:
         dtype = self.plan.autocast_dtype
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
+    def saved_tensors_hooks(self):
+        """The build's saved-tensor hooks (compressed or offloaded activations) around a training
+        forward, or nothing."""
+        hooks = self.build.saved_tensors_hooks
+        return torch.autograd.graph.saved_tensors_hooks(*hooks) if hooks else contextlib.nullcontext()
+
     def loss_sum(self, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Σ token cross-entropy of the micro-batch plus, for each loss term of the build,
         weight × term × the micro-batch's target tokens (terms are per-token means, so after the
@@ -120,7 +126,7 @@ class TorchEngine:
             # their backward hooks fire (DDP already at forward).
             sync = i == len(chunks) - 1 or no_sync is None
             with contextlib.nullcontext() if sync else no_sync():
-                with self.autocast():
+                with self.autocast(), self.saved_tensors_hooks():
                     logits = self.train_module(xm)
                     loss = self.loss_sum(xm, ym, logits) / n_targets
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -213,13 +219,16 @@ class TorchEngine:
             module.unshard()
         try:
             blocks = list(getattr(self.module, "blocks", ()))
-            with SavedActivations(self.module.parameters(), by_module=blocks) as saved, self.autocast():
+            # The meter composes with the build's hooks (it measures what their pack stores).
+            with SavedActivations(self.module.parameters(), by_module=blocks,
+                                  transform=self.build.saved_tensors_hooks) as saved, self.autocast():
                 self.loss_sum(x, y, self.module(x))
         finally:
             for module in fsdp:
                 module.reshard()
         # each block's own saved bytes: what per-layer formulas (Korthikanti et al. 2022) describe
         self.build.layer_activation_bytes = saved.per_module
+        self.build.activation_bytes_by_device = dict(saved.bytes_by_device)
         return saved.bytes
 
     def state_bytes(self) -> dict[str, int]:

@@ -31,6 +31,10 @@ def tensor_bytes(tensors: Iterable[torch.Tensor], exclude: set | None = None) ->
     seen, total = set(exclude or ()), 0
     for t in tensors:
         t = _local(t)
+        if t.layout != torch.strided:  # sparse (a sparse embedding's gradient): its component tensors
+            total += tensor_bytes(sparse_components(t), exclude=seen)
+            seen.update(storage_key(c) for c in sparse_components(t))
+            continue
         if t.device.type == "meta":  # no storage to deduplicate: count the nominal size
             total += t.numel() * t.element_size()
             continue
@@ -39,6 +43,18 @@ def tensor_bytes(tensors: Iterable[torch.Tensor], exclude: set | None = None) ->
             seen.add(key)
             total += key[1]
     return total
+
+
+def sparse_components(t: torch.Tensor) -> list[torch.Tensor]:
+    """The strided tensors a sparse tensor stores: COO indices + values, CSR/BSR crow/col
+    indices + values (CSC/BSC: ccol/row indices + values)."""
+    if t.layout == torch.sparse_coo:
+        return [t._indices(), t._values()]
+    if t.layout in (torch.sparse_csr, torch.sparse_bsr):
+        return [t.crow_indices(), t.col_indices(), t.values()]
+    if t.layout in (torch.sparse_csc, torch.sparse_bsc):
+        return [t.ccol_indices(), t.row_indices(), t.values()]
+    raise TypeError(f"no storage accounting for layout {t.layout}")
 
 
 def tensors_in(obj) -> Iterable[torch.Tensor]:
@@ -90,6 +106,12 @@ class SavedActivations:
     ...     loss = model(x, y)[1]
     >>> saved.bytes
 
+    ``transform``: the ``(pack, unpack)`` saved-tensor hooks the run stores activations through
+    (compression, offload; :attr:`impls.build.Build.saved_tensors_hooks`).  torch runs only the
+    innermost pair of nested hooks, so the meter composes with them itself: it calls ``pack`` and
+    counts the tensors of what ``pack`` returned (each storage once), i.e. the bytes really
+    stored; ``bytes_by_device`` splits them by the device they live on.
+
     ``by_module``: modules (the Transformer blocks, say) whose forwards' saved bytes are also
     kept apart, in ``per_module`` (same order): each module's own count, deduplicated within
     that module's forward (a block's input is saved by that block's first layer norm and counts
@@ -97,8 +119,11 @@ class SavedActivations:
     describes.
     """
 
-    def __init__(self, params: Iterable[torch.Tensor] = (), by_module: Iterable[torch.nn.Module] = ()):
+    def __init__(self, params: Iterable[torch.Tensor] = (), by_module: Iterable[torch.nn.Module] = (),
+                 transform: tuple | None = None):
         self._exclude = param_storages(params)
+        self._transform = transform
+        self.bytes_by_device: dict[str, int] = {}
         self._seen: set = set()
         self.bytes = 0
         self._modules = list(by_module)
@@ -106,24 +131,31 @@ class SavedActivations:
         self._module_seen: list[set] = [set() for _ in self._modules]
         self._active: list[int] = []
         self._handles: list = []
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        unpack = transform[1] if transform else (lambda t: t)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, unpack)
 
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+    def _pack(self, t: torch.Tensor):
+        stored = self._transform[0](t) if self._transform else t
+        for tensor in tensors_in(stored):
+            self._count(tensor)
+        return stored
+
+    def _count(self, t: torch.Tensor) -> None:
         if t.device.type == "meta":
             self.bytes += t.numel() * t.element_size()
             for i in self._active[-1:]:
                 self.per_module[i] += t.numel() * t.element_size()
-            return t
+            return
         key = storage_key(t)
         if not _is_live_param(self._exclude, key):
             if key not in self._seen:
                 self._seen.add(key)
                 self.bytes += key[1]
+                self.bytes_by_device[t.device.type] = self.bytes_by_device.get(t.device.type, 0) + key[1]
             for i in self._active[-1:]:
                 if key not in self._module_seen[i]:
                     self._module_seen[i].add(key)
                     self.per_module[i] += key[1]
-        return t
 
     def __enter__(self):
         def enter(i):
