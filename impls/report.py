@@ -345,7 +345,7 @@ def load_all(paths: Sequence[Path]) -> Loaded:
                 comm.append({**document, "source": str(path), "family": Path(path).parent.name})
                 continue
             if isinstance(document, dict) and document.get("kind") == STORAGE_KIND:
-                from .measure.sparse_storage import validate_storage
+                from .report_compression import validate_storage
 
                 validate_storage(document)
                 storage.append({**document, "source": str(path), "family": Path(path).parent.name})

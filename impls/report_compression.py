@@ -186,6 +186,51 @@ def plot_loss_vs_knob(frame: pd.DataFrame, family: str, *, log_x: bool = False):
     return figure
 
 
+# --------------------------------------------------------------------------- sparse storage
+
+
+def validate_storage(record: dict) -> None:
+    """A ``sparse_storage`` record (:mod:`impls.measure.sparse_storage`) has what the plot and the
+    table read; else :class:`impls.report.RecordError` naming the missing part."""
+    from .report import RecordError
+
+    try:
+        densities = record["densities"]
+        patterns = record["bytes"]["patterns"]
+        for pattern in patterns.values():
+            for fmt, ratios in pattern["ratio_to_dense"].items():
+                if len(ratios) != len(densities):
+                    raise RecordError(f"bytes.{fmt}: {len(ratios)} values for {len(densities)} densities")
+        speed = record["speed"]
+        for fmt, stats in speed["time_ratio"].items():
+            if len(stats) != len(speed["densities"]) or any("value" not in s for s in stats):
+                raise RecordError(f"speed.time_ratio.{fmt} does not cover the speed densities")
+        record["matrix"]["shape"]
+    except (KeyError, TypeError) as exc:
+        raise RecordError(f"sparse_storage record lacks {exc}") from None
+
+
+def storage_markdown(record: dict) -> str:
+    """The crossover densities: measured vs analytic bytes, and matmul speed."""
+    m, n = record["matrix"]["shape"]
+    lines = ["", f"### Sparse storage ({record['matrix']['model']} {record['matrix']['weight']}, {m}×{n}, fp32 values)",
+             "", "| pattern | format | bytes crossover (measured) | as torch builds it | analytic | measured ÷ analytic |",
+             "|---|---|---|---|---|---|"]
+
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.4g}"
+
+    for pattern, data in record["bytes"]["patterns"].items():
+        for name, c in data["crossover"].items():
+            lines.append(f"| {pattern} | {name.upper()} | {fmt(c.get('measured'))} | {fmt(c.get('measured_as_built'))} "
+                         f"| {fmt(c.get('analytic'))} | {fmt(c.get('measured_over_analytic'))} |")
+    speed = record["speed"]
+    lines += ["", f"Sparse×dense matmul is faster than dense below density (time ratio crosses 1; "
+                  f"{speed['pattern']} pattern, {speed['tokens']} columns): "
+              + ", ".join(f"{name.upper()} {fmt(v)}" for name, v in speed["crossover"].items()), ""]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- summary.md
 
 
@@ -220,7 +265,7 @@ def write_compression(runs: pd.DataFrame, interleaved: Sequence[dict], storage: 
             if pd.to_numeric(rows["knob_value"], errors="coerce").notna().any():
                 written.append(_write_figure(out_dir / name, plot_loss_vs_knob(frame, family, log_x=log_x)))
     for record in storage[:1]:
-        from .measure.sparse_storage import plot_sparse_crossover, storage_markdown
+        from .measure.sparse_storage import plot_sparse_crossover
 
         written.append(_write_figure(out_dir / "compression_sparse_crossover.png", plot_sparse_crossover(record)))
         section += storage_markdown(record)

@@ -75,3 +75,25 @@ def test_figures_render(runs_dir, tmp_path):
     for figure in (rc.plot_memory(frame), rc.plot_loss_vs_knob(frame, "pruning"),
                    rc.plot_loss_vs_knob(frame, "lowrank", log_x=True)):
         figure.savefig(tmp_path / "x.png")
+
+
+def test_sparse_storage_record_is_routed_plotted_and_tabled(tmp_path):
+    from impls.measure import sparse_storage as ss
+
+    record = ss.measure("nano", densities=[0.05, 0.5, 1.0], speed_densities=[0.05, 0.5], tokens=16, rounds=3)
+    runs = tmp_path / "runs"
+    ss.write(record, runs / "sparse" / "sparse-storage.json")
+    loaded = report.load_all([runs])
+    assert len(loaded.storage) == 1 and loaded.runs.empty and not loaded.interleaved
+    out = tmp_path / "plots"
+    written = {p.name for p in report.write_report([runs], out)}
+    assert "compression_sparse_crossover.png" in written
+    summary = (out / "summary.md").read_text()
+    assert "### Sparse storage" in summary and "| unstructured | CSR |" in summary
+    html = site.compression_section(loaded, written, "plots/x")
+    assert "compression_sparse_crossover.png" in html
+    broken = json.loads((runs / "sparse" / "sparse-storage.json").read_text())
+    del broken["speed"]
+    (runs / "sparse" / "sparse-storage.json").write_text(json.dumps(broken))
+    with pytest.warns(report.RecordWarning, match="sparse_storage record lacks 'speed'"):
+        assert not report.load_all([runs]).storage
