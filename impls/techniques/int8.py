@@ -62,6 +62,8 @@ CONFLICTS = {
     "fuse": "fuse:mode=jit calls the MLP's up weight with F.linear directly, bypassing the int8 Linear, and "
             "fuse:mode=compile is not verified with torchao's int8 function here",
     "tp": "tensor-parallel DTensor weights are not quantised by torchao's int8 function",
+    "fp16": "torchao's int8 GEMM path multiplies the int32 accumulator by fp16 scales, which overflows fp16 "
+            "(max 65504): the loss is inf from the first step",
 }
 
 #: The devices whose int8 GEMM this technique can run: torch._int_mm (CPU, CUDA) or torchao's
