@@ -249,9 +249,26 @@ def test_fp8_is_refused_on_cpu_before_any_work(tmp_path, capsys):
                        "--out", str(out)])
     err = capsys.readouterr().err
     assert status == 2
-    assert "fp8" in err and "compute capability >= 8.9" in err and "'cpu'" in err
+    assert "fp8" in err and "compute capability >= 8.9" in err and "'cpu'" in err and "fp32 mm" in err
     assert len(err.strip().splitlines()) == 1
     assert not out.parent.exists()
+
+
+def test_cpu_scaled_mm_is_an_fp32_reference_path():
+    """The refusal's reason, measured: torch's CPU ``_scaled_mm`` upcasts the float8 operands and
+    runs an fp32 ``mm`` (if torch gains a real CPU float8 GEMM this fails, and fp8 may run here)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(32, 64, generator=g).to(torch.float8_e4m3fn)
+    b = torch.randn(48, 64, generator=g).to(torch.float8_e4m3fn).t()
+    one = torch.tensor(1.0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.float32)
+    top = next(e for e in prof.events() if e.name == "aten::_scaled_mm")
+    children = [c.name for c in top.cpu_children]
+    assert "aten::to" in children and "aten::matmul" in children
+    torch.testing.assert_close(out, a.float() @ b.float(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("specs,fragment", [

@@ -17,8 +17,12 @@ torchao's recipe:
 * ``rowwise_with_gw_hp``: row-wise, with the grad-weight GEMM kept in high precision.
 
 The fp8 GEMMs need tensor cores with float8 support, CUDA compute capability >= 8.9 (Ada, Hopper:
-``torch._scaled_mm``); a CPU or an older GPU has no such kernel, so the run is refused at
-validation (``plan.device_type``, then the GPU's capability) before any work, not emulated.
+``torch._scaled_mm``).  torch 2.13 does accept ``_scaled_mm`` on a CPU, but there it is a
+reference path: it converts both float8 operands to fp32, multiplies them by their scales and runs
+an fp32 ``mm`` (``tests/test_quant.py`` profiles it) — fp8 numerics on an fp32 GEMM, which would
+report fp8 speed and FLOP/s that no float8 kernel produced.  So a CPU (or any non-CUDA device, or
+a GPU below 8.9) is refused at validation (``plan.device_type``, then the GPU's capability)
+before any work, with that reason.
 torchao also requires both dimensions of each converted Linear to be multiples of 16 (the fp8
 GEMM's layout rule), checked from the model config.  Counted FLOPs include ``aten._scaled_mm``
 (torch's FLOP counter has its formula, 2·m·n·k); model FLOPs stay the dense 6N formula.
@@ -48,10 +52,12 @@ MIN_CAPABILITY = (8, 9)
 
 def configure(plan, options):
     device = plan.device_type
+    need = f"float8 GEMMs need a CUDA GPU of compute capability >= {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} (Ada/Hopper)"
+    if device == "cpu":
+        raise ConfigError(f"fp8: {need}; on this run's device 'cpu' torch's _scaled_mm is a reference path that "
+                          f"converts the float8 operands to fp32 and runs an fp32 mm (no float8 GEMM)")
     if device is not None and device != "cuda":
-        raise ConfigError(f"fp8: float8 GEMMs (torch._scaled_mm) need a CUDA GPU of compute capability >= "
-                          f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} (Ada/Hopper); this run's device is {device!r}, "
-                          f"which has no float8 matmul kernel")
+        raise ConfigError(f"fp8: {need}; this run's device is {device!r}")
     if device == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("fp8: device cuda requested but torch sees no CUDA GPU")
@@ -83,17 +89,21 @@ def _is_block_linear(module: nn.Module, fqn: str) -> bool:
 
 
 def probe(module: nn.Module, rows: int = 64) -> dict:
-    """One forward + backward of a copy of a converted Linear, counting the matmul ops that run:
-    the measured fact that its GEMMs are float8 (``aten._scaled_mm``)."""
-    from .int8 import MATMUL_OPS, OpCounter
+    """One forward + backward of a copy of a converted Linear under the torch profiler, counting
+    the matmul ops that ran: the measured fact that its GEMMs are float8 (``aten::_scaled_mm``).
+    The profiler, not a dispatch mode, because torchao's float8 tensors issue ``_scaled_mm`` from
+    inside their own ``__torch_dispatch__``, below where a mode sees ``aten.mm``."""
+    from torch.profiler import ProfilerActivity, profile
 
     layer = copy.deepcopy(module)
     x = torch.randn(rows, layer.in_features, device=layer.weight.device, dtype=layer.weight.dtype,
                     requires_grad=True)
-    with OpCounter() as ops:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
         layer(x).sum().backward()
-    ops_run = {k: ops.counts[k] for k in (*MATMUL_OPS, "aten._scaled_mm") if ops.counts[k]}
-    return dict(rows=rows, in_features=layer.in_features, out_features=layer.out_features, matmul_ops=ops_run)
+    names = ("aten::_scaled_mm", "aten::mm", "aten::addmm", "aten::_int_mm")
+    counts = {e.key: e.count for e in prof.key_averages() if e.key in names}
+    return dict(rows=rows, in_features=layer.in_features, out_features=layer.out_features, matmul_ops=counts,
+                fp8_gemms_per_linear_step=counts.get("aten::_scaled_mm", 0))
 
 
 def apply(build, options):
