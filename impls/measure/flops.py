@@ -29,6 +29,35 @@ def _sdpa_cpu_backward_flop(grad_out, query, key, value, *args, out_val=None, **
     return sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
 
 
+# Nor does it register one for the int8 GEMM (int8 × int8 -> int32) that int8 training runs on a
+# CPU: without it those matmuls count as zero FLOPs.  An (m, k) × (k, n) product is m·n·k
+# multiply-adds, 2·m·n·k operations, like the floating-point ``mm`` formula.
+@register_flop_formula(_aten._int_mm)
+def _int_mm_flop(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    m, k = a_shape
+    k2, n = b_shape
+    assert k == k2, (a_shape, b_shape)
+    return 2 * m * n * k
+
+
+def register_scaled_int8_mm() -> bool:
+    """Register the FLOP formula of torchao's Triton int8 GEMM ``torchao::scaled_int8_mm`` (the
+    kernel torchao's int8 training runs where Triton is installed: A (m, k) int8 × B (k, n) int8,
+    scaled row- and column-wise), 2·m·n·k like ``_int_mm``.  The op exists only once torchao's
+    ``int8_mm`` module has been imported (it needs Triton); returns whether it is registered."""
+    from torch.utils.flop_counter import flop_registry
+
+    try:
+        op = torch.ops.torchao.scaled_int8_mm
+    except (AttributeError, RuntimeError):
+        return False
+    if op not in flop_registry:
+        @register_flop_formula(op)
+        def _scaled_int8_mm_flop(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+            return 2 * a_shape[0] * b_shape[1] * a_shape[1]
+    return True
+
+
 def count_flops(fn: Callable[[], object]) -> tuple[int, dict[str, int]]:
     """Run ``fn`` eagerly under FlopCounterMode; return total FLOPs and FLOPs per aten op.
 
