@@ -470,6 +470,12 @@ ASV_FAMILIES: dict[str, tuple[tuple[str, ...], str | None]] = {
     "optimizers": (("bench_optimizers.Optimizers",), r"optimizers-(?P<optimizer>.+)"),
     "largebatch": (("bench_optimizers.LargeBatch",), r"largebatch-(?P<optimizer>[a-z0-9]+)-b(?P<global_batch>\d+)"),
     "isoflop": (("bench_mod.MoDIsoFLOP", "bench_mod.MoDForwardFLOPs", "bench_mod.MoDCausalSampling"), None),
+    "pruning": (("bench_pruning.Pruning", "bench_pruning.PruningSpeed"), r"pruning-(?P<variant>.+)"),
+    "quant": (("bench_quant.Quant", "bench_quant.QuantSpeed"), r"quant-(?P<variant>.+)"),
+    "lowrank": (("bench_lowrank.LowRank", "bench_lowrank.LowRankSpeed"), r"lowrank-(?P<variant>.+)"),
+    "actmem": (("bench_actmem.ActMem", "bench_actmem.ActMemSpeed"), r"actmem-(?P<variant>.+)"),
+    "sparse": (("bench_sparse.SparseEmbedding", "bench_sparse.SparseEmbeddingSpeed", "bench_sparse.SparseStorage"),
+               r"sparse-(?P<variant>.+)"),
 }
 #: Which of a class's benchmarks a record's row links to, best first.
 _PREFERRED_METHODS = ("track_seconds_per_mtok", "time_train_step", "track_val_loss_at_budget",
