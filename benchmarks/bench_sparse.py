@@ -80,14 +80,15 @@ class SparseEmbedding:
 
 @common.speed_tracks
 class SparseEmbeddingSpeed:
-    """The three variants timed interleaved (impls.compare)."""
+    """The three variants timed interleaved (impls.compare), relative to the untied model:
+    sparse_embedding's dense reference (the same architecture)."""
 
     params = list(VARIANTS)
     param_names = ["variant"]
 
     def setup_cache(self):
         return common.compare_record("sparse", {name: dict(techniques=t, **o) for name, (t, o) in VARIANTS.items()},
-                                     common=_recipe())
+                                     common=_recipe(), baseline="untied")
 
     setup_cache.timeout = 1800
 

@@ -171,6 +171,10 @@ def measure(spec: Spec, ctx: dist.DistContext | None = None) -> dict:
     per_rank, model_states, comm = {}, {}, {}
     for name in names:
         session = train.prepare(spec.recipes[name], ctx)
+        # The comparison runs exactly this many steps of each variant: a technique acting at a
+        # fraction of training (pruning at 25%) acts within them, as in the timed run's record.
+        if session.build.total_steps is None:
+            session.build.total_steps = spec.warmup + spec.rounds * spec.steps
         xm, ym = session.batches.get("train", 0)
         xm, ym = xm.chunk(session.plan.accum_steps)[0].clone(), ym.chunk(session.plan.accum_steps)[0].clone()
         activations = session.engine.activation_bytes(xm, ym)

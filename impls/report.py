@@ -637,13 +637,17 @@ def plot_throughput_memory(runs: pd.DataFrame) -> Figure:
 
 
 def _comparison_key(runs: pd.DataFrame) -> pd.Series:
-    """Runs comparable with one another: same model, data, sequence length, FLOP budget, world
-    size and starting weights (batch may differ: accumulation keeps the effective batch with
+    """Runs comparable with one another: same model and model_args, data, sequence length, FLOP
+    budget, world size and starting weights (batch may differ: accumulation keeps the effective batch with
     smaller ones).  A run started ``--init-from`` trained weights (LoRA) is compared with full
     fine-tuning from the same weights, not with training from scratch."""
     columns = ["recipe.model", "dataset.hash", "recipe.seq_len", "recipe.flops_budget", "world_size",
                "recipe.init_from"]
     keys = runs.reindex(columns=columns)
+    # model_args change the architecture (an untied embedding is another model): flattened to
+    # recipe.model_args.<k> columns, so every such column is part of the key
+    args = runs[sorted(c for c in runs.columns if isinstance(c, str) and c.startswith("recipe.model_args"))]
+    keys = pd.concat([keys, args], axis=1)
     return pd.Series(["|".join(map(str, row)) for row in keys.itertuples(index=False)], index=runs.index)
 
 

@@ -101,7 +101,10 @@ def compression_frame(runs: pd.DataFrame, interleaved: Sequence[dict] = ()) -> p
             continue
         by_run = {run["run"]: run for _, run in group.iterrows()}
         keys = _comparison_key(group)
-        bases = {keys[i]: run for i, run in group.iterrows() if not _techniques(run)}
+        bases = {}  # the first run without techniques of each group, as technique_comparison takes
+        for i, run in group.iterrows():
+            if not _techniques(run) and run.get("recipe.optimizer", "adamw") == "adamw":
+                bases.setdefault(keys[i], run)
         for _, row in comparison.iterrows():
             run = by_run[row["run"]]
             base = bases.get(keys[group.index[group["run"] == row["run"]][0]])

@@ -12,9 +12,11 @@ from impls import report, report_compression as rc, site
 from test_report import HASH_A, make_record
 
 
-def _run(root, family, name, techniques=(), notes=None, scale=1.0, optimizer_mib=4, init_from=None):
+def _run(root, family, name, techniques=(), notes=None, scale=1.0, optimizer_mib=4, init_from=None,
+         model_args=None):
     record = make_record(f"nano/{name}", HASH_A, techniques=tuple(techniques), scale=scale)
     record["recipe"]["init_from"] = init_from
+    record["recipe"]["model_args"] = model_args or {}
     record["memory"]["optimizer_bytes"] = optimizer_mib * report.MIB
     if notes:
         record["technique_notes"] = notes
@@ -36,6 +38,10 @@ def runs_dir(tmp_path):
     for rank, scale in ((4, 0.9), (16, 0.85)):
         _run(root, "lowrank", f"lora-{rank}", [f"lora:rank={rank}"], notes={"lora": {"rank": rank}},
              scale=scale, optimizer_mib=1, init_from="base.json")
+    # sparse embeddings need an untied table: their reference is the untied model, not the tied baseline
+    _run(root, "sparse", "baseline", scale=1.0)
+    _run(root, "sparse", "untied", model_args={"tie_embeddings": False}, scale=0.9)
+    _run(root, "sparse", "sparse_embedding", ["sparse_embedding"], model_args={"tie_embeddings": False}, scale=0.95)
     # not a compression family: never in the section
     _run(root, "technique", "baseline")
     _run(root, "technique", "bf16", ["bf16"], scale=1.01)
@@ -45,7 +51,10 @@ def runs_dir(tmp_path):
 def test_frame_is_relative_to_each_family_baseline(runs_dir):
     loaded = report.load_all([runs_dir])
     frame = rc.compression_frame(loaded.runs, loaded.interleaved)
-    assert set(frame["family"]) == {"pruning", "lowrank"}
+    assert set(frame["family"]) == {"pruning", "lowrank", "sparse"}
+    sparse = frame[frame["family"] == "sparse"].set_index("run")
+    assert set(sparse.index) == {"nano/untied", "nano/sparse_embedding"}  # the tied baseline has no peer
+    assert sparse.loc["nano/sparse_embedding", "loss_delta"] == pytest.approx(2.5 * 0.95 - 2.5 * 0.9)
     row = frame[frame["techniques"] == "prune:sparsity=0.9"].iloc[0]
     assert row["knob"] == "sparsity" and row["knob_value"] == 0.9
     assert row["loss_delta"] == pytest.approx(2.5 * 1.2 - 2.5)
