@@ -109,7 +109,11 @@ def compression_frame(runs: pd.DataFrame, interleaved: Sequence[dict] = ()) -> p
             run = by_run[row["run"]]
             base = bases.get(keys[group.index[group["run"] == row["run"]][0]])
             name, options = _main_technique(run)
+            init_from = run.get("recipe.init_from")
+            model_args = ",".join(f"{c[len('recipe.model_args.'):]}={run[c]}" for c in sorted(run.index)
+                                  if isinstance(c, str) and c.startswith("recipe.model_args.") and not _missing(run[c]))
             out = dict(family=family, run=row["run"], technique=name,
+                       init_from=None if _missing(init_from) else init_from, model_args=model_args,
                        techniques="+".join(_techniques(run)) or "baseline",
                        knob=KNOBS.get(family, ("", ()))[0], knob_value=_knob(run, family, name, options),
                        final_val_loss=run.get("final_val_loss"), loss_delta=row["loss delta"],
@@ -129,8 +133,18 @@ def compression_frame(runs: pd.DataFrame, interleaved: Sequence[dict] = ()) -> p
 # --------------------------------------------------------------------------- plots
 
 
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def _label(row) -> str:
-    return row["techniques"] if row["techniques"] != "baseline" else f"{row['family']} baseline"
+    """The run's techniques; for a reference run, what it is the reference of."""
+    if row["techniques"] != "baseline":
+        return row["techniques"]
+    label = f"{row['family']} baseline"
+    if not _missing(row.get("init_from")):
+        label = f"{row['family']} full fine-tuning (from trained weights)"
+    return label + (f" [{row['model_args']}]" if row.get("model_args") else "")
 
 
 def plot_memory(frame: pd.DataFrame):
@@ -164,7 +178,7 @@ def plot_loss_vs_knob(frame: pd.DataFrame, family: str, *, log_x: bool = False):
 
     knob = KNOBS[family][0]
     rows = frame[frame["family"] == family]
-    figure = _new_figure(7.0, 4.2)
+    figure = _new_figure(9.5, 4.2)
     ax = figure.subplots()
     base = rows[rows["technique"] == "baseline"]
     for technique, group in rows[rows["technique"] != "baseline"].groupby("technique", sort=True):
@@ -175,17 +189,19 @@ def plot_loss_vs_knob(frame: pd.DataFrame, family: str, *, log_x: bool = False):
         y = group["final_val_loss"].to_numpy(float)
         order = np.argsort(x)
         ax.plot(x[order], y[order], marker="o", label=technique)
-    if not base.empty:
-        loss = float(base["final_val_loss"].iloc[0])
-        ax.axhline(loss, color="black", linestyle="--", linewidth=0.9, label="baseline (dense, full rank)")
-        if knob == "sparsity":
+    for (_, ref), style in zip(base.iterrows(), ("--", ":", "-.")):
+        loss = float(ref["final_val_loss"])
+        what = ("baseline: dense, from scratch" if _missing(ref.get("init_from"))
+                else "full fine-tuning from the trained weights\n(LoRA's reference)")
+        ax.axhline(loss, color="black", linestyle=style, linewidth=0.9, label=what)
+        if knob == "sparsity" and _missing(ref.get("init_from")):
             ax.plot([0.0], [loss], marker="s", color="black")
     if log_x:
         ax.set_xscale("log", base=2)
     ax.set_xlabel(knob)
     ax.set_ylabel("validation loss at the budget (nats/token)")
     ax.set_title(f"{family}: loss vs {knob} at the same model-FLOP budget")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
     return figure
 
 

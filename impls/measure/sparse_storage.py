@@ -309,8 +309,8 @@ def plot_sparse_crossover(record: dict):
                           capsize=2, label=fmt.upper())
     ax_speed.axhline(1.0, color="k", lw=1, label="dense W @ X")
     ax_speed.set(xlabel="density", ylabel="time ÷ dense time", yscale="log",
-                 title=f"sparse × dense ({speed['tokens']} columns, {speed.get('threads')} thread(s), "
-                       f"{speed['rounds']} rounds, median + 95% CI)")
+                 title=f"sparse × dense ({speed['tokens']} columns, {speed.get('threads')} thread(s),\n"
+                       f"{speed['rounds']} interleaved rounds, median + 95% CI)")
     ax_speed.legend(fontsize=7)
     fig.tight_layout()
     return fig
