@@ -136,8 +136,13 @@ def test_sparse_embedding_trains_like_dense_adam_on_seen_rows():
 
 def _bench():
     sys.path.insert(0, str(REPO))
-    for name in [m for m in sys.modules if m == "benchmarks" or m.startswith("benchmarks.")]:
-        del sys.modules[name]
+    ours = sys.modules.get("benchmarks")
+    if ours is None or not str(getattr(ours, "__file__", "")).startswith(str(REPO)):
+        # fairscale installs a top-level `benchmarks` package: ours first.  Only then: dropping our
+        # own modules would give later tests a second `benchmarks.common` beside the one the
+        # already-imported suites hold.
+        for name in [m for m in sys.modules if m == "benchmarks" or m.startswith("benchmarks.")]:
+            del sys.modules[name]
     return importlib.import_module("benchmarks.bench_sparse")
 
 
