@@ -100,3 +100,22 @@ def test_cli_exits_2_before_any_work(source, tmp_path, capsys):
                      "--out", str(out)]) == 2
     assert not out.exists()
     assert "init_from" in capsys.readouterr().err
+
+
+def test_pruning_after_training_ranks_the_trained_weights(source):
+    """Structured pruning of a run started --init-from prunes the *trained* weights: the kept MLP
+    rows are exactly the source's rows at the recorded indices, not rows of a fresh init."""
+    import torch
+
+    from impls import init_from as init_lib
+
+    path, _ = source
+    spec = ["prune_structured:heads=0,neurons=0.5"]
+    session = train.prepare(train.Recipe(**SMALL, steps=1, init_from=str(path), techniques=spec))
+    fresh = train.prepare(train.Recipe(**SMALL, steps=1, techniques=spec))
+    up = init_lib.read(path).weights["blocks.0.mlp.up.weight"]  # (d_ff, d_model) of the trained source
+    kept_rows = session.build.notes["prune_structured"]["kept_neurons"]["blocks.0.mlp"]
+    kept = session.model.blocks[0].mlp.up.weight.detach()
+    assert kept.shape[0] == up.shape[0] // 2 == len(kept_rows)
+    assert torch.equal(kept, up[kept_rows])
+    assert not torch.equal(fresh.model.blocks[0].mlp.up.weight.detach(), kept)
