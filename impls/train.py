@@ -129,6 +129,9 @@ def validate(r: Recipe, world_size: int = 1) -> Validated:
         if deferring:
             raise RecipeError(f"init_from cannot be combined with {', '.join(deferring)}: it materialises the model "
                               f"only after its own stage, when the whole dense weights no longer fit the modules")
+        if dims["pp"] > 1:
+            raise RecipeError(f"init_from with pipeline stages (mesh pp={dims['pp']}) is not supported: the weights "
+                              f"load into the whole model, and this rank builds only its stages; valid: pp=1")
         source = init_from_lib.read(r.init_from)
         init_from_lib.check(source, r, meta)
     return Validated(specs, plan, dims, dataset, source)

@@ -119,3 +119,10 @@ def test_pruning_after_training_ranks_the_trained_weights(source):
     assert kept.shape[0] == up.shape[0] // 2 == len(kept_rows)
     assert torch.equal(kept, up[kept_rows])
     assert not torch.equal(fresh.model.blocks[0].mlp.up.weight.detach(), kept)
+
+
+def test_pipeline_stages_are_refused_before_any_work(source):
+    path, _ = source
+    with pytest.raises(ConfigError, match="pipeline stages"):
+        train.validate(train.Recipe(**SMALL, steps=1, init_from=str(path), mesh={"pp": 2},
+                                    techniques=["pp:schedule=gpipe,microbatches=2"]), world_size=2)
