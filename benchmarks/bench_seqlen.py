@@ -65,18 +65,6 @@ class SeqlenWarmup:
     track_analytic_flops_saved = _note("analytic_flops_saved", "ratio")
 
 
-@common.speed_tracks
-class SeqlenWarmupSpeed:
-    """The variants timed interleaved with the baseline (impls.compare).  The comparison's steps
-    follow each variant's schedule over the compared steps, and its ratio is per step of the
-    recipe's full-length batch: the mean speed-up of the warm-up's steps, not a per-token rate."""
-
-    params = list(VARIANTS)
-    param_names = ["variant"]
-
-    def setup_cache(self):
-        return common.compare_record("seqlen", {name: dict(techniques=techniques, **overrides)
-                                                for name, (techniques, overrides) in VARIANTS.items()},
-                                     common=_recipe())
-
-    setup_cache.timeout = 1800
+# No interleaved speed class: impls.compare times a few steps at the recipe's full length per
+# token, while a warm-up's steps are shorter by design; its time per token is the record's
+# (seconds_per_mtok over the schedule's mean tokens per step).
