@@ -403,7 +403,7 @@ def _load_tokens(path: str, opt: dict) -> TokenData:
     compressed = opt["compression"] == "zstd" or (opt["compression"] is None and files[0].suffix == ".zst")
     if compressed:
         return _load_zstd(root, files, meta, opt)
-    if opt["compression"] is None and not root.is_dir() and token_shards.is_zstd_file(root):
+    if not root.is_dir() and token_shards.is_zstd_file(root):
         raise DataError(f"token file {root} is a chunked zstd file; give tokens:{root},compression=zstd")
     if opt["dtype"] and meta.get("dtype", opt["dtype"]) != opt["dtype"]:
         raise DataError(f"dtype={opt['dtype']} contradicts dtype={meta['dtype']} in "
