@@ -190,3 +190,23 @@ def test_bytes_on_disk_wider_dtypes_for_wider_vocab(tmp_path):
     rows = data_throughput.storage_table(dataset, tmp_path, 4, 32, levels=(1,))
     assert [r["format"] for r in rows] == ["raw-int64", "uint32", "uint16", "zstd-1"]
     assert rows[-1]["dtype"] == "uint16"
+
+
+def test_every_datacomp_variant_is_a_valid_recipe(tmp_path, monkeypatch):
+    from benchmarks import bench_datacomp
+    from impls import train
+
+    monkeypatch.setattr(bench_datacomp, "zstd_data_dir", lambda: tmp_path / "zstd")
+    bench_datacomp.prepare_data(tmp_path / "zstd")
+    variants = dict(bench_datacomp.VARIANTS)
+    variants["zstd3"] = ([], {"data": f"tokens:{tmp_path / 'zstd'},compression=zstd"})
+    assert "baseline" in variants and all(name.split("-")[0] for name in variants)
+    for specs, overrides in variants.values():
+        recipe = train.Recipe(**bench_datacomp._recipe(**overrides), techniques=specs,
+                              flops_budget=bench_datacomp.SETTINGS["flops_budget"])
+        checked = train.validate(recipe)
+        # the hash covers the token bytes: the zstd variant's equals the same ids' in its dtype
+        source = data.load(bench_datacomp.SETTINGS["data"])
+        dtype = checked.dataset.train.dtype
+        expected = data._scan(source.train.astype(dtype), source.val.astype(dtype))[0]
+        assert checked.dataset.content_hash == expected
