@@ -34,7 +34,7 @@ PROFILES = {
         # Loss figures: one seed here (the record says so); the full profile reports the spread.
         seeds=[0],
         # Interleaved comparisons (impls.compare): rounds × steps per variant after warm-up.
-        interleave=dict(rounds=12, steps=2, warmup=3),
+        interleave=dict(rounds=10, steps=2, warmup=3),
     ),
     "full": dict(
         models=["small", "gpt2", "gpt2-medium"],
