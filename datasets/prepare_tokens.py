@@ -2,12 +2,17 @@
 
     python datasets/prepare_tokens.py OUTDIR FILE_OR_DIR... [--val-fraction 0.1]
                                       [--tokenizer byte|PATH/tokenizer.json] [--glob '*.txt']
+                                      [--dtype smallest|uint8|uint16|uint32]
+                                      [--compression zstd [--level 3]]
 
-Writes ``OUTDIR/train.bin`` and ``OUTDIR/val.bin`` (flat little-endian uint16, or uint32 when the
-vocabulary exceeds 65536 ids, as nanoGPT's ``prepare.py`` scripts do) and ``OUTDIR/meta.json``
+Writes ``OUTDIR/train.bin`` and ``OUTDIR/val.bin`` (flat little-endian tokens in the smallest
+unsigned type that holds the vocabulary -- uint8 for the byte tokenizer, uint16 up to 65536 ids,
+else uint32 -- or ``--dtype``) and ``OUTDIR/meta.json``
 (``vocab_size``, ``dtype`` and provenance).  Files are taken in the order given, directories
 walked recursively in sorted order (hidden entries skipped); the last ``--val-fraction`` of the
-token stream, by position, is validation.  Each output is written to a temporary file and
+token stream, by position, is validation.  ``--compression zstd`` then replaces the two ``.bin``
+files by chunked zstd files ``train.bin.zst``/``val.bin.zst`` read with random access
+(:mod:`impls.token_shards`; same tokens, same content hash).  Each output is written to a temporary file and
 renamed into place, ``meta.json`` last, so an interrupted run never leaves a torn file.
 
 Tokenisers: ``byte`` (default; vocab 256, the raw UTF-8 bytes) or a local HuggingFace
@@ -66,7 +71,8 @@ def make_encoder(spec: str):
 
 
 def prepare(outdir: Path, inputs: list[Path], val_fraction: float = 0.1,
-            tokenizer: str = "byte", pattern: str = "*") -> dict:
+            tokenizer: str = "byte", pattern: str = "*", dtype: str = "smallest",
+            compression: str = "none", level: int = 3) -> dict:
     """Tokenise ``inputs`` into ``outdir``; returns the ``meta.json`` contents."""
     if not 0 < val_fraction < 1:
         sys.exit(f"prepare_tokens: error: --val-fraction {val_fraction} must be in (0, 1)")
@@ -76,7 +82,18 @@ def prepare(outdir: Path, inputs: list[Path], val_fraction: float = 0.1,
         sys.exit(f"prepare_tokens: error: no input files matching {pattern!r} in "
                  f"{', '.join(map(str, inputs))}")
     encode, vocab_size, tokenizer_name = make_encoder(tokenizer)
-    dtype = np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+    smallest = np.dtype("uint8" if vocab_size <= 1 << 8 else "uint16" if vocab_size <= 1 << 16 else "uint32")
+    if dtype == "smallest":
+        dtype = smallest
+    elif dtype in ("uint8", "uint16", "uint32"):
+        dtype = np.dtype(dtype)
+        if dtype.itemsize < smallest.itemsize:
+            sys.exit(f"prepare_tokens: error: --dtype {dtype.name} cannot hold the {vocab_size} ids of "
+                     f"tokenizer {tokenizer_name}; use {smallest.name} or wider (or smallest)")
+    else:
+        sys.exit(f"prepare_tokens: error: --dtype {dtype!r} is invalid; valid: smallest, uint8, uint16, uint32")
+    if compression not in ("none", "zstd"):
+        sys.exit(f"prepare_tokens: error: --compression {compression!r} is invalid; valid: none, zstd")
     outdir.mkdir(parents=True, exist_ok=True)
 
     # Stream every file's tokens into one temporary file, so memory holds one file at a time;
@@ -107,7 +124,16 @@ def prepare(outdir: Path, inputs: list[Path], val_fraction: float = 0.1,
 
     meta = {"vocab_size": vocab_size, "dtype": dtype.name, "tokenizer": tokenizer_name,
             "train_tokens": n_train, "val_tokens": n_val, "val_fraction": val_fraction,
-            "files": len(files)}
+            "files": len(files), "compression": compression}
+    if compression == "zstd":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from impls import token_shards
+
+        for name in ("train.bin", "val.bin"):
+            raw = np.fromfile(outdir / name, dtype=dtype)
+            token_shards.write_zstd(outdir / f"{name}.zst", raw, dtype, level=level)
+            (outdir / name).unlink()
+        meta["zstd_level"] = level
     meta_tmp = _temp(outdir, "meta.json")
     meta_tmp.write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(meta_tmp, outdir / "meta.json")
@@ -133,8 +159,13 @@ def main(argv: list[str] | None = None) -> dict:
                         help="'byte' (vocab 256) or a local HuggingFace tokenizer.json")
     parser.add_argument("--glob", default="*", dest="pattern",
                         help="file-name pattern inside directories, e.g. '*.txt' (default '*')")
+    parser.add_argument("--dtype", default="smallest",
+                        help="token type: smallest (default: fits the vocabulary), uint8, uint16, uint32")
+    parser.add_argument("--compression", default="none", help="none (default) or zstd (chunked, random access)")
+    parser.add_argument("--level", type=int, default=3, help="zstd level with --compression zstd (3)")
     args = parser.parse_args(argv)
-    meta = prepare(args.outdir, args.inputs, args.val_fraction, args.tokenizer, args.pattern)
+    meta = prepare(args.outdir, args.inputs, args.val_fraction, args.tokenizer, args.pattern, args.dtype,
+                   args.compression, args.level)
     print(f"{args.outdir}: {meta['train_tokens']} train + {meta['val_tokens']} val tokens, "
           f"vocab {meta['vocab_size']} ({meta['dtype']}) from {meta['files']} files")
     return meta

@@ -128,6 +128,9 @@ class Build:
     # The run's optimizer steps, once the budget has fixed them (set by ``train.measure_step``):
     # hooks acting at a fraction of training (pruning schedules) read it; None before that.
     total_steps: int | None = None
+    # Under a sequence-length schedule (``plan.seq_len_at``), set by ``train.measure_step``: length
+    # -> (counted, frozen, model) FLOPs of one step at that length, for the technique's notes.
+    flops_by_length: dict[int, tuple[int, int, float]] | None = None
     materialized: bool = False
     # ``--init-from`` (impls/init_from.py): the trained weights the model starts from, loaded when
     # it is materialised (before the surgery that may need them), and where they came from (the

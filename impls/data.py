@@ -7,8 +7,10 @@
   can be read against a true floor.
 * ``pycode[:max_bytes=N]`` -- byte-level text (vocab 256) of this interpreter's standard-library
   ``.py`` sources: real text every machine already has.
-* ``tokens:PATH[,dtype=uint16|uint32]`` -- memory-mapped token files in nanoGPT's layout
-  (``train.bin``/``val.bin`` + optional ``meta.json``, or one ``.bin`` split 90/10); see
+* ``tokens:PATH[,dtype=uint8|uint16|uint32][,compression=zstd]`` -- memory-mapped token files in
+  nanoGPT's layout (``train.bin``/``val.bin`` + optional ``meta.json``, or one ``.bin`` split
+  90/10), or chunked zstd files read with random access (``train.bin.zst``/``val.bin.zst``, or one
+  ``PATH.zst``; :mod:`impls.token_shards`); see
   ``datasets/prepare_tokens.py`` to make them and ``datasets/README.md`` for the dataset cards.
   A wrong dtype is refused rather than trained on: a uint32 file read as uint16 (every second
   id 0), a uint16 file read as uint32 (a vocabulary inferred larger than the corpus).
@@ -29,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from impls import kv
+from impls import kv, token_shards
 from impls.errors import ConfigError
 from impls.zoo import IGNORE_INDEX
 
@@ -92,8 +94,10 @@ class TokenData:
         rng = np.random.default_rng([seed, _SPLITS[split], index, shard])
         row = rng.integers(0, rows, size=batch_size)
         offset = rng.integers(0, row_len - seq_len, size=batch_size)
-        # Fancy indexing reads only the needed windows, also from a memmap.
-        window = data[row[:, None], offset[:, None] + np.arange(seq_len + 1)]
+        if isinstance(data, token_shards.ZstdTokens):  # decompresses only the chunks touched
+            window = data.windows(row, offset, seq_len + 1)
+        else:  # fancy indexing reads only the needed windows, also from a memmap
+            window = data[row[:, None], offset[:, None] + np.arange(seq_len + 1)]
         window = torch.from_numpy(window.astype(np.int64))
         return window[:, :-1], window[:, 1:]
 
@@ -109,7 +113,8 @@ def load(spec: str) -> TokenData:
     if kind == "tokens":
         path, _, opts = rest.partition(",")
         if not path:
-            raise DataError(f"data {spec!r} names no file; use tokens:PATH[,dtype=uint16|uint32]")
+            raise DataError(f"data {spec!r} names no file; use tokens:PATH[,dtype=uint8|uint16|uint32]"
+                            f"[,compression=zstd]")
         return _load_tokens(path, _parse_options(kind, opts, _TOKENS_OPTIONS))
     raise DataError(f"unknown data {kind!r}; valid: synthetic, pycode, tokens:PATH")
 
@@ -128,7 +133,8 @@ _SYNTHETIC_OPTIONS = {
     "row_len": (int, 4096, lambda x: x >= 2, "an integer >= 2"),
 }
 _PYCODE_OPTIONS = {"max_bytes": (int, 8_000_000, lambda x: x >= 2, "an integer >= 2")}
-_TOKENS_OPTIONS = {"dtype": (str, None, lambda x: x in ("uint16", "uint32"), "uint16 or uint32")}
+_TOKENS_OPTIONS = {"dtype": (str, None, lambda x: x in token_shards.DTYPES, "uint8, uint16 or uint32"),
+                   "compression": (str, None, lambda x: x in ("none", "zstd"), "none or zstd")}
 
 
 def _parse_options(kind: str, text: str, valid: dict) -> dict:
@@ -161,6 +167,11 @@ def _scan(*arrays: np.ndarray) -> tuple[str, int]:
     memory-mapped corpus is read once and never held whole in RAM."""
     digest, top = hashlib.sha256(), -1
     for array in arrays:
+        if isinstance(array, token_shards.ZstdTokens):  # the decompressed bytes: same hash as raw
+            for chunk in array.chunks():
+                digest.update(chunk.data)
+                top = max(top, int(chunk.max()))
+            continue
         flat = array.reshape(-1)
         step = _HASH_CHUNK // flat.itemsize
         for start in range(0, flat.size, step):
@@ -384,8 +395,16 @@ def _load_tokens(path: str, opt: dict) -> TokenData:
     root = Path(path).expanduser().resolve()
     if root.is_dir():
         files, meta = [root / "train.bin", root / "val.bin"], _read_meta(root / "meta.json")
+        if opt["compression"] == "zstd" or (opt["compression"] is None and not files[0].exists()
+                                            and Path(f"{files[0]}.zst").exists()):
+            files = [Path(f"{f}.zst") for f in files]
     else:
         files, meta = [root], {}
+    compressed = opt["compression"] == "zstd" or (opt["compression"] is None and files[0].suffix == ".zst")
+    if compressed:
+        return _load_zstd(root, files, meta, opt)
+    if not root.is_dir() and token_shards.is_zstd_file(root):
+        raise DataError(f"token file {root} is a chunked zstd file; give tokens:{root},compression=zstd")
     if opt["dtype"] and meta.get("dtype", opt["dtype"]) != opt["dtype"]:
         raise DataError(f"dtype={opt['dtype']} contradicts dtype={meta['dtype']} in "
                         f"{root / 'meta.json'}")
@@ -400,6 +419,45 @@ def _load_tokens(path: str, opt: dict) -> TokenData:
         cut = int(arrays[0].size * (1 - _VAL_FRACTION))
         arrays = [arrays[0][:cut], arrays[0][cut:]]
     train, val = (a.reshape(1, -1) for a in arrays)  # 1-row views: no copy of the memmap
+    return _token_data(root, meta, dtype, train, val, "")
+
+
+def _load_zstd(root: Path, files: list[Path], meta: dict, opt: dict) -> TokenData:
+    """Chunked zstd splits (:class:`~impls.token_shards.ZstdTokens`): the dtype is the file's own."""
+    try:
+        arrays = [token_shards.ZstdTokens(f) for f in files]
+    except token_shards.ShardError as e:
+        raise DataError(str(e)) from None
+    dtype = arrays[0].dtype
+    for f, array in zip(files, arrays):
+        for source, given in (("dtype", opt["dtype"]), (f"dtype in {root / 'meta.json'}", meta.get("dtype"))):
+            if given and given != array.dtype.name:
+                raise DataError(f"{source}={given} contradicts {f}, which stores {array.dtype.name} tokens")
+    if len(arrays) == 1:  # one file: the last 10% by position is validation, as for a raw .bin
+        whole = arrays[0]
+        cut = int(whole.size * (1 - _VAL_FRACTION))
+        arrays = [token_shards.ZstdTokens(whole.path), token_shards.ZstdTokens(whole.path)]
+        _restrict(arrays[0], 0, cut)
+        _restrict(arrays[1], cut, whole.size)
+        if cut == 0 or cut == whole.size:
+            raise DataError(f"token file {root} has {whole.size} tokens: too few to split 90/10")
+    if meta.get("vocab_size", 0) > 1 << 8 * dtype.itemsize:
+        raise DataError(f"vocab_size={meta['vocab_size']} in {root / 'meta.json'} does not fit {dtype.name} token "
+                        f"ids (at most {1 << 8 * dtype.itemsize}); the dtype is wrong or the vocab_size is")
+    try:
+        return _token_data(root, meta, dtype, arrays[0], arrays[1], ",compression=zstd")
+    except token_shards.ShardError as e:  # a corrupted chunk met by the content hash's pass
+        raise DataError(str(e)) from None
+
+
+def _restrict(array: "token_shards.ZstdTokens", start: int, stop: int) -> None:
+    """Make ``array`` the view ``[start, stop)`` of its file (a one-file corpus split 90/10)."""
+    array.base_offset = start
+    array.size = stop - start
+    array.shape = (1, array.size)
+
+
+def _token_data(root: Path, meta: dict, dtype: np.dtype, train, val, suffix: str) -> TokenData:
     content_hash, top = _scan(train, val)
     if "vocab_size" in meta:
         vocab_size = meta["vocab_size"]
@@ -409,7 +467,7 @@ def _load_tokens(path: str, opt: dict) -> TokenData:
     if top >= vocab_size:
         raise DataError(f"token {top} in {root} is outside vocab_size={vocab_size} of "
                         f"{root / 'meta.json'}")
-    return TokenData(name=f"tokens:{root},dtype={dtype.name}", vocab_size=vocab_size,
+    return TokenData(name=f"tokens:{root},dtype={dtype.name}{suffix}", vocab_size=vocab_size,
                      content_hash=content_hash, entropy_floor=None, train=train, val=val)
 
 
@@ -420,13 +478,14 @@ def _check_width(path: Path, tokens: np.ndarray) -> None:
     """Refuse a uint32 file read as uint16: its ids below 65536 leave every second uint16 zero
     (little-endian high halves).  Only the head of the file is read, so a large corpus is not
     read twice; real text has nonzero tokens at odd positions within a few hundred tokens."""
-    if tokens.dtype != np.uint16:
+    if tokens.dtype not in (np.uint8, np.uint16):
         return
     head = np.asarray(tokens[:_WIDTH_SAMPLE - _WIDTH_SAMPLE % 2])
     if head.size >= 16 and not head[1::2].any() and head[0::2].any():
-        raise DataError(f"token file {path} read as uint16 has 0 at every odd position of its first {head.size} "
-                        f"tokens, as a uint32 file read as uint16 would; give dtype=uint32 (tokens:PATH,dtype=uint32 "
-                        f"or \"dtype\" in meta.json)")
+        wider = "uint32" if tokens.dtype == np.uint16 else "uint16"
+        raise DataError(f"token file {path} read as {tokens.dtype.name} has 0 at every odd position of its first "
+                        f"{head.size} tokens, as a {wider} file read as {tokens.dtype.name} would; give dtype={wider} "
+                        f"(tokens:PATH,dtype={wider} or \"dtype\" in meta.json)")
 
 
 def _check_inferred_vocab(root: Path, dtype: np.dtype, vocab_size: int, n_tokens: int) -> None:
@@ -442,7 +501,7 @@ def _check_inferred_vocab(root: Path, dtype: np.dtype, vocab_size: int, n_tokens
 
 
 def _read_meta(path: Path) -> dict:
-    """nanoGPT's optional ``meta.json``: ``vocab_size`` (int) and ``dtype`` (uint16|uint32)."""
+    """nanoGPT's optional ``meta.json``: ``vocab_size`` (int) and ``dtype`` (uint8|uint16|uint32)."""
     if not path.exists():
         return {}
     try:
@@ -455,8 +514,8 @@ def _read_meta(path: Path) -> dict:
     if "vocab_size" in meta and not (isinstance(meta["vocab_size"], int)
                                      and meta["vocab_size"] > 0):
         raise DataError(f"{path} vocab_size={meta['vocab_size']!r} is invalid; must be int >= 1")
-    if meta.get("dtype", "uint16") not in ("uint16", "uint32"):
-        raise DataError(f"{path} dtype={meta['dtype']!r} is invalid; valid: uint16, uint32")
+    if meta.get("dtype", "uint16") not in token_shards.DTYPES:
+        raise DataError(f"{path} dtype={meta['dtype']!r} is invalid; valid: {', '.join(token_shards.DTYPES)}")
     return meta
 
 
@@ -468,7 +527,7 @@ def _memmap(path: Path, dtype: np.dtype) -> np.ndarray:
                         f".bin file or a directory with train.bin and val.bin") from None
     if size == 0 or size % dtype.itemsize:
         raise DataError(f"token file {path} has {size} bytes, not a positive multiple of "
-                        f"{dtype.itemsize} ({dtype.name}); valid dtypes: uint16, uint32")
+                        f"{dtype.itemsize} ({dtype.name}); valid dtypes: {', '.join(token_shards.DTYPES)}")
     try:
         return np.memmap(path, dtype=dtype, mode="r")
     except OSError as e:

@@ -247,8 +247,9 @@ class Loaded(NamedTuple):
     extra: list[dict] = []
     #: ``etbench comm`` bandwidth records (kind ``comm``), with ``source``/``family``.
     comm: list[dict] = []
-    #: Sparse-storage measurements (kind ``sparse_storage``: bytes per format and sparse×dense
-    #: matmul time across densities), with ``source``/``family``.
+    #: Storage-format measurements: kind ``sparse_storage`` (bytes per sparse format and
+    #: sparse×dense matmul time across densities) and kind ``data_compression`` (token storage
+    #: formats, loader throughput vs the step's need), with ``source``/``family``.
     storage: list[dict] = []
 
 
@@ -326,7 +327,7 @@ def load_all(paths: Sequence[Path]) -> Loaded:
 
     Files that are none of these are skipped with a :class:`RecordWarning` naming the file.
     """
-    from .report_compression import STORAGE_KIND
+    from .report_compression import STORAGE_KINDS
 
     records, sources, refused, interleaved, extra, comm, storage = [], [], [], [], [], [], []
     for path in _find_json_files(paths):
@@ -344,7 +345,7 @@ def load_all(paths: Sequence[Path]) -> Loaded:
                 validate_comm(document)
                 comm.append({**document, "source": str(path), "family": Path(path).parent.name})
                 continue
-            if isinstance(document, dict) and document.get("kind") == STORAGE_KIND:
+            if isinstance(document, dict) and document.get("kind") in STORAGE_KINDS:
                 from .report_compression import validate_storage
 
                 validate_storage(document)

@@ -43,6 +43,8 @@ KNOBS = {
 COMPONENTS = {"memory.params_bytes": "params", "memory.grads_bytes": "grads",
               "memory.optimizer_bytes": "optimizer state", "memory.activations_bytes": "activations"}
 STORAGE_KIND = "sparse_storage"
+DATA_KIND = "data_compression"  # impls.measure.data_throughput: token storage formats, loader vs step
+STORAGE_KINDS = (STORAGE_KIND, DATA_KIND)
 
 
 def _techniques(run) -> list[str]:
@@ -209,10 +211,21 @@ def plot_loss_vs_knob(frame: pd.DataFrame, family: str, *, log_x: bool = False):
 
 
 def validate_storage(record: dict) -> None:
-    """A ``sparse_storage`` record (:mod:`impls.measure.sparse_storage`) has what the plot and the
-    table read; else :class:`impls.report.RecordError` naming the missing part."""
+    """A ``sparse_storage`` record (:mod:`impls.measure.sparse_storage`) or a ``data_compression``
+    record (:mod:`impls.measure.data_throughput`) has what the plot and the table read; else
+    :class:`impls.report.RecordError` naming the missing part."""
     from .report import RecordError
 
+    if record.get("kind") == DATA_KIND:
+        try:
+            for spec, data in record["datasets"].items():
+                for row in data["formats"]:
+                    row["format"], row["disk_bytes_per_token"], row["loader"]["tokens_per_s"]
+                    row["loader_vs_step_need"]
+            record["step_need"]["tokens_per_s"]
+        except (KeyError, TypeError) as exc:
+            raise RecordError(f"data_compression record lacks {exc}") from None
+        return
     try:
         densities = record["densities"]
         patterns = record["bytes"]["patterns"]
@@ -227,6 +240,24 @@ def validate_storage(record: dict) -> None:
         record["matrix"]["shape"]
     except (KeyError, TypeError) as exc:
         raise RecordError(f"sparse_storage record lacks {exc}") from None
+
+
+def data_markdown(record: dict) -> str:
+    """Bytes per token on disk and in memory per format, the loader's throughput over the training
+    step's need, and whether every format read back the same tokens."""
+    lines = ["", "### Compressed training data (bytes per token, loader vs the training step's need)", "",
+             "| data | format | disk B/token | memory B/token | disk ÷ int64 | loader tokens/s | loader ÷ step need "
+             "| same hash and batches |", "|---|---|---|---|---|---|---|---|"]
+    for spec, data in record["datasets"].items():
+        for row in data["formats"]:
+            same = row.get("batches_match") and row.get("hash_matches_raw") in (None, True)
+            lines.append(f"| {spec} | {row['format']} | {row['disk_bytes_per_token']:.3g} | "
+                         f"{row.get('memory_bytes_per_token', float('nan')):.3g} | {row.get('disk_vs_int64', float('nan')):.3g} "
+                         f"| {row['loader']['tokens_per_s']:.3g} | {row['loader_vs_step_need']:.3g} | "
+                         f"{'yes' if same else 'NO'} |")
+    lines += ["", f"The step needs {record['step_need']['tokens_per_s']:.3g} tokens/s; the slowest loader is "
+                  f"{record.get('min_loader_vs_step_need', float('nan')):.3g}× that.", ""]
+    return "\n".join(lines)
 
 
 def storage_markdown(record: dict) -> str:
@@ -283,9 +314,14 @@ def write_compression(runs: pd.DataFrame, interleaved: Sequence[dict], storage: 
             rows = frame[(frame["family"] == family) & (frame["technique"] != "baseline")]
             if pd.to_numeric(rows["knob_value"], errors="coerce").notna().any():
                 written.append(_write_figure(out_dir / name, plot_loss_vs_knob(frame, family, log_x=log_x)))
-    for record in storage[:1]:
+    for record in [r for r in storage if r.get("kind") == STORAGE_KIND][:1]:
         from .measure.sparse_storage import plot_sparse_crossover
 
         written.append(_write_figure(out_dir / "compression_sparse_crossover.png", plot_sparse_crossover(record)))
         section += storage_markdown(record)
+    for record in [r for r in storage if r.get("kind") == DATA_KIND][:1]:
+        from .measure.data_throughput import plot_data_compression
+
+        written.append(_write_figure(out_dir / "compression_data.png", plot_data_compression(record)))
+        section += data_markdown(record)
     return written, section

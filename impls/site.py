@@ -476,6 +476,9 @@ ASV_FAMILIES: dict[str, tuple[tuple[str, ...], str | None]] = {
     "actmem": (("bench_actmem.ActMem", "bench_actmem.ActMemSpeed"), r"actmem-(?P<variant>.+)"),
     "sparse": (("bench_sparse.SparseEmbedding", "bench_sparse.SparseEmbeddingSpeed", "bench_sparse.SparseStorage"),
                r"sparse-(?P<variant>.+)"),
+    "seqlen": (("bench_seqlen.SeqlenWarmup",), r"seqlen-(?P<variant>.+)"),
+    "datacomp": (("bench_datacomp.DataCompression",), None),
+    "distill": (("bench_distill.Distill", "bench_distill.DistillSpeed"), r"distill-(?P<variant>.+)"),
 }
 #: Which of a class's benchmarks a record's row links to, best first.
 _PREFERRED_METHODS = ("track_seconds_per_mtok", "time_train_step", "track_val_loss_at_budget",
@@ -1315,7 +1318,8 @@ def compression_section(loaded, copied: set, rel_plots: str) -> str:
         ("compression_memory.png", "memory by component per technique, normalised to its family baseline"),
         ("compression_loss_vs_sparsity.png", "loss at the budget vs sparsity, per pruning method"),
         ("compression_loss_vs_rank.png", "loss at the budget vs rank: factorised layers, LoRA, GaLore"),
-        ("compression_sparse_crossover.png", "sparse storage: bytes and matmul time vs density per format"))
+        ("compression_sparse_crossover.png", "sparse storage: bytes and matmul time vs density per format"),
+        ("compression_data.png", "training data: bytes per token per storage format, loader vs the step's need"))
         if name in copied]
     if figures:
         parts.append('<div class="charts">' + "".join(

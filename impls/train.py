@@ -214,6 +214,48 @@ class StepMeasure:
     activations_bytes: int  # saved for backward by one micro-batch, this rank
     total_steps: int
     peak: dict  # the MFU denominator and its source
+    # With a sequence-length schedule (``plan.seq_len_at``): each step's length, and the
+    # (counted, frozen, model) FLOPs of one step at each length.  The per-step fields above are
+    # then the means over the schedule, so steps × per-step = the run's totals.
+    lengths: list[int] | None = None
+    per_length: dict[int, tuple[int, int, float]] | None = None
+    rows: int = 0  # sequences per step over all ranks: a step's tokens are rows × its length
+
+    def totals(self, done: int) -> dict:
+        """Cumulative counted FLOPs, model FLOPs and tokens of the first ``done`` steps: exact
+        over the schedule's lengths where there is one."""
+        if self.lengths is None:
+            return dict(flops=float(done * self.flops_per_step), model_flops=done * self.model_flops_per_step,
+                        tokens=done * self.tokens_per_step)
+        lengths = self.lengths[:done]
+        return dict(flops=float(sum(self.per_length[t][0] for t in lengths)),
+                    model_flops=float(sum(self.per_length[t][2] for t in lengths)),
+                    tokens=self.rows * sum(lengths))
+
+
+
+def _schedule_steps(per_step, length_at, budget: float) -> int:
+    """The largest N whose schedule ``length_at(t, N)`` fits the budget: Σ_{t<N} per_step(L_t) ≤
+    budget.  Bisection between the full-length count (every step at most full cost) and the
+    shortest-length one; the cost grows with N up to the rounding of the lengths, so the search
+    then steps on while one more step still fits."""
+    def cost(n):
+        return sum(per_step(length_at(t, n)) for t in range(n))
+
+    lo = int(budget // per_step(length_at(10 ** 9, 10 ** 9)))  # every step at most the full length's cost
+    hi = int(budget // per_step(length_at(0, 1))) + 1  # and at least the first length's
+    lo = max(lo, 0)
+    while cost(lo) > budget and lo > 0:
+        lo -= 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if cost(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    while cost(lo + 1) <= budget:
+        lo += 1
+    return lo
 
 
 def measure_step(session: Session) -> StepMeasure:
@@ -238,6 +280,8 @@ def measure_step(session: Session) -> StepMeasure:
         model_flops = float(model_flops_per_step(session.model, step_rows, r.seq_len))
     else:
         model_flops = float(flops - frozen)
+    if plan.seq_len_at is not None:
+        return _measure_schedule(session, x0, y0, step_rows, activations, (flops, frozen, model_flops))
     if r.steps is not None:
         total_steps = r.steps
     else:
@@ -256,6 +300,59 @@ def measure_step(session: Session) -> StepMeasure:
     if not ctx.is_main:
         peak = peak_flops(ctx.device, peak_dtype)
     return StepMeasure(step_rows * r.seq_len, flops, frozen, model_flops, activations, total_steps, peak)
+
+
+def _peak(session: Session) -> dict:
+    """The MFU denominator, probed (if not cached) by rank 0 alone while the others wait."""
+    ctx, plan = session.ctx, session.plan
+    peak_dtype = plan.autocast_dtype or torch.float32
+    peak = peak_flops(ctx.device, peak_dtype) if ctx.is_main else None
+    ctx.barrier()
+    if not ctx.is_main:
+        peak = peak_flops(ctx.device, peak_dtype)
+    return peak
+
+
+def _measure_schedule(session: Session, x0, y0, step_rows: int, activations: int, full: tuple) -> StepMeasure:
+    """:func:`measure_step` under a sequence-length schedule (``plan.seq_len_at``): the FLOPs of
+    one step are counted at every length the schedule uses (the batch truncated to it, as the
+    technique's ``on_batch`` hook does), model FLOPs are the analytic 6N + 12·L·H·Q·T at that T
+    (or the counted ones, without dense compute), and the steps a budget buys are the largest N
+    with Σ_{t<N} FLOPs(T_t) ≤ budget (:func:`_schedule_steps`)."""
+    r, ctx, plan, engine = session.recipe, session.ctx, session.plan, session.engine
+    per_length = {r.seq_len: full}
+
+    def at(length: int) -> tuple[int, int, float]:
+        if length not in per_length:
+            with torch.compiler.set_stance("force_eager"):
+                counted = engine.count_flops(x0[:, :length], y0[:, :length])
+            flops, frozen = ctx.all_sum_int(counted["total"]), ctx.all_sum_int(counted["frozen"])
+            model = (float(model_flops_per_step(session.model, step_rows, length)) if plan.dense_compute
+                     else float(flops - frozen))
+            per_length[length] = (flops, frozen, model)
+        return per_length[length]
+
+    def length_at(t: int, n: int) -> int:
+        return plan.seq_len_at(t, n, r.seq_len)
+
+    if r.steps is not None:
+        total_steps = r.steps
+    else:
+        index = 2 if r.budget_flops == "model" else 0
+        total_steps = _schedule_steps(lambda length: at(length)[index], length_at, r.flops_budget)
+        if total_steps < 1:
+            raise RecipeError(f"flops_budget {r.flops_budget:.3g} is smaller than one step of the schedule")
+    lengths = [length_at(t, total_steps) for t in range(total_steps)]
+    for length in set(lengths):
+        at(length)
+    engine.total_steps = total_steps
+    session.build.total_steps = total_steps
+    session.build.flops_by_length = dict(per_length)
+    n = total_steps
+    mean = [sum(per_length[t][i] for t in lengths) / n for i in range(3)]
+    cost = StepMeasure(step_rows * sum(lengths) / n, mean[0], mean[1], mean[2], activations, total_steps,
+                       _peak(session), lengths=lengths, per_length=dict(per_length), rows=step_rows)
+    return cost
 
 
 # --------------------------------------------------------------------------- the loop
@@ -340,8 +437,7 @@ def run(recipe: Recipe, ctx: dist.DistContext | None = None, *, save_every: int 
     bar.update(start)
 
     def point(done: int, train_loss, val_loss) -> dict:
-        entry = dict(step=done, flops=float(done * cost.flops_per_step), model_flops=done * cost.model_flops_per_step,
-                     tokens=done * cost.tokens_per_step, train_loss=train_loss, val_loss=val_loss)
+        entry = dict(step=done, **cost.totals(done), train_loss=train_loss, val_loss=val_loss)
         if clipping:  # the mean pre-clip gradient norm since the last point (steps with a finite norm)
             entry["grad_norm"] = _mean_finite(norms)
         return entry

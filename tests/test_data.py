@@ -169,7 +169,7 @@ def test_batch_errors():
     ("pycode:vocab=3", "unknown option 'vocab' for pycode; valid: max_bytes"),
     ("tokens", "names no file"),
     ("tokens:/nonexistent/x.bin", "token file /nonexistent/x.bin is missing"),
-    ("tokens:/nonexistent/x.bin,dtype=int8", "dtype='int8' is invalid; must be uint16 or uint32"),
+    ("tokens:/nonexistent/x.bin,dtype=int8", "dtype='int8' is invalid; must be uint8, uint16 or uint32"),
 ])
 def test_spec_errors(spec, message):
     with pytest.raises(DataError) as error:
@@ -262,7 +262,7 @@ def test_prepare_tokens_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr
     stream = b"".join(texts[n].encode() for n in ("a.txt", "b.txt", "sub/c.txt"))
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["vocab_size"] == 256 and meta["dtype"] == "uint16" and meta["files"] == 3
+    assert meta["vocab_size"] == 256 and meta["dtype"] == "uint8" and meta["files"] == 3
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
     data = load(f"tokens:{out}")
     assert data.vocab_size == 256

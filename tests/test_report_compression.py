@@ -106,3 +106,21 @@ def test_sparse_storage_record_is_routed_plotted_and_tabled(tmp_path):
     (runs / "sparse" / "sparse-storage.json").write_text(json.dumps(broken))
     with pytest.warns(report.RecordWarning, match="sparse_storage record lacks 'speed'"):
         assert not report.load_all([runs]).storage
+
+
+def test_data_compression_record_is_routed_plotted_and_tabled(tmp_path):
+    from impls.measure import data_throughput
+
+    need = dict(tokens_per_s=1000.0, tokens_per_step=1024, step_seconds=1.024, source="test")
+    record = data_throughput.measure(["synthetic:train_tokens=60000,val_tokens=8000,row_len=2000"],
+                                     batch_size=4, seq_len=64, need=need, levels=(1,))
+    runs = tmp_path / "runs"
+    data_throughput.write(record, runs)
+    loaded = report.load_all([runs])
+    assert [r["kind"] for r in loaded.storage] == ["data_compression"] and not loaded.interleaved
+    out = tmp_path / "plots"
+    written = {p.name for p in report.write_report([runs], out)}
+    assert "compression_data.png" in written
+    summary = (out / "summary.md").read_text()
+    assert "### Compressed training data" in summary and "| zstd-1 |" in summary and "| NO |" not in summary
+    assert "compression_data.png" in site.compression_section(loaded, written, "plots/x")

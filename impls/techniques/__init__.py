@@ -150,6 +150,11 @@ class Plan:
     # bytes per parameter (GaLore's projected moments): why the ZeRO model-state check does not
     # apply; the technique's notes compare the state with its own formula.
     optimizer_state_formula: str | None = None
+    # Set by a technique that trains step ``t`` of ``total_steps`` on sequences truncated to
+    # ``seq_len_at(t, total_steps, seq_len)`` tokens (sequence-length warm-up): ``measure_step``
+    # then counts each distinct length's FLOPs, solves for the steps a FLOP budget buys over the
+    # whole schedule, and the curve's cumulative FLOPs and tokens follow it step by step.
+    seq_len_at: Callable[[int, int, int], int] | None = None
 
     @property
     def precision(self) -> str:

@@ -1,0 +1,70 @@
+"""Sequence-length warm-up (Li et al. 2022, ``impls/techniques/seqlen_warmup.py``) against the
+baseline at the same model-FLOP budget: the loss at isoFLOP, and what the schedule saved.
+
+Every variant trains the same model on the same data to the same model-FLOP budget; with the
+warm-up the early steps are shorter and cheaper, so the budget buys more steps (solved exactly
+over the schedule by ``train.measure_step``).  The records are ``seqlen-<variant>.json``; their
+``technique_notes["seqlen_warmup"]`` hold the schedule, the tokens trained and the FLOPs saved
+(counted and analytic).  The quick budget is a third of the other families' so the three runs
+stay within the quick profile's time.
+"""
+from __future__ import annotations
+
+from . import common
+
+SETTINGS = {
+    "quick": dict(model="nano", batch_size=8, seq_len=128, flops_budget=1e10, lr=3e-3, data="synthetic", start=32),
+    "full": dict(model="small", batch_size=16, seq_len=512, flops_budget=3e14, lr=1e-3, data="pycode", start=64),
+}[common.profile_name()]
+
+#: variant name -> (techniques, recipe overrides): warm-up over 30 % and 60 % of the run.
+VARIANTS = {
+    "baseline": ([], {}),
+    "warmup-0.3": ([f"seqlen_warmup:start={SETTINGS['start']},steps=0.3"], {}),
+    "warmup-0.6": ([f"seqlen_warmup:start={SETTINGS['start']},steps=0.6"], {}),
+}
+
+
+def _recipe(**overrides) -> dict:
+    s = SETTINGS
+    return {**dict(model=s["model"], data=s["data"], batch_size=s["batch_size"], seq_len=s["seq_len"], lr=s["lr"],
+                   device=common.PROFILE["device"]), **overrides}
+
+
+def _note(key: str, unit: str):
+    def track(self, records, variant):
+        notes = records[(variant,)]["technique_notes"].get("seqlen_warmup")
+        return notes[key] if notes else None  # the baseline has no schedule
+
+    track.unit = unit
+    return track
+
+
+class SeqlenWarmup:
+    """Each variant trained to the same model-FLOP budget as the baseline."""
+
+    params = list(VARIANTS)
+    param_names = ["variant"]
+
+    def setup_cache(self):
+        return {(name,): common.train_record(f"seqlen-{name}", techniques=techniques,
+                                             flops_budget=SETTINGS["flops_budget"], **_recipe(**overrides))
+                for name, (techniques, overrides) in VARIANTS.items()}
+
+    setup_cache.timeout = 1800
+
+    track_val_loss_at_budget = common.tracked_field("final_val_loss", unit="nats/token")
+    track_steps_at_budget = common.tracked_field("steps", unit="steps")
+    track_seconds_per_mtok = common.seconds_per_mtok
+    track_params_bytes = common.tracked_field("memory", "params_bytes", unit="bytes")
+    track_grads_bytes = common.tracked_field("memory", "grads_bytes", unit="bytes")
+    track_optimizer_bytes = common.tracked_field("memory", "optimizer_bytes", unit="bytes")
+    track_activations_bytes = common.tracked_field("memory", "activations_bytes", unit="bytes")
+    track_token_fraction = _note("token_fraction", "ratio")
+    track_counted_flops_saved = _note("counted_flops_saved", "ratio")
+    track_analytic_flops_saved = _note("analytic_flops_saved", "ratio")
+
+
+# No interleaved speed class: impls.compare times a few steps at the recipe's full length per
+# token, while a warm-up's steps are shorter by design; its time per token is the record's
+# (seconds_per_mtok over the schedule's mean tokens per step).
