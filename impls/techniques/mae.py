@@ -202,10 +202,13 @@ def install(build, model, options: dict) -> tuple[_State, Decoder]:
         b, k = state.index.shape
         full = state.embedded.scatter(1, state.index.unsqueeze(-1).expand(b, k, x.shape[-1]), x.to(state.embedded.dtype))
         rope = None if model.pos_emb is not None else (model.rope_cos, model.rope_sin)
-        state.embedded = None  # not kept past the forward
         return (decoder(full, rope, state.attn_mask).to(x.dtype), *args[1:])
 
+    def after_model(module, args, out):
+        state.index = state.embedded = state.attn_mask = None  # blocks or norm called alone are untouched
+
     model.register_forward_pre_hook(on_model, with_kwargs=True)
+    model.register_forward_hook(after_model)
     model.drop.register_forward_hook(on_embedded)
     for block in model.blocks:
         block.register_forward_pre_hook(on_block)
