@@ -206,3 +206,16 @@ def test_every_bench_variant_is_a_valid_recipe():
                               flops_budget=bench_mae.SETTINGS["flops_budget"])
         train.validate(recipe)
         assert recipe.mlm_corrupt == "mask", name
+
+
+def test_every_speed_comparison_spec_is_valid():
+    from benchmarks import bench_mae, common
+    from impls import compare
+
+    for rate in bench_mae.RATES:
+        variants = {"baseline": dict(techniques=[]), f"mae-{rate}": dict(techniques=["mae"])}
+        spec = compare.parse_spec(dict(baseline="baseline", common=bench_mae._recipe(mlm_rate=rate, flops_budget=None),
+                                       variants=variants, **common.PROFILE["interleave"]))
+        for recipe in spec.recipes.values():
+            train.validate(recipe)
+            assert recipe.mlm_rate == rate and recipe.mlm_corrupt == "mask"
