@@ -219,3 +219,18 @@ def test_every_speed_comparison_spec_is_valid():
         for recipe in spec.recipes.values():
             train.validate(recipe)
             assert recipe.mlm_rate == rate and recipe.mlm_corrupt == "mask"
+
+
+@pytest.mark.parametrize("model_args", [{}, ROPE], ids=["learned", "rope"])
+def test_activation_checkpointing_wraps_the_blocks_and_changes_nothing(model_args):
+    """checkpoint wraps the blocks mae's hooks sit on: the wrapped block still calls them."""
+    x, y = masked_batch(rate=0.5)
+    grads = []
+    for specs in (["mae"], ["mae", "checkpoint"]):
+        model, _ = build_model("encoder-nano", specs, vocab_size=VOCAB + 1, **model_args)
+        loss = lm_loss(model(x), y)
+        loss.backward()
+        grads.append((float(loss.detach()), model.mae_decoder.blocks[0].attn.qkv.weight.grad.clone(),
+                      model.tok_emb.weight.grad.clone()))
+    assert grads[0][0] == grads[1][0]
+    assert torch.equal(grads[0][1], grads[1][1]) and torch.equal(grads[0][2], grads[1][2])

@@ -27,6 +27,10 @@ scatters the encoder's output back into the embedded sequence and runs the decod
 (:class:`Decoder`, new zoo :class:`~impls.zoo.model.Block` s created on ``meta`` and registered
 with ``build.own``, which initialises them GPT-2 style) on the full length.
 
+The hooks sit on the blocks themselves, so a technique that wraps a block and calls it
+(activation checkpointing) keeps them; techniques that hand the blocks other rope rows or
+sequence layouts are refused (``CONFLICTS``, ``check_mesh``).
+
 This needs ``mlm_corrupt="mask"``: with BERT's 80/10/10 a tenth of the chosen tokens are replaced
 by random tokens and a tenth kept, so 20 % of the predicted positions would stay visible to the
 encoder (``check_recipe`` refuses).  Causal models are refused: they are trained as next-token
