@@ -39,7 +39,8 @@ first and last layers, embedding and LM head stay at T.  The run's FLOPs therefo
 the step: ``plan.phase_at`` gives the kept length per step and ``plan.in_phase(r)`` puts the
 model at that length, so ``train.measure_step`` counts one step's FLOPs at every kept length the
 schedule uses and the budget buys exactly the steps whose summed counted FLOPs fit
-(``plan.dense_compute = False``: the record's model FLOPs are the counted ones).
+(``plan.dense_compute = False``: the record's model FLOPs are the counted ones).  The record's
+activation bytes are measured at the full length, the schedule's last (and largest) phase.
 
 ``technique_notes["random_ltd"]``: the options, the layers dropped, the schedule as
 [[first step, kept length], ...], total steps, the FLOPs saved against the same steps at full
@@ -229,7 +230,7 @@ def apply(build, options):
                              scheduler="deepspeed RandomLTDScheduler fixed_linear",
                              deepspeed_layer_not_used=(f"deepspeed.ops.random_ltd (token_sort_/token_gather/"
                                                        f"token_scatter_) is CUDA-only: {reason}" if reason else
-                                                       "DropBlock kept for identical CPU/GPU behaviour"))
+                                                       "not tried on this device: the same DropBlock runs on every device"))
 
     def describe() -> dict:
         per, n = build.flops_by_phase, build.total_steps
