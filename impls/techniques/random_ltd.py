@@ -23,6 +23,10 @@ The kept length (paper §3.2, "monotonic sequence length growth", MSLG) is DeepS
 
 with ``min_value = start``, ``max_value = T`` (the recipe's ``seq_len``), ``seq_per_step =
 every`` and ``require_steps = max(1, round(steps · N))`` for the run's N optimizer steps.
+Step t (0-based) trains at r_t.  The paper's companion "LayerToken" learning-rate schedule (the
+learning rate driven by consumed layer-tokens instead of steps) is not implemented: DeepSpeed
+itself marks it work in progress (``layer_token_lr_schedule.enabled`` raises), so the learning
+rate follows the recipe's step schedule as in every other run.
 
 Why not DeepSpeed's layer wrapper.  ``data_routing.basic_layer.RandomLayerTokenDrop`` samples,
 sorts, gathers and scatters through ``deepspeed.ops.random_ltd`` (``token_sort_``,
