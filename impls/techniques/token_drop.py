@@ -129,6 +129,10 @@ def check_model(cfg, seq_len, options):
 
 
 def check_recipe(recipe, options):
+    from .. import zoo
+
+    if recipe.model in zoo.CONFIGS and recipe.model_args.get("causal", zoo.CONFIGS[recipe.model][1].get("causal", True)):
+        return  # check_model refuses a causal model (the masked count below means nothing there)
     masked = max(1, round(recipe.mlm_rate * recipe.seq_len))
     k = kept_tokens(options["keep"], recipe.seq_len)
     if masked > k:
