@@ -51,6 +51,8 @@ without gradients; an ``after_step`` hook applies the moving-average update once
 Passes outside ``train_step`` (the FLOP and activation measurement, evaluation) run no
 ``on_batch``/``after_step`` hook, so they never touch the table; in them only the [MASK]-id rule
 applies, which keeps the same k tokens per row, so the counted FLOPs are those of a training step.
+Under data parallelism the step's per-id sums and counts are summed over the ``dp`` ranks before
+the update, so every rank holds the same table (the loss of the global batch).
 
 Evaluation (``eval=full``, default): all tokens through all layers.  The paper's downstream use
 is the full model on full sequences ("generalizes well to full sequences during fine-tuning");
@@ -368,6 +370,9 @@ def apply(build, options):
 
     def after_step(step):
         state.importance = entry.importance
+        if build.dims.dp > 1 and state.pending is not None:  # one table on every rank: the global step's losses
+            for t in state.pending:
+                build.dims.all_reduce(t, "dp", build.device.type)
         state.update()
         state.step_batch = None
 
