@@ -211,3 +211,17 @@ def test_every_bench_variant_is_a_valid_recipe():
         train.validate(recipe)
         for spec in specs:
             assert spec.split(":")[0] in techniques.REGISTRY
+
+
+def test_speed_class_spec_is_valid():
+    import importlib
+
+    from impls import compare
+
+    bench = _bench()
+    common = importlib.import_module("benchmarks.common")
+    variants = {name: dict(techniques=bench.VARIANTS[name][0]) for name in bench.TokenDropSpeed.params}
+    spec = compare.parse_spec(dict(baseline="baseline", common=bench._recipe(flops_budget=None), variants=variants,
+                                   **common.PROFILE["interleave"]))
+    for recipe in spec.recipes.values():
+        train.validate(recipe)
