@@ -225,3 +225,23 @@ def test_speed_class_spec_is_valid():
                                    **common.PROFILE["interleave"]))
     for recipe in spec.recipes.values():
         train.validate(recipe)
+
+
+def test_with_activation_checkpointing_gradients_match():
+    """Checkpointed wrappers recompute from the same selection: the same gradients as without."""
+    x, y = mlm_batch()
+    grads = []
+    for specs in (["token_drop"], ["token_drop", "checkpoint"]):
+        b = build_run("encoder-nano", specs, vocab_size=V, n_layer=4, position="rope")
+        model, state = b.model, token_drop.state_of(b.model)
+        model.train()
+        state.step_batch = (x, y)
+        from impls.loss import lm_loss
+
+        lm_loss(model(x), y).backward()
+        grads.append({n: p.grad.clone()
+                      for n, p in model.named_parameters()})
+        assert ("checkpoint" in b.plan.notes) == ("checkpoint" in specs)  # (hooks, no wrapper module)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name

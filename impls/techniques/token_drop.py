@@ -272,8 +272,9 @@ class Rejoin(nn.Module):
         s = self.state
         if s.active(self):
             b, k, c = x.shape
+            # (the state stays until the next forward: activation checkpointing recomputes these
+            # blocks in backward, from the same selection)
             x = s.saved.scatter(1, s.top.unsqueeze(-1).expand(b, k, c), x.to(s.saved.dtype))
-            s.saved = s.rope = s.mask = None
         return self.block(x, rope, attn_mask)
 
 
