@@ -245,3 +245,15 @@ def test_with_activation_checkpointing_gradients_match():
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
+
+
+def test_importance_average_stays_fp32_in_a_bf16_table():
+    state = token_drop.State(3, 2, dict(token_drop.OPTIONS))
+    state.importance = torch.full((3,), 10.0, dtype=torch.bfloat16)
+    for _ in range(20):
+        state.pending = (torch.tensor([5.0, 0.0, 0.0], dtype=torch.float64), torch.tensor([1.0, 0.0, 0.0],
+                                                                                          dtype=torch.float64))
+        state.update()
+    want = 5 + 5 * 0.995 ** 20
+    assert state.master[0].item() == pytest.approx(want, abs=1e-4)
+    assert state.importance[0].item() == pytest.approx(want, abs=0.07)  # it moved (bf16 alone would stay at 10)
