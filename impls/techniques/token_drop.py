@@ -201,7 +201,7 @@ class State:
         mean = (sums[seen] / counts[seen]).float()
         table = self.importance
         # The moving average runs in fp32: in a bf16 table (an engine that casts buffers) a step
-        # of (1 − β)·(ℓ − old) ≈ 0.03 at 10 rounds away (bf16 spacing there is 0.0625).
+        # of (1 − β)·(ℓ − old) ≈ 0.03 near 10 is lost to rounding (bf16 spacing there is 0.0625).
         master = table
         if table.dtype != torch.float32:
             master = self.master if self.master is not None and self.master.device == table.device else table.float()
