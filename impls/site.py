@@ -480,6 +480,7 @@ ASV_FAMILIES: dict[str, tuple[tuple[str, ...], str | None]] = {
     "datacomp": (("bench_datacomp.DataCompression",), None),
     "distill": (("bench_distill.Distill", "bench_distill.DistillSpeed"), r"distill-(?P<variant>.+)"),
     "ltd": (("bench_ltd.RandomLTD",), r"ltd-(?P<variant>.+)"),
+    "tokendrop": (("bench_tokendrop.TokenDrop", "bench_tokendrop.TokenDropSpeed"), r"tokendrop-(?P<variant>.+)"),
 }
 #: Which of a class's benchmarks a record's row links to, best first.
 _PREFERRED_METHODS = ("track_seconds_per_mtok", "time_train_step", "track_val_loss_at_budget",
