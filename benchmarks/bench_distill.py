@@ -46,6 +46,13 @@ VARIANTS = {
     "baseline": ([], {}),
     "distill": ([f"distill:teacher={TEACHER},alpha=0.5,temperature=2.0"], {}),
     "distill-counted": ([f"distill:teacher={TEACHER},alpha=0.5,temperature=2.0"], {"budget_flops": "counted"}),
+    # The knobs around the DistilBERT-style default (α = 0.5, T = 2), at equal student steps: T
+    # softens both distributions (Hinton et al. §2: the T² keeps the soft gradients' scale), α
+    # weighs the hard-label CE against the teacher's KL.
+    "distill-T1": ([f"distill:teacher={TEACHER},alpha=0.5,temperature=1.0"], {}),
+    "distill-T4": ([f"distill:teacher={TEACHER},alpha=0.5,temperature=4.0"], {}),
+    "distill-a0.1": ([f"distill:teacher={TEACHER},alpha=0.1,temperature=2.0"], {}),
+    "distill-a0.9": ([f"distill:teacher={TEACHER},alpha=0.9,temperature=2.0"], {}),
 }
 
 

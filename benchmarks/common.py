@@ -2,9 +2,9 @@
 
 ``ETBENCH_PROFILE=quick`` (the default, what ``make bench`` runs on a laptop CPU) keeps every
 suite to small models, short budgets and few repeats; ``full`` is for GPU boxes.  Every training
-run goes through ``etbench run`` in a child process (under ``torchrun`` for several ranks), so a
-benchmark measures exactly what a user's command measures, and its JSON record is kept under
-``results/runs/<commit>/`` for the plots.
+run goes through :func:`impls.train.run`, the function behind ``etbench run`` (in this process for
+one rank, under ``torchrun`` for several), so a benchmark measures exactly what a user's command
+measures, and its JSON record is kept under ``results/runs/<commit>/`` for the plots.
 """
 from __future__ import annotations
 
@@ -60,6 +60,30 @@ def profile_name() -> str:
 
 
 PROFILE = PROFILES[profile_name()]
+
+
+def preload() -> None:
+    """Import torch and the harness, and sample the profile's synthetic data, in this process.
+
+    ``make bench`` runs asv with ``--launch-method forkserver``: a server imports these suites
+    once and forks a process per benchmark.  Loaded here, at import, every ``setup_cache`` and
+    ``time_`` benchmark starts with them in memory instead of paying ~1.5-3 s of imports (torch,
+    the engines, pandas) and the data's sampling again -- about as much as a quick-profile family
+    trains.  Nothing runs a kernel or starts a thread pool before the fork (torch's intra-op
+    pool starts on first use, in the child), and CUDA is not touched; a forked child is what a
+    DataLoader worker is.  ``ETBENCH_PRELOAD=0`` turns it off (e.g. to time the imports)."""
+    if os.environ.get("ETBENCH_PRELOAD", "1") == "0":
+        return
+    import impls.compare  # noqa: F401
+    import impls.train  # noqa: F401  (torch, the engines, the training loop)
+    import impls.isoflop  # noqa: F401  (pandas, seaborn)
+    from impls import data
+
+    if PROFILE["data"].split(":")[0] == "synthetic":
+        data.load(PROFILE["data"])
+
+
+preload()
 
 
 def unsupported_world_size(world_size: int) -> str | None:

@@ -131,6 +131,9 @@ class Build:
     # Under a sequence-length schedule (``plan.seq_len_at``), set by ``train.measure_step``: length
     # -> (counted, frozen, model) FLOPs of one step at that length, for the technique's notes.
     flops_by_length: dict[int, tuple[int, int, float]] | None = None
+    # Under any per-step schedule (``plan.seq_len_at`` or ``plan.phase_at``): phase value ->
+    # (counted, frozen, model) FLOPs of one step in that phase (random-LTD: per kept length).
+    flops_by_phase: dict[int, tuple[int, int, float]] | None = None
     materialized: bool = False
     # ``--init-from`` (impls/init_from.py): the trained weights the model starts from, loaded when
     # it is materialised (before the surgery that may need them), and where they came from (the

@@ -441,7 +441,11 @@ def _train_in_pool(points: list, workers: int, finish: Callable, bar) -> None:
     import torch
 
     threads = max(1, torch.get_num_threads() // workers)
-    context = multiprocessing.get_context("spawn")  # fork after torch's thread pools can deadlock
+    # Not a plain fork (after torch's thread pools have run, a forked child can deadlock) but a
+    # fork server that has only imported this module: its workers start in milliseconds instead of
+    # re-importing torch (~2 s each), and a widening sweep's later pools reuse the same server.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
                                                 initargs=(threads,)) as pool:
         futures = {pool.submit(_pool_point, point.recipe): point for point in points}

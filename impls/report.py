@@ -639,11 +639,12 @@ def plot_throughput_memory(runs: pd.DataFrame) -> Figure:
 
 def _comparison_key(runs: pd.DataFrame) -> pd.Series:
     """Runs comparable with one another: same model and model_args, data, sequence length, FLOP
-    budget, world size and starting weights (batch may differ: accumulation keeps the effective batch with
+    budget, world size, starting weights and masked-LM task (rate and corruption: a masked-LM loss
+    at another rate is another task) (batch may differ: accumulation keeps the effective batch with
     smaller ones).  A run started ``--init-from`` trained weights (LoRA) is compared with full
     fine-tuning from the same weights, not with training from scratch."""
     columns = ["recipe.model", "dataset.hash", "recipe.seq_len", "recipe.flops_budget", "world_size",
-               "recipe.init_from"]
+               "recipe.init_from", "recipe.mlm_rate", "recipe.mlm_corrupt"]
     keys = runs.reindex(columns=columns)
     # model_args change the architecture (an untied embedding is another model): flattened to
     # recipe.model_args.<k> columns, so every such column is part of the key
@@ -1792,9 +1793,13 @@ def write_report(paths: Sequence[Path], out_dir: Path) -> list[Path]:
 
     compression_written, compression_section = write_compression(runs, loaded.interleaved, loaded.storage, out_dir)
     markdown += compression_section
+    from .report_tokens import write_tokens
+
+    tokens_written, tokens_section = write_tokens(runs, loaded.interleaved, out_dir)
+    markdown += tokens_section
     written = [write_text(out_dir / "summary.csv", table.to_csv(index=False)),
                write_text(out_dir / "summary.md", markdown + _peak_log_markdown(out_dir)),
-               *data_parallel_written, *model_parallel_written, *compression_written]
+               *data_parallel_written, *model_parallel_written, *compression_written, *tokens_written]
     # One set of plots per benchmark family: dozens of runs in one axes would be unreadable.
     families = list(dict.fromkeys(runs["family"]))
     multi = len(set(families) | {r["family"] for r in loaded.interleaved}) > 1

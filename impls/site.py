@@ -479,6 +479,8 @@ ASV_FAMILIES: dict[str, tuple[tuple[str, ...], str | None]] = {
     "seqlen": (("bench_seqlen.SeqlenWarmup",), r"seqlen-(?P<variant>.+)"),
     "datacomp": (("bench_datacomp.DataCompression",), None),
     "distill": (("bench_distill.Distill", "bench_distill.DistillSpeed"), r"distill-(?P<variant>.+)"),
+    "ltd": (("bench_ltd.RandomLTD",), r"ltd-(?P<variant>.+)"),
+    "tokendrop": (("bench_tokendrop.TokenDrop", "bench_tokendrop.TokenDropSpeed"), r"tokendrop-(?P<variant>.+)"),
 }
 #: Which of a class's benchmarks a record's row links to, best first.
 _PREFERRED_METHODS = ("track_seconds_per_mtok", "time_train_step", "track_val_loss_at_budget",
@@ -1329,6 +1331,53 @@ def compression_section(loaded, copied: set, rel_plots: str) -> str:
     return "".join(parts)
 
 
+def tokens_section(loaded, copied: set, rel_plots: str) -> str:
+    """The front page's "Data and token efficiency" section (:mod:`impls.report_tokens`): one
+    sortable table of every sequence-length warm-up, distillation, masked-token-dropping,
+    random-LTD and token-dropping run against its group's baseline -- FLOPs saved counted vs
+    analytic, the loss difference at the budget and at equal counted FLOPs, the interleaved speed
+    ratio -- and the section's figures; empty without such records."""
+    from . import report
+    from . import report_tokens as rt
+
+    frame = rt.tokens_frame(loaded.runs, loaded.interleaved)
+    if frame.empty:
+        return ""
+    parts = ['<section class="family" id="tokens"><h2>Data and token efficiency</h2>',
+             '<p class="note">Each run against the baseline of its own group (same model, data, length, masked-LM '
+             "rate and budget). FLOPs saved: counted over the steps as trained and the technique's analytic formula. "
+             "Loss Δ at the budget, and at equal counted FLOPs (both validation curves read at the smaller run's "
+             "total). Speed: baseline time per token ÷ the technique's, interleaved rounds (95% interval).</p>"]
+    rows = []
+    for r in frame.to_dict("records"):
+        lo, hi, speed = r.get("speed_lo"), r.get("speed_hi"), r.get("speed_ratio")
+        speed_text = (None if speed is None or speed != speed else
+                      f"{speed:.3g} [{lo:.3g}, {hi:.3g}]" if lo == lo and hi == hi else f"{speed:.3g}")
+        rows.append({"family": r["family"], "techniques": r["techniques"], "knob": r.get("knob_value"),
+                     "budget": r.get("budget_flops"), "steps": r.get("steps"), "baseline steps": r.get("baseline_steps"),
+                     "FLOPs saved (counted)": r.get("counted_flops_saved"),
+                     "FLOPs saved (analytic)": r.get("analytic_flops_saved"),
+                     "counted ÷ analytic": r.get("saved_counted_vs_analytic"),
+                     "loss Δ at budget": r.get("loss_delta_at_budget"),
+                     "loss Δ at equal counted FLOPs": r.get("loss_delta_at_equal_counted_flops"),
+                     "speed ratio": (speed_text, speed)})
+    columns = list(rows[0])
+    parts.append('<div class="scroll">' + report.html_table(
+        rows, columns, formats={"loss Δ at budget": "{:+.4f}", "loss Δ at equal counted FLOPs": "{:+.4f}"},
+        text_columns=["family", "techniques", "knob", "budget"], table_id="tokens-table") + "</div>")
+    figures = [(name, caption) for name, caption in (
+        ("tokens_speedup_vs_mask_rate.png", "masked-token dropping: speed-up over the full-sequence encoder vs mask rate"),
+        ("tokens_random_ltd_schedule.png", "random-LTD: kept tokens per middle layer over the steps, FLOPs saved"),
+        ("tokens_distill_sweep.png", "distillation: student loss vs temperature per α, the student alone as a line"))
+        if name in copied]
+    if figures:
+        parts.append('<div class="charts">' + "".join(
+            f'<figure><a href="{rel_plots}/{n}"><img class="static" src="{rel_plots}/{n}" alt="{_esc(c)}" width="640"></a>'
+            f"<figcaption>{_esc(c)}</figcaption></figure>" for n, c in figures) + "</div>")
+    parts.append("</section>")
+    return "".join(parts)
+
+
 def build_front_page(html_dir: Path, runs_root: Path = Path("results/runs"),
                      plots_root: Path = Path("results/plots"), isoflop_root: Path = Path("results/isoflop"),
                      runs: Path | None = None, previous: Path | None = None) -> list[str]:
@@ -1429,6 +1478,9 @@ def build_front_page(html_dir: Path, runs_root: Path = Path("results/runs"),
     compression = compression_section(loaded, copied, rel_plots)
     if compression:
         sections.append(compression)
+    tokens = tokens_section(loaded, copied, rel_plots)
+    if tokens:
+        sections.append(tokens)
     iso_dirs = sorted(p for p in Path(isoflop_root).glob(f"{commit}-*") if p.is_dir()) if Path(isoflop_root).is_dir() else []
     for iso_dir in iso_dirs:
         sections.append(_isoflop_section(iso_dir, html_dir, page, asv))
@@ -1454,6 +1506,7 @@ def build_front_page(html_dir: Path, runs_root: Path = Path("results/runs"),
     nav = "".join(f'<a href="#family-{_esc(f)}">{_esc(f)}</a>' for f in families)
     nav += '<a href="#data-parallel">data-parallel</a>' if data_parallel else ""
     nav += '<a href="#compression">compression</a>' if compression else ""
+    nav += '<a href="#tokens">data &amp; tokens</a>' if tokens else ""
     nav += "".join(f'<a href="#isoflop-{_esc(d.name)}">isoFLOP {_esc(d.name)}</a>' for d in iso_dirs)
     scripts = "".join(f'<script src="{url}"></script>' for url in REPORT_CDN_ASSETS)
     specs_json = json.dumps(_json_safe(page.specs), separators=(",", ":")).replace("</", "<\\/")

@@ -217,12 +217,14 @@ class StepMeasure:
     activations_bytes: int  # saved for backward by one micro-batch, this rank
     total_steps: int
     peak: dict  # the MFU denominator and its source
-    # With a sequence-length schedule (``plan.seq_len_at``): each step's length, and the
-    # (counted, frozen, model) FLOPs of one step at each length.  The per-step fields above are
-    # then the means over the schedule, so steps × per-step = the run's totals.
+    # With a per-step schedule (``plan.seq_len_at`` or ``plan.phase_at``): each step's phase
+    # value (its sequence length, or random-LTD's kept length), and the (counted, frozen, model)
+    # FLOPs of one step at each value.  The per-step fields above are then the means over the
+    # schedule, so steps × per-step = the run's totals.
     lengths: list[int] | None = None
     per_length: dict[int, tuple[int, int, float]] | None = None
     rows: int = 0  # sequences per step over all ranks: a step's tokens are rows × its length
+    phase_is_length: bool = True  # False: the phase is not the batch's length (tokens per step fixed)
 
     def totals(self, done: int) -> dict:
         """Cumulative counted FLOPs, model FLOPs and tokens of the first ``done`` steps: exact
@@ -233,7 +235,7 @@ class StepMeasure:
         lengths = self.lengths[:done]
         return dict(flops=float(sum(self.per_length[t][0] for t in lengths)),
                     model_flops=float(sum(self.per_length[t][2] for t in lengths)),
-                    tokens=self.rows * sum(lengths))
+                    tokens=self.rows * sum(lengths) if self.phase_is_length else done * self.tokens_per_step)
 
 
 
@@ -283,7 +285,7 @@ def measure_step(session: Session) -> StepMeasure:
         model_flops = float(model_flops_per_step(session.model, step_rows, r.seq_len))
     else:
         model_flops = float(flops - frozen)
-    if plan.seq_len_at is not None:
+    if plan.seq_len_at is not None or plan.phase_at is not None:
         return _measure_schedule(session, x0, y0, step_rows, activations, (flops, frozen, model_flops))
     if r.steps is not None:
         total_steps = r.steps
@@ -317,26 +319,37 @@ def _peak(session: Session) -> dict:
 
 
 def _measure_schedule(session: Session, x0, y0, step_rows: int, activations: int, full: tuple) -> StepMeasure:
-    """:func:`measure_step` under a sequence-length schedule (``plan.seq_len_at``): the FLOPs of
-    one step are counted at every length the schedule uses (the batch truncated to it, as the
-    technique's ``on_batch`` hook does), model FLOPs are the analytic 6N + 12·L·H·Q·T at that T
-    (or the counted ones, without dense compute), and the steps a budget buys are the largest N
-    with Σ_{t<N} FLOPs(T_t) ≤ budget (:func:`_schedule_steps`)."""
+    """:func:`measure_step` under a per-step schedule of a "phase" value: the sequence length
+    (``plan.seq_len_at``, sequence-length warm-up) or another value the model's cost depends on
+    (``plan.phase_at``, with ``plan.in_phase(value)`` a context that puts the model into that
+    phase: random-LTD's kept length).  The FLOPs of one step are counted at every value the
+    schedule uses (for a length, the batch truncated to it, as the technique's ``on_batch`` hook
+    does; otherwise the full batch inside ``in_phase``), model FLOPs are the analytic
+    6N + 12·L·H·Q·T at that length (or the counted ones, without dense compute), and the steps a
+    budget buys are the largest N with Σ_{t<N} FLOPs(phase_t) ≤ budget (:func:`_schedule_steps`)."""
     r, ctx, plan, engine = session.recipe, session.ctx, session.plan, session.engine
-    per_length = {r.seq_len: full}
+    is_length = plan.seq_len_at is not None
+    schedule = plan.seq_len_at if is_length else plan.phase_at
+    per_length = {r.seq_len: full}  # at full length / full phase: the step measure_step counted
 
-    def at(length: int) -> tuple[int, int, float]:
-        if length not in per_length:
+    def at(value: int) -> tuple[int, int, float]:
+        if value not in per_length:
             with torch.compiler.set_stance("force_eager"):
-                counted = engine.count_flops(x0[:, :length], y0[:, :length])
+                if is_length:
+                    counted = engine.count_flops(x0[:, :value], y0[:, :value])
+                else:
+                    with plan.in_phase(value):
+                        counted = engine.count_flops(x0, y0)
             flops, frozen = ctx.all_sum_int(counted["total"]), ctx.all_sum_int(counted["frozen"])
-            model = (float(model_flops_per_step(session.model, step_rows, length)) if plan.dense_compute
-                     else float(flops - frozen))
-            per_length[length] = (flops, frozen, model)
-        return per_length[length]
+            if plan.dense_compute:
+                model = float(model_flops_per_step(session.model, step_rows, value if is_length else r.seq_len))
+            else:
+                model = float(flops - frozen)
+            per_length[value] = (flops, frozen, model)
+        return per_length[value]
 
     def length_at(t: int, n: int) -> int:
-        return plan.seq_len_at(t, n, r.seq_len)
+        return schedule(t, n, r.seq_len)
 
     if r.steps is not None:
         total_steps = r.steps
@@ -350,11 +363,15 @@ def _measure_schedule(session: Session, x0, y0, step_rows: int, activations: int
         at(length)
     engine.total_steps = total_steps
     session.build.total_steps = total_steps
-    session.build.flops_by_length = dict(per_length)
+    session.build.flops_by_phase = dict(per_length)
+    if is_length:
+        session.build.flops_by_length = dict(per_length)
     n = total_steps
     mean = [sum(per_length[t][i] for t in lengths) / n for i in range(3)]
-    cost = StepMeasure(step_rows * sum(lengths) / n, mean[0], mean[1], mean[2], activations, total_steps,
-                       _peak(session), lengths=lengths, per_length=dict(per_length), rows=step_rows)
+    tokens = step_rows * sum(lengths) / n if is_length else step_rows * r.seq_len
+    cost = StepMeasure(tokens, mean[0], mean[1], mean[2], activations, total_steps,
+                       _peak(session), lengths=lengths, per_length=dict(per_length), rows=step_rows,
+                       phase_is_length=is_length)
     return cost
 
 

@@ -312,3 +312,14 @@ def test_mask_for_mlm_at_least_one_per_row():
     assert ((targets != IGNORE_INDEX).sum(dim=1) == 1).all()
     with pytest.raises(DataError, match="rate=0"):
         mask_for_mlm(x, 10, 10, 0.0, torch.Generator())
+
+
+def test_synthetic_splits_are_sampled_once_per_process_and_read_only():
+    """Benchmark suites train many runs in one process: the sampled splits are shared between
+    them, so none may be able to change what the next run sees."""
+    a, b = load("synthetic"), load("synthetic")
+    assert a.train is b.train and a.content_hash == b.content_hash
+    with pytest.raises(ValueError):
+        a.train[0, 0] = 1
+    other = load("synthetic:seed=1")
+    assert other.content_hash != a.content_hash

@@ -37,7 +37,7 @@ import math
 import pkgutil
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 
@@ -155,6 +155,13 @@ class Plan:
     # then counts each distinct length's FLOPs, solves for the steps a FLOP budget buys over the
     # whole schedule, and the curve's cumulative FLOPs and tokens follow it step by step.
     seq_len_at: Callable[[int, int, int], int] | None = None
+    # The same for a schedule of another "phase" value the step's cost depends on (random-LTD's
+    # kept length): ``phase_at(t, total_steps, seq_len)`` gives step t's value, the value
+    # ``seq_len`` meaning the full-cost step, and ``in_phase(value)`` (set by the technique's
+    # ``apply``, once the model exists) is a context manager that puts the model into that phase
+    # while ``measure_step`` counts one step's FLOPs; the batch keeps its length.
+    phase_at: Callable[[int, int, int], int] | None = None
+    in_phase: Callable[[int], Any] | None = None
 
     @property
     def precision(self) -> str:
