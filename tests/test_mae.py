@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from conftest import build_model
 from impls import data as data_lib
-from impls import train
+from impls import techniques, train
 from impls.errors import ConfigError
 from impls.loss import lm_loss
 from impls.zoo.model import IGNORE_INDEX
@@ -140,6 +140,13 @@ def test_counted_encoder_flops_follow_the_visible_fraction(rate):
     assert notes["counted_baseline_flops_per_step"] == _count_total(base, x)
     assert notes["counted_vs_analytic_encoder"] > 1  # torch counts 14·H·Q·T² for attention, PaLM 12
     assert notes["counted_decoder_flops_per_step"] > 0
+    assert notes["counted_flops_saved"] == pytest.approx(1 - notes["counted_flops_ratio_vs_baseline"])
+    assert notes["analytic_flops_saved"] == pytest.approx(
+        1 - notes["analytic_flops_per_step"] / notes["analytic_baseline_flops_per_step"])
+    assert notes["counted_flops_per_step"] == (notes["counted_encoder_flops_per_step"]
+                                               + notes["counted_decoder_flops_per_step"]
+                                               + notes["counted_baseline_flops_per_step"]
+                                               - notes["counted_full_encoder_flops_per_step"])
 
 
 def _state(model):
@@ -176,6 +183,12 @@ def test_refusals():
         train.validate(_recipe(techniques=["mae:decoder_layers=0"]))
     with pytest.raises(ConfigError, match="techniques 'mae' and 'mod' cannot be combined"):
         train.validate(_recipe(techniques=["mae", "mod"]))
+    for other in ("random_ltd", "token_drop", "seqlen_warmup", "pp"):
+        with pytest.raises(ConfigError, match=f"techniques 'mae' and '{other}' cannot be combined"):
+            techniques.check_combination([techniques.parse("mae"), techniques.parse(other)])
+    with pytest.raises(ConfigError, match="mae cannot run with attention:kind=local"):
+        train.validate(_recipe(techniques=["mae", "attention:kind=local,window=8"]))
+    train.validate(_recipe(techniques=["mae", "attention:kind=math"]))  # a dense kernel is fine
     with pytest.raises(ConfigError, match="masks every token"):
         train.validate(_recipe(seq_len=1))
     train.validate(_recipe(techniques=["mae:decoder_layers=2"]))  # a valid one passes

@@ -29,7 +29,8 @@ with ``build.own``, which initialises them GPT-2 style) on the full length.
 
 The hooks sit on the blocks themselves, so a technique that wraps a block and calls it
 (activation checkpointing) keeps them; techniques that hand the blocks other rope rows or
-sequence layouts are refused (``CONFLICTS``, ``check_mesh``).
+sequence layouts are refused (``CONFLICTS``, ``check_mesh``; sparse attention patterns in
+``check_recipe``).
 
 This needs ``mlm_corrupt="mask"``: with BERT's 80/10/10 a tenth of the chosen tokens are replaced
 by random tokens and a tenth kept, so 20 % of the predicted positions would stay visible to the
@@ -66,12 +67,14 @@ OPTIONS = {"decoder_layers": 1}
 CONFLICTS = {
     "mod": "mod's routed blocks gather their own rope rows from the full tables, and mae hands every block "
            "the rows of the visible tokens only",
-    "pipeline": "mae gathers the visible tokens before the first block and re-inserts the mask tokens after "
+    "pp": "mae gathers the visible tokens before the first block and re-inserts the mask tokens after "
                 "the last, which pipeline stages split across ranks",
     "seqlen_warmup": "truncating a masked batch to a shorter length leaves rows with different numbers of "
                      "visible tokens, which mae's (B, T_vis) gather needs equal",
-    "attention": "local/sliding-window attention is defined over positions, and mae's encoder sees the "
-                 "visible tokens packed together (neighbours in the packed sequence are not neighbours in text)",
+    "random_ltd": "random-LTD's drop blocks gather their kept tokens and rope rows from the full sequence, and mae "
+                  "hands the blocks the visible tokens and their rows only (both drop tokens from the same blocks)",
+    "token_drop": "token dropping ranks positions of the full sequence by their MLM loss inside the blocks, and mae "
+                  "hands the blocks the visible tokens only (both drop tokens from the same blocks)",
 }
 
 
@@ -106,6 +109,15 @@ def check_recipe(recipe, options):
         raise ConfigError(f"mae needs mlm_corrupt=mask (got {recipe.mlm_corrupt!r}): with BERT's 80/10/10 a fifth "
                           f"of the chosen tokens are random or unchanged, so they would stay visible to the encoder; "
                           f"valid: mask")
+    from . import parse  # the recipe's other techniques (registered, parsed by now)
+    from .attention import SPARSE_KINDS
+
+    for text in recipe.techniques:
+        spec = parse(text)
+        if spec.name == "attention" and spec.options["kind"] in SPARSE_KINDS:
+            raise ConfigError(f"mae cannot run with attention:kind={spec.options['kind']}: sparse attention patterns "
+                              f"are defined over positions, and mae's encoder sees the visible tokens packed together "
+                              f"(neighbours there are not neighbours in the text); valid kinds: math, sdpa")
     if visible_tokens(recipe.seq_len, recipe.mlm_rate) < 1:
         raise ConfigError(f"mae: mlm_rate={recipe.mlm_rate} masks every token of a {recipe.seq_len}-token row, "
                           f"leaving the encoder nothing to see; lower mlm_rate or raise seq_len")
@@ -303,6 +315,10 @@ def flop_notes(model, state: _State, decoder: Decoder, accum_steps: int = 1) -> 
         counted_baseline_flops_per_step=counted["baseline"],
         counted_flops_ratio_vs_baseline=counted["total"] / counted["baseline"],
         counted_flops_per_token=counted["total"] / (s * t),
+        # fraction of the baseline model's step FLOPs saved (negative: mae costs more, as at low
+        # mask rates where the decoder outweighs what the encoder skips)
+        counted_flops_saved=1 - counted["total"] / counted["baseline"],
+        analytic_flops_saved=1 - analytic_total / analytic_baseline,
         analytic_encoder_flops_per_step=analytic["encoder"],
         analytic_full_encoder_flops_per_step=analytic["encoder_full"],
         analytic_decoder_flops_per_step=analytic["decoder"],
