@@ -552,13 +552,16 @@ def _memmap(path: Path, dtype: np.dtype) -> np.ndarray:
 # Masked-LM inputs
 
 def mask_for_mlm(x: torch.Tensor, vocab_size: int, mask_token_id: int, rate: float,
-                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                 generator: torch.Generator, corrupt: str = "bert") -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking (Devlin et al. 2019, §3.1) of a ``(B, T)`` batch.
 
     Each row gets exactly ``max(1, round(rate * T))`` chosen positions, as in BERT's
     ``create_pretraining_data.py`` (a fixed count keeps the number of loss terms per batch
-    constant and guarantees at least one per row).  Of the chosen positions 80% become
-    ``mask_token_id``, 10% a random token in ``[0, vocab_size)`` and 10% stay unchanged.
+    constant and guarantees at least one per row).  ``corrupt="bert"``: of the chosen positions
+    80% become ``mask_token_id``, 10% a random token in ``[0, vocab_size)`` and 10% stay
+    unchanged.  ``corrupt="mask"``: every chosen position becomes ``mask_token_id``, as MAE (He et
+    al. 2022) removes every masked patch, so the [MASK] ids mark exactly the positions to predict
+    (the same positions as "bert" for the same generator state).
     Returns ``(inputs, targets)``: targets hold the original tokens at chosen positions and
     ``IGNORE_INDEX`` elsewhere.
     """
@@ -570,6 +573,11 @@ def mask_for_mlm(x: torch.Tensor, vocab_size: int, mask_token_id: int, rate: flo
     keys = torch.rand(x.shape, generator=generator, device=x.device)
     chosen = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
     chosen.scatter_(1, keys.topk(n_chosen, dim=1, largest=False).indices, True)
+    if corrupt == "mask":
+        inputs = torch.where(chosen, torch.full_like(x, mask_token_id), x)
+        return inputs, torch.where(chosen, x, torch.full_like(x, IGNORE_INDEX))
+    if corrupt != "bert":
+        raise DataError(f"mlm corruption {corrupt!r} is not one of bert, mask")
     action = torch.rand(x.shape, generator=generator, device=x.device)
     random_tokens = torch.randint(0, vocab_size, x.shape, generator=generator, device=x.device,
                                   dtype=x.dtype)

@@ -28,6 +28,9 @@ from .errors import ConfigError
 SCHEDULES = ("cosine", "constant")
 LR_SCALINGS = ("none", "linear", "sqrt")
 BUDGET_FLOPS = ("model", "counted")
+#: What a chosen masked-LM position becomes: "bert" 80% [MASK] / 10% random / 10% unchanged
+#: (Devlin et al. 2019); "mask" always [MASK] (MAE, He et al. 2022, drops every masked token).
+MLM_CORRUPTIONS = ("bert", "mask")
 
 
 class RecipeError(ConfigError):
@@ -163,6 +166,9 @@ class Recipe:
         "first steps excluded from timing (allocator, thread-pool warm-up)", metavar="STEPS", valid=NON_NEGATIVE))
     mlm_rate: float = field(default=0.15, metadata=_flag(
         "fraction of tokens masked (masked-LM encoders only: BERT)", valid=FRACTION))
+    mlm_corrupt: str = field(default="bert", metadata=_flag(
+        "bert | mask: what a chosen masked-LM position becomes (bert: 80% [MASK], 10% random, 10% unchanged; "
+        "mask: always [MASK], as MAE drops every masked token)"))
     device: str = field(default="auto", metadata=_flag("auto | cpu | cuda"))
     # Gradient-norm clipping (off by default): the global L2 norm of the gradients, after fp16
     # unscaling, is clipped to this before the optimizer step; the pre-clip norm goes in the curve.

@@ -37,7 +37,7 @@ from .measure import PeakMemory, device_name, model_flops_per_step, peak_flops
 from .measure import timing as timing_lib
 from .measure.comm import CommCounter
 from .parallel import ParallelDims
-from .recipe import BUDGET_FLOPS, LR_SCALINGS, SCHEDULES, Recipe, RecipeError
+from .recipe import BUDGET_FLOPS, LR_SCALINGS, MLM_CORRUPTIONS, SCHEDULES, Recipe, RecipeError
 
 SCHEMA_VERSION = 1
 
@@ -73,6 +73,8 @@ def _check(r: Recipe, world_size: int):
         raise RecipeError(f"unknown budget_flops {r.budget_flops!r}; valid: {', '.join(BUDGET_FLOPS)}")
     if r.schedule not in SCHEDULES:
         raise RecipeError(f"unknown schedule {r.schedule!r}; valid: {', '.join(SCHEDULES)}")
+    if r.mlm_corrupt not in MLM_CORRUPTIONS:
+        raise RecipeError(f"unknown mlm_corrupt {r.mlm_corrupt!r}; valid: {', '.join(MLM_CORRUPTIONS)}")
     device = dist.resolve_device(r.device)
     if (r.steps is None) == (r.flops_budget is None):
         raise RecipeError("give exactly one of steps or flops_budget")
@@ -158,7 +160,8 @@ class Batches:
             # SeedSequence, not hash(): str hashes change per process (PYTHONHASHSEED).
             mask_seed = np.random.SeedSequence([r.seed, ("train", "val").index(split), index, self.dp_rank])
             g = torch.Generator().manual_seed(int(mask_seed.generate_state(1)[0]))
-            x, y = data_lib.mask_for_mlm(x, self.dataset.vocab_size, self.mlm_mask_id, r.mlm_rate, g)
+            x, y = data_lib.mask_for_mlm(x, self.dataset.vocab_size, self.mlm_mask_id, r.mlm_rate, g,
+                                          corrupt=r.mlm_corrupt)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 

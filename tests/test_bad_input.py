@@ -158,6 +158,7 @@ ROWS = [
     Row("mlm-rate-0", run("--mlm-rate", "0"), 2, "mlm_rate=0.0 is invalid; valid: a finite number in (0, 1)", "2"),
     Row("mlm-rate-1", run("--mlm-rate", "1"), 2, "mlm_rate=1.0 is invalid", "2"),
     Row("mlm-rate-nan", run("--mlm-rate", "nan"), 2, "mlm_rate=nan is invalid", "2"),
+    Row("mlm-corrupt", run("--mlm-corrupt", "random"), 2, "unknown mlm_corrupt 'random'; valid: bert, mask", "2"),
     Row("seed-negative", run("--seed=-1"), 2, "seed=-1 is invalid; valid: an integer in [0, ", "2"),
     Row("seed-beyond-int64", run("--seed", str(2 ** 63)), 2, f"seed={2 ** 63} is invalid", "2"),
     Row("timing-warmup-negative", run("--timing-warmup=-1"), 2, "timing_warmup=-1 is invalid; valid: an integer >= 0",
@@ -340,7 +341,7 @@ def _state_file(path: Path, recipe: Recipe) -> Path:
 _OTHER = dict(model="micro", data="synthetic:vocab=32", optimizer="lion", lr=0.5, weight_decay=0.0,
               schedule="constant", lr_warmup=3, lr_scaling="sqrt", base_batch=16, batch_size=3, seq_len=32,
               techniques=["bf16"], seed=7, steps=5, flops_budget=1e12, budget_flops="counted", eval_every=2,
-              eval_batches=9, timing_warmup=5, mlm_rate=0.3, device="cpu", grad_clip=1.0, model_args={"n_layer": 3},
+              eval_batches=9, timing_warmup=5, mlm_rate=0.3, mlm_corrupt="mask", device="cpu", grad_clip=1.0, model_args={"n_layer": 3},
               mesh={"dp": 1}, init_from="base.state.pt")
 
 

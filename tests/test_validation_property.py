@@ -62,6 +62,7 @@ WILD = {
     "eval_batches": _ints(1, 2),
     "timing_warmup": _ints(0, 3),
     "mlm_rate": _floats(0.15, 0.5, 1.0),
+    "mlm_corrupt": st.sampled_from(["bert", "mask", "random"]),
     "device": st.sampled_from(["cpu", "auto", "tpu", None]),
     "model_args": st.dictionaries(
         st.sampled_from(["n_layer", "n_head", "d_model", "n_kv_head", "d_ff", "block_size", "dropout", "causal",
