@@ -480,7 +480,7 @@ ASV_FAMILIES: dict[str, tuple[tuple[str, ...], str | None]] = {
     "datacomp": (("bench_datacomp.DataCompression",), None),
     "distill": (("bench_distill.Distill", "bench_distill.DistillSpeed"), r"distill-(?P<variant>.+)"),
     "ltd": (("bench_ltd.RandomLTD",), r"ltd-(?P<variant>.+)"),
-    "mae": (("bench_mae.Mae", "bench_mae.MaeSpeed015", "bench_mae.MaeSpeed04", "bench_mae.MaeSpeed075"),
+    "mae": (("bench_mae.Mae", "bench_mae.MaeSpeed"),
             r"mae-(?P<variant>.+)"),
     "tokendrop": (("bench_tokendrop.TokenDrop", "bench_tokendrop.TokenDropSpeed"), r"tokendrop-(?P<variant>.+)"),
 }

@@ -131,3 +131,37 @@ def test_every_model_parallel_layout_is_valid_at_its_world_sizes(world_size, mon
                                    **common.PROFILE["interleave"]))
     for recipe in spec.recipes.values():
         train.validate(recipe, world_size)
+
+
+def _suite_modules():
+    import pkgutil
+
+    import benchmarks
+
+    return [importlib.import_module(f"benchmarks.{m.name}") for m in pkgutil.iter_modules(benchmarks.__path__)
+            if m.name.startswith("bench_")]
+
+
+def test_every_setup_cache_has_its_own_source_line():
+    """asv keys a ``setup_cache`` result by the function's file and line: classes whose caches come
+    from one function (made in a loop) would all get the first one's result."""
+    seen = {}
+    for module in _suite_modules():
+        for name, cls in vars(module).items():
+            fn = getattr(cls, "setup_cache", None) if isinstance(cls, type) else None
+            if fn is None or cls.__module__ != module.__name__:
+                continue
+            key = (fn.__code__.co_filename, fn.__code__.co_firstlineno)
+            assert key not in seen, f"{module.__name__}.{name} shares its setup_cache with {seen[key]}"
+            seen[key] = f"{module.__name__}.{name}"
+
+
+@pytest.mark.parametrize("module", ["bench_seqlen", "bench_ltd", "bench_mae", "bench_tokendrop"])
+def test_note_tracks_give_nan_not_none_for_a_run_without_the_technique(module):
+    """asv counts a track_ returning None as a failed benchmark (and make bench fails): the
+    baseline of a family has no technique notes, so its note tracks are n/a (NaN)."""
+    import math
+
+    suite = importlib.import_module(f"benchmarks.{module}")
+    track = suite._note("counted_flops_saved", "ratio")
+    assert math.isnan(track(None, {("baseline",): {"technique_notes": {}}}, "baseline"))

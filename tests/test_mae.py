@@ -226,9 +226,8 @@ def test_every_speed_comparison_spec_is_valid():
     from impls import compare
 
     for rate in bench_mae.RATES:
-        variants = {"baseline": dict(techniques=[]), f"mae-{rate}": dict(techniques=["mae"])}
         spec = compare.parse_spec(dict(baseline="baseline", common=bench_mae._recipe(mlm_rate=rate, flops_budget=None),
-                                       variants=variants, **common.PROFILE["interleave"]))
+                                       variants=bench_mae.SPEED_VARIANTS, **common.PROFILE["interleave"]))
         for recipe in spec.recipes.values():
             train.validate(recipe)
             assert recipe.mlm_rate == rate and recipe.mlm_corrupt == "mask"
