@@ -67,16 +67,16 @@ def preload() -> None:
 
     ``make bench`` runs asv with ``--launch-method forkserver``: a server imports these suites
     once and forks a process per benchmark.  Loaded here, at import, every ``setup_cache`` and
-    ``time_`` benchmark starts with them in memory instead of paying ~1.5-3 s of imports (torch,
-    the engines, pandas) and the data's sampling again -- about as much as a quick-profile family
-    trains.  Nothing runs a kernel or starts a thread pool before the fork (torch's intra-op
+    ``time_`` benchmark starts with them in memory instead of paying ~1-3 s of imports (torch,
+    the engines) and the data's sampling again.  pandas and seaborn stay out: every process asv
+    forks (a thousand ``track_`` reads) copies the server's page tables, and a bigger server makes
+    each fork slower.  Nothing runs a kernel or starts a thread pool before the fork (torch's intra-op
     pool starts on first use, in the child), and CUDA is not touched; a forked child is what a
     DataLoader worker is.  ``ETBENCH_PRELOAD=0`` turns it off (e.g. to time the imports)."""
     if os.environ.get("ETBENCH_PRELOAD", "1") == "0":
         return
     import impls.compare  # noqa: F401
     import impls.train  # noqa: F401  (torch, the engines, the training loop)
-    import impls.isoflop  # noqa: F401  (pandas, seaborn)
     from impls import data
 
     if PROFILE["data"].split(":")[0] == "synthetic":

@@ -1803,21 +1803,49 @@ def write_report(paths: Sequence[Path], out_dir: Path) -> list[Path]:
     # One set of plots per benchmark family: dozens of runs in one axes would be unreadable.
     families = list(dict.fromkeys(runs["family"]))
     multi = len(set(families) | {r["family"] for r in loaded.interleaved}) > 1
-    for family in families:
-        group = runs[runs["family"] == family].reset_index(drop=True)
-        suffix = f"-{family}" if multi else ""
-        written += [_write_figure(out_dir / f"loss_vs_flops{suffix}.png", plot_loss_vs_flops(group)),
-                    _write_figure(out_dir / f"throughput_memory{suffix}.png", plot_throughput_memory(group))]
-        comparison = technique_comparison(group, [r for r in loaded.interleaved if r["family"] == family])
-        if len(comparison) > 1:
-            written += [write_text(out_dir / f"technique_comparison{suffix}.csv", comparison.to_csv(index=False)),
-                        _write_figure(out_dir / f"technique_comparison{suffix}.png",
-                                      plot_technique_comparison(comparison))]
-    for record in loaded.interleaved:
-        name = interleaved_name(record)
-        written += [write_text(out_dir / f"{name}.csv", interleaved_table(record).to_csv(index=False)),
-                    _write_figure(out_dir / f"{name}.png", plot_interleaved(record))]
+    jobs = [(_family_files, (runs[runs["family"] == family].reset_index(drop=True),
+                             [r for r in loaded.interleaved if r["family"] == family], out_dir,
+                             f"-{family}" if multi else ""))
+            for family in families]
+    jobs += [(_interleaved_files, (record, out_dir)) for record in loaded.interleaved]
+    for paths in _run_jobs(jobs):
+        written += paths
     return written
+
+
+def _family_files(group: pd.DataFrame, interleaved: list[dict], out_dir: Path, suffix: str) -> list[Path]:
+    """One family's loss-vs-FLOPs, throughput/memory and (with a baseline) technique comparison."""
+    written = [_write_figure(out_dir / f"loss_vs_flops{suffix}.png", plot_loss_vs_flops(group)),
+               _write_figure(out_dir / f"throughput_memory{suffix}.png", plot_throughput_memory(group))]
+    comparison = technique_comparison(group, interleaved)
+    if len(comparison) > 1:
+        written += [write_text(out_dir / f"technique_comparison{suffix}.csv", comparison.to_csv(index=False)),
+                    _write_figure(out_dir / f"technique_comparison{suffix}.png", plot_technique_comparison(comparison))]
+    return written
+
+
+def _interleaved_files(record: dict, out_dir: Path) -> list[Path]:
+    name = interleaved_name(record)
+    return [write_text(out_dir / f"{name}.csv", interleaved_table(record).to_csv(index=False)),
+            _write_figure(out_dir / f"{name}.png", plot_interleaved(record))]
+
+
+def _run_jobs(jobs: list[tuple]) -> list[list[Path]]:
+    """``[fn(*args) for fn, args in jobs]``, on the machine's cores: laying out and rasterising the
+    per-family figures is most of a report's time, and each job writes its own files (atomically).
+    Forked workers (this process has run no torch kernel, so no thread pool is copied mid-use);
+    results come back in the jobs' order.  One core, or ``ETBENCH_REPORT_WORKERS=1``: in process."""
+    import os
+
+    workers = min(len(jobs), int(os.environ.get("ETBENCH_REPORT_WORKERS", os.cpu_count() or 1)))
+    if workers <= 1 or sys.platform == "win32":
+        return [fn(*args) for fn, args in jobs]
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        futures = [pool.submit(fn, *args) for fn, args in jobs]
+        return [future.result() for future in futures]
 
 
 def _peak_log_markdown(out_dir: Path) -> str:
