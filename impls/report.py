@@ -653,19 +653,31 @@ def _comparison_key(runs: pd.DataFrame) -> pd.Series:
     return pd.Series(["|".join(map(str, row)) for row in keys.itertuples(index=False)], index=runs.index)
 
 
+def _timing_key(label, mlm_rate, mlm_corrupt) -> tuple:
+    """What an interleaved timing of a variant is matched on: its label (model, optimizer,
+    techniques) and its masked-LM task -- the same encoder technique is timed once per mask rate,
+    and a causal model's defaults (rate 0.15, ``bert``) match records that predate the fields."""
+    rate = 0.15 if mlm_rate is None or (isinstance(mlm_rate, float) and math.isnan(mlm_rate)) else float(mlm_rate)
+    corrupt = mlm_corrupt if isinstance(mlm_corrupt, str) else "bert"
+    return label, round(rate, 6), corrupt
+
+
 def technique_comparison(runs: pd.DataFrame, interleaved: Sequence[dict] = ()) -> pd.DataFrame:
     """Each technique run relative to the baseline of its comparison group (the run without
     techniques, optimizer AdamW): memory components as fractions of the baseline's total exact
     memory, the loss difference at the same FLOP budget, and the speed ratio -- taken only from
-    an interleaved comparison (``interleaved`` records, matched by label: rounds A B A B ..., with
-    its 95% interval), never from two separately timed runs; NaN where no such timing exists."""
+    an interleaved comparison (``interleaved`` records, matched by label and masked-LM task:
+    rounds A B A B ..., with its 95% interval), never from two separately timed runs; NaN where no
+    such timing exists."""
     timed = {}
     for record in interleaved:
         for variant in record.get("variants", {}).values():
             speedup = variant.get("speedup") or {}
             if _is_number(_estimate(speedup)):
                 ci = speedup.get("ci95") or [math.nan, math.nan]
-                timed.setdefault(variant.get("label"), (_estimate(speedup), ci[0], ci[1]))
+                recipe = variant.get("recipe") or {}
+                key = _timing_key(variant.get("label"), recipe.get("mlm_rate"), recipe.get("mlm_corrupt"))
+                timed.setdefault(key, (_estimate(speedup), ci[0], ci[1]))
     runs = runs.assign(_key=_comparison_key(runs))
     is_baseline = runs["recipe.techniques"].map(lambda t: isinstance(t, list) and not t) & (
         runs.get("recipe.optimizer", pd.Series("adamw", index=runs.index)) == "adamw")
@@ -677,7 +689,8 @@ def technique_comparison(runs: pd.DataFrame, interleaved: Sequence[dict] = ()) -
         base = baselines.iloc[0]
         base_total = sum(base[c] for c in MEMORY_COMPONENTS)
         for index, run in group.iterrows():
-            speed, low, high = timed.get(run.get("label"), (math.nan, math.nan, math.nan))
+            speed, low, high = timed.get(_timing_key(run.get("label"), run.get("recipe.mlm_rate"),
+                                                     run.get("recipe.mlm_corrupt")), (math.nan, math.nan, math.nan))
             if index == base.name and timed:  # the reference itself: 1 by definition
                 speed, low, high = 1.0, 1.0, 1.0
             row = {"run": run["run"], "speed ratio": speed, "speed ratio lo": low, "speed ratio hi": high,

@@ -103,3 +103,19 @@ def test_site_section_shows_the_table_and_figures(runs_dir, tmp_path):
     assert 'id="tokens"' in html and "random_ltd:start=32" in html and "seqlen_warmup" in html
     assert "tokens_random_ltd_schedule.png" in html and "prune:sparsity" not in html
     assert site.tokens_section(report.load_all([runs_dir / "pruning"]), set(), "plots/x") == ""
+
+
+def test_speed_ratio_is_matched_by_mask_rate(runs_dir):
+    """The same encoder technique timed once per mask rate (one label for all): each run gets its
+    own rate's ratio."""
+    loaded = report.load_all([runs_dir])
+    mae = loaded.runs[loaded.runs["family"] == "mae"].reset_index(drop=True)
+    mae["label"] = ["encoder-nano/adamw/mae" if t else "encoder-nano/adamw" for t in mae["recipe.techniques"]]
+
+    def record(rate, value):
+        return {"family": "mae", "variants": {"mae": {"label": "encoder-nano/adamw/mae", "recipe": {"mlm_rate": rate},
+                                                      "speedup": {"value": value, "ci95": [value - 0.1, value + 0.1]}}}}
+
+    comparison = report.technique_comparison(mae, [record(0.15, 0.7), record(0.75, 1.1)])
+    speed = dict(zip(comparison["run"], comparison["speed ratio"]))
+    assert speed["nano/mae-0.15"] == pytest.approx(0.7) and speed["nano/mae-0.75"] == pytest.approx(1.1)
