@@ -104,6 +104,7 @@ class Distill:
     setup_cache.timeout = 1800
 
     track_seconds_per_mtok = common.seconds_per_mtok
+    track_counted_flops_per_token = common.counted_flops_per_token
     track_val_loss_at_budget = common.tracked_field("final_val_loss", unit="nats/token")
     track_params_bytes = common.tracked_field("memory", "params_bytes", unit="bytes")
     track_grads_bytes = common.tracked_field("memory", "grads_bytes", unit="bytes")

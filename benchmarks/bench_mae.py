@@ -51,14 +51,6 @@ def _note(key: str, unit: str):
     return track
 
 
-def _counted_flops_per_token(self, records, variant):
-    record = records[(variant,)]
-    return record["flops_per_step"] / record["tokens_per_step"]
-
-
-_counted_flops_per_token.unit = "FLOPs/token"
-
-
 class Mae:
     """Each variant trained to the same model-FLOP budget; pairs share a mask rate."""
 
@@ -85,7 +77,7 @@ class Mae:
     track_visible_fraction = _note("visible_fraction", "ratio")
     track_encoder_flops_ratio = _note("encoder_flops_ratio", "ratio")
     track_counted_flops_ratio_vs_baseline = _note("counted_flops_ratio_vs_baseline", "ratio")
-    track_counted_flops_per_token = _counted_flops_per_token
+    track_counted_flops_per_token = common.counted_flops_per_token
 
 
 #: the pair each interleaved comparison times, at one mask rate

@@ -64,6 +64,7 @@ class TokenDrop:
     track_steps_at_budget = common.tracked_field("steps", unit="steps")
     track_model_flops_per_step = common.tracked_field("model_flops_per_step", unit="FLOPs")
     track_seconds_per_mtok = common.seconds_per_mtok
+    track_counted_flops_per_token = common.counted_flops_per_token
     track_params_bytes = common.tracked_field("memory", "params_bytes", unit="bytes")
     track_grads_bytes = common.tracked_field("memory", "grads_bytes", unit="bytes")
     track_optimizer_bytes = common.tracked_field("memory", "optimizer_bytes", unit="bytes")

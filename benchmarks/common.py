@@ -254,3 +254,13 @@ def seconds_per_mtok(self, records, *params):
 
 
 seconds_per_mtok.unit = "s/Mtok"
+
+
+def counted_flops_per_token(self, records, *params):
+    """Counted training FLOPs per token (FlopCounterMode; under a schedule, the run's total over
+    its total tokens): what a token-efficiency technique removes, beside the loss it costs."""
+    record = records[params]
+    return record["flops_per_step"] / record["tokens_per_step"]
+
+
+counted_flops_per_token.unit = "FLOPs/token"
