@@ -21,7 +21,7 @@ SETTINGS = {
     # where a minimum sits at an edge) over two budgets, and four of the six variants (the random
     # router control and staged MoDE are in the full profile): it must leave make bench's 600 s
     # to the other families.
-    "quick": dict(budgets=[5e9, 1.5e10], n_sizes=3, workers=2, flop_sizes=["L2-D16", "L2-D32", "L2-D64"],
+    "quick": dict(budgets=[4e9, 1.2e10], n_sizes=3, workers=2, flop_sizes=["L2-D16", "L2-D32", "L2-D64"],
                   variants=["baseline", "mod", "moe", "mode-integrated"],
                   data="synthetic", batch_size=16, seq_len=64, lr=3e-3, causal_steps=100, causal_size="L4-D96"),
     "full": dict(budgets=[1e12, 3e12, 1e13], n_sizes=5, workers=1, flop_sizes=["L4-D128", "L8-D256", "L12-D384"],
