@@ -79,7 +79,7 @@ def _train_teacher() -> dict:
     out = teacher_path()
     out.parent.mkdir(parents=True, exist_ok=True)
     recipe = _recipe(model=s["teacher_model"], model_args={}, lr=s["teacher_lr"], flops_budget=s["teacher_budget"],
-                     seed=common.PROFILE["seeds"][0])
+                     seed=common.PROFILE["seeds"][0], evaluations=common.PROFILE["evaluations"])
     # save_every beyond the run's length: only the final state (always saved at the last step)
     record = train.run(Recipe(**recipe), save_every=10 ** 9, checkpoint=out.with_suffix(".state.pt"))
     train.write_record(record, out)

@@ -28,7 +28,8 @@ SETTINGS = {
                  variants=["baseline", "mod", "mod-random", "moe", "mode-staged", "mode-integrated"],
                  data="pycode", batch_size=16, seq_len=256, lr=1e-3, causal_steps=3000, causal_size="L8-D256"),
 }[common.profile_name()]
-_RECIPE = {k: SETTINGS[k] for k in ("data", "batch_size", "seq_len", "lr")}
+_RECIPE = {**{k: SETTINGS[k] for k in ("data", "batch_size", "seq_len", "lr")},
+           "evaluations": common.PROFILE["evaluations"]}
 
 
 def _sweep_dir():

@@ -35,6 +35,9 @@ PROFILES = {
         seeds=[0],
         # Interleaved comparisons (impls.compare): rounds × steps per variant after warm-up.
         interleave=dict(rounds=10, steps=2, warmup=3),
+        # Validation evaluations per training run (Recipe.evaluations, plus step 0 and the last):
+        # a quick run's curve has 5 points; its final loss is the same 4-batch measurement.
+        evaluations=5,
     ),
     "full": dict(
         models=["small", "gpt2", "gpt2-medium"],
@@ -48,6 +51,7 @@ PROFILES = {
         timing=dict(number=1, repeat=(2, 10, 30.0), rounds=2, warmup_time=2.0),
         seeds=[0, 1, 2],
         interleave=dict(rounds=20, steps=3, warmup=3),
+        evaluations=10,
     ),
 }
 
@@ -133,6 +137,7 @@ def train_record(name: str, *, nproc: int = 1, **recipe) -> dict:
     """
     out = runs_dir() / name.split("-")[0] / f"{name}.json"
     base_seed = recipe.pop("seed", 0)
+    recipe.setdefault("evaluations", PROFILE["evaluations"])
     records = [_train_one(out if i == 0 else None, nproc, {**recipe, "seed": base_seed + s})
                for i, s in enumerate(PROFILE["seeds"])]
     record = records[0]

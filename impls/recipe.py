@@ -160,7 +160,13 @@ class Recipe:
         "model | counted: what --flops-budget counts (model: 6N+12LHQT, so recomputation and kernel "
         "choices do not change the steps)"))
     eval_every: int | None = field(default=None, metadata=_flag(
-        "evaluate every N steps (default: ten evaluations per run)", metavar="N", valid=AT_LEAST_ONE))
+        "evaluate every N steps (default: --evaluations per run)", metavar="N", valid=AT_LEAST_ONE))
+    # Without --eval-every: the curve's evaluations, evenly spaced (plus step 0 and the last step).
+    # The final validation loss is the same measurement whatever the count; fewer points make a
+    # short run cheaper (the quick benchmark profile uses 5).
+    evaluations: int = field(default=10, metadata=_flag(
+        "evaluations per run when --eval-every is not given (evenly spaced, plus the first and last step)",
+        metavar="N", valid=AT_LEAST_ONE))
     eval_batches: int = field(default=4, metadata=_flag("validation batches per evaluation", valid=AT_LEAST_ONE))
     timing_warmup: int = field(default=2, metadata=_flag(
         "first steps excluded from timing (allocator, thread-pool warm-up)", metavar="STEPS", valid=NON_NEGATIVE))

@@ -438,7 +438,7 @@ def run(recipe: Recipe, ctx: dist.DistContext | None = None, *, save_every: int 
     session = prepare(recipe, ctx)
     cost = measure_step(session)
     ctx, engine, batches, total = session.ctx, session.engine, session.batches, cost.total_steps
-    eval_every = recipe.eval_every or max(1, total // 10)
+    eval_every = recipe.eval_every or max(1, total // recipe.evaluations)
     clipping = recipe.grad_clip is not None
     if resumed:
         engine.load_state_dict(training_state.engine_state(resumed, ctx.rank))

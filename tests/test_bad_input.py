@@ -166,6 +166,7 @@ ROWS = [
     Row("batch-size-0", run("--batch-size", "0"), 2, "batch_size=0 is invalid; valid: an integer >= 1", "2"),
     Row("seq-len-0", run("--seq-len", "0"), 2, "seq_len=0 is invalid", "2"),
     Row("eval-batches-0", run("--eval-batches", "0"), 2, "eval_batches=0 is invalid", "2"),
+    Row("evaluations-0", run("--evaluations", "0"), 2, "evaluations=0 is invalid", "2"),
     Row("eval-every-0", run("--eval-every", "0"), 2, "eval_every=0 is invalid", "2"),
     Row("base-batch-0", run("--base-batch", "0"), 2, "base_batch=0 is invalid", "2"),
     Row("steps-0", run("--steps", "0", steps=False), 2, "steps=0 is invalid; valid: an integer >= 1", "2"),
@@ -341,7 +342,7 @@ def _state_file(path: Path, recipe: Recipe) -> Path:
 _OTHER = dict(model="micro", data="synthetic:vocab=32", optimizer="lion", lr=0.5, weight_decay=0.0,
               schedule="constant", lr_warmup=3, lr_scaling="sqrt", base_batch=16, batch_size=3, seq_len=32,
               techniques=["bf16"], seed=7, steps=5, flops_budget=1e12, budget_flops="counted", eval_every=2,
-              eval_batches=9, timing_warmup=5, mlm_rate=0.3, mlm_corrupt="mask", device="cpu", grad_clip=1.0, model_args={"n_layer": 3},
+              eval_batches=9, evaluations=4, timing_warmup=5, mlm_rate=0.3, mlm_corrupt="mask", device="cpu", grad_clip=1.0, model_args={"n_layer": 3},
               mesh={"dp": 1}, init_from="base.state.pt")
 
 

@@ -41,7 +41,7 @@ def _everything_set(**length) -> Recipe:
     r = Recipe(model="micro", data="synthetic:vocab=32,order=3", optimizer="lion", lr=0.1 + 0.2, weight_decay=1e-5 / 3,
                schedule="constant", lr_warmup=7, lr_scaling="sqrt", base_batch=32, batch_size=3, seq_len=48,
                techniques=["mod:capacity=0.25", "attention:kind=local,window=16"], seed=-3, eval_every=5,
-               eval_batches=2, timing_warmup=1, mlm_rate=0.1 + 0.05, mlm_corrupt="mask", device="cpu", budget_flops="counted",
+               eval_batches=2, evaluations=3, timing_warmup=1, mlm_rate=0.1 + 0.05, mlm_corrupt="mask", device="cpu", budget_flops="counted",
                model_args=dict(n_layer=3, bias=False, dropout=0.1 + 0.2, norm="rmsnorm", eps=1e-300),
                mesh={"dp": 2, "tp": 2}, grad_clip=0.5 + 0.25, init_from="runs/base.json", **length)
     default = Recipe()

@@ -60,6 +60,7 @@ WILD = {
     "budget_flops": st.sampled_from(["model", "counted", "hardware"]),
     "eval_every": _ints(1, 3),
     "eval_batches": _ints(1, 2),
+    "evaluations": _ints(1, 2),
     "timing_warmup": _ints(0, 3),
     "mlm_rate": _floats(0.15, 0.5, 1.0),
     "mlm_corrupt": st.sampled_from(["bert", "mask", "random"]),
