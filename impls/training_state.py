@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
-from .files import write_bytes
+from .files import check_readable, write_bytes
 
 FORMAT = "etbench-training-state/1"
 # Recipe fields a resumed run may change.  None: every field changes a number of the record —
@@ -46,9 +46,13 @@ def restore_rng(state: dict) -> None:
 
 
 def save(path: str | os.PathLike, recipe, ctx, engine, *, step: int, curve: list, window_losses: list,
-         window_grad_norms: list | None = None) -> None:
+         window_grad_norms: list | None = None, finished: dict | None = None) -> None:
     """Write the training state after ``step`` optimizer steps (rank 0 writes; all ranks wait).
-    A failed write raises :class:`~impls.errors.WriteError` and leaves the previous state intact."""
+    A failed write raises :class:`~impls.errors.WriteError` and leaves the previous state intact.
+
+    ``finished``: at the last step, the measurements the record is made of (step times, load,
+    memory of every rank), so that a run killed between this save and its record is given its
+    record back by ``--resume`` instead of losing it (:func:`impls.train.run`)."""
     engine_state, sharded = engine.state_dict(), bool(engine.sharded_state) and ctx.world_size > 1
     if sharded:  # every rank holds its own shard: rank 0 writes them all, in one atomic file
         import torch.distributed as tdist
@@ -60,7 +64,7 @@ def save(path: str | os.PathLike, recipe, ctx, engine, *, step: int, curve: list
         buffer = io.BytesIO()
         torch.save(dict(recipe=dataclasses.asdict(recipe), world_size=ctx.world_size, step=step,
                         curve=curve, window_losses=window_losses, window_grad_norms=list(window_grad_norms or []),
-                        engine=engine_state, engine_sharded=sharded, rng=_rng_state()), buffer)
+                        engine=engine_state, engine_sharded=sharded, rng=_rng_state(), finished=finished), buffer)
         payload = buffer.getvalue()
         outer = io.BytesIO()
         torch.save(dict(format=FORMAT, sha256=hashlib.sha256(payload).hexdigest(), payload=payload), outer)
@@ -99,6 +103,7 @@ def read(path: str | os.PathLike) -> dict:
     (format, SHA-256 of the payload, the payload's keys), whatever recipe wrote it: what
     ``--init-from`` (:mod:`impls.init_from`) reads a finished run's weights from.  A missing,
     corrupt or foreign file is a one-line :class:`~impls.errors.ConfigError`."""
+    check_readable(path, "checkpoint")  # a FIFO would block torch.load forever; a device is no checkpoint
     path = Path(path)
     try:
         outer = torch.load(path, map_location="cpu", weights_only=False)

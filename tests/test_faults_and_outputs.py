@@ -111,7 +111,7 @@ ROWS = [
     Row("resume-checkpoint-without-hash", [*RUN, "--resume", "{no_hash}"], 2, "incomplete: no sha256"),
     Row("resume-checkpoint-payload-lacks-state", [*RUN, "--resume", "{no_state}"], 2, "payload lacks"),
     Row("resume-checkpoint-payload-garbage", [*RUN, "--resume", "{bad_payload}"], 2, "payload does not load"),
-    Row("resume-checkpoint-is-a-directory", [*RUN, "--resume", "{dir}"], 2, "corrupt or not an etbench checkpoint"),
+    Row("resume-checkpoint-is-a-directory", [*RUN, "--resume", "{dir}"], 2, "is a directory, not a regular file"),
     Row("resume-checkpoint-is-a-list", [*RUN, "--resume", "{a_list}"], 2, "not an etbench training state"),
     Row("report-empty-folder", ["report", "{empty}", "-o", "{new}"], 2, "no valid run records", absent=["{new}"]),
     Row("report-only-garbage", ["report", "{garbage}", "-o", "{new}"], 2, "no valid run records", absent=["{new}"]),

@@ -205,12 +205,15 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc):
+        self.peak_bytes = self.current()
+        return False
+
+    def current(self) -> int:
+        """The peak so far (inside the region): what a final checkpoint keeps for its record."""
         if self.kind == "cuda_allocator":
             torch.cuda.synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self.peak_bytes = process_peak_rss()
-        return False
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return process_peak_rss()
 
 
 def process_peak_rss() -> int:
