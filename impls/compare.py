@@ -49,6 +49,13 @@ CI_METHOD = ("median of per-round values with the distribution-free 95% interval
              "(binomial coverage >= 95%); per-round values are the median step time of the round's steps, "
              "ratios taken within a round")
 SPEC_KEYS = ("baseline", "rounds", "steps", "warmup", "common", "variants")
+#: Recipe fields a comparison sets itself, refused in ``common`` and in a variant instead of being
+#: silently overridden: field -> why.
+SPEC_OWNED_FIELDS = {
+    "steps": "the comparison trains warmup + rounds x steps steps of every variant; set the spec's "
+             "'steps' (per round), 'rounds' and 'warmup' instead",
+    "flops_budget": "a comparison times a fixed number of steps; drop flops_budget",
+}
 
 # Two-sided 95% Student-t quantiles t(0.975, df) for df = 1..30; beyond, the normal 1.96 is
 # within 2% (no scipy dependency for 30 numbers).
@@ -123,6 +130,7 @@ def parse_spec(raw: dict) -> Spec:
         raise RecipeError(f"spec 'common' must be an object of recipe fields, got {common!r}")
     fields = {f.name for f in dataclasses.fields(Recipe)}
     total = numbers["warmup"] + numbers["rounds"] * numbers["steps"]
+    _check_owned("spec 'common'", common)
     recipes = {}
     for name, overrides in variants.items():
         if not isinstance(overrides, dict):
@@ -131,8 +139,9 @@ def parse_spec(raw: dict) -> Spec:
         bad = sorted(set(merged) - fields)
         if bad:
             raise RecipeError(f"variant {name!r}: unknown recipe field {bad[0]!r}; valid: {', '.join(sorted(fields))}")
-        if merged.pop("flops_budget", None) is not None:
-            raise RecipeError(f"variant {name!r}: a comparison times a fixed number of steps; drop flops_budget")
+        _check_owned(f"variant {name!r}", overrides)
+        for owned in SPEC_OWNED_FIELDS:
+            merged.pop(owned, None)  # None only: set ones were refused above
         # The learning-rate schedule spans the steps the comparison trains.
         recipes[name] = Recipe(**{**merged, "steps": total})
     devices = {r.device for r in recipes.values()}
@@ -141,14 +150,45 @@ def parse_spec(raw: dict) -> Spec:
     return Spec(baseline, numbers["rounds"], numbers["steps"], numbers["warmup"], recipes)
 
 
+def _check_owned(where: str, fields: dict) -> None:
+    """Refuse a recipe field the comparison sets itself (:data:`SPEC_OWNED_FIELDS`); null is
+    accepted (it is the field's "not set")."""
+    for field, why in SPEC_OWNED_FIELDS.items():
+        if fields.get(field) is not None:
+            raise RecipeError(f"{where}: recipe field {field!r} ({fields[field]!r}) is not used by a comparison: {why}")
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple]) -> dict:
+    """``json`` object hook: an object whose key appears twice is refused (plain ``json.load``
+    keeps the last value silently, so a variant written twice would be measured once)."""
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _DuplicateKey(f"key {key!r} appears twice in one object (among keys "
+                                f"{', '.join(repr(k) for k, _ in pairs)}); JSON would keep only the last; "
+                                f"give each key once (rename one of the variants)")
+        seen.add(key)
+    return dict(pairs)
+
+
 def load_spec(path: str | os.PathLike) -> Spec:
+    """Read and check a spec file: not JSON, a key repeated in any of its objects (a variant
+    given twice), an unknown key or a field the comparison sets itself are one-line errors."""
     try:
         with open(path) as f:
-            raw = json.load(f)
+            raw = json.load(f, object_pairs_hook=_unique_keys)
     except OSError as e:
         raise RecipeError(f"cannot read comparison spec {str(path)!r}: {e.strerror}") from None
     except json.JSONDecodeError as e:
         raise RecipeError(f"comparison spec {str(path)!r} is not JSON: {e}") from None
+    except _DuplicateKey as e:
+        raise RecipeError(f"comparison spec {str(path)!r}: {e}") from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"comparison spec {str(path)!r} is not UTF-8 text ({e.reason})") from None
     return parse_spec(raw)
 
 

@@ -9,7 +9,8 @@
   ``.py`` sources: real text every machine already has.
 * ``tokens:PATH[,dtype=uint8|uint16|uint32][,compression=zstd]`` -- memory-mapped token files in
   nanoGPT's layout (``train.bin``/``val.bin`` + optional ``meta.json``, or one ``.bin`` split
-  90/10), or chunked zstd files read with random access (``train.bin.zst``/``val.bin.zst``, or one
+  90/10; raw files need their dtype, from ``meta.json`` or ``dtype=``: it is never guessed), or
+  chunked zstd files read with random access (``train.bin.zst``/``val.bin.zst``, or one
   ``PATH.zst``; :mod:`impls.token_shards`); see
   ``datasets/prepare_tokens.py`` to make them and ``datasets/README.md`` for the dataset cards.
   A wrong dtype is refused rather than trained on: a uint32 file read as uint16 (every second
@@ -422,7 +423,21 @@ def _load_tokens(path: str, opt: dict) -> TokenData:
     if opt["dtype"] and meta.get("dtype", opt["dtype"]) != opt["dtype"]:
         raise DataError(f"dtype={opt['dtype']} contradicts dtype={meta['dtype']} in "
                         f"{root / 'meta.json'}")
-    dtype = np.dtype(opt["dtype"] or meta.get("dtype", "uint16"))
+    if not opt["dtype"] and "dtype" not in meta:
+        # Raw bytes do not say how wide a token is: a byte corpus of an even length read as uint16
+        # pairs its bytes into ids up to 65535 and trains without a word.  Missing files first.
+        for f in files:
+            _file_size(f)
+        if not root.is_dir():
+            missing = f"token file {root} does not state its dtype (a single file has no meta.json)"
+        elif (root / "meta.json").exists():
+            missing = f"{root / 'meta.json'} states no dtype"
+        else:
+            missing = f"token folder {root} has no meta.json stating its dtype"
+        raise DataError(f"{missing}; give it: tokens:{root},dtype=uint8|uint16|uint32 (nanoGPT's .bin files are "
+                        f"uint16), or write the corpus with datasets/prepare_tokens.py (meta.json with dtype and "
+                        f"vocab_size)")
+    dtype = np.dtype(opt["dtype"] or meta["dtype"])
     if meta.get("vocab_size", 0) > 1 << 8 * dtype.itemsize:
         raise DataError(f"vocab_size={meta['vocab_size']} in {root / 'meta.json'} does not fit {dtype.name} token "
                         f"ids (at most {1 << 8 * dtype.itemsize}); the dtype is wrong or the vocab_size is")
@@ -533,12 +548,16 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
-def _memmap(path: Path, dtype: np.dtype) -> np.ndarray:
+def _file_size(path: Path) -> int:
     try:
-        size = path.stat().st_size
+        return path.stat().st_size
     except OSError as e:
         raise DataError(f"token file {path} is missing or unreadable ({e.strerror}); expected a "
                         f".bin file or a directory with train.bin and val.bin") from None
+
+
+def _memmap(path: Path, dtype: np.dtype) -> np.ndarray:
+    size = _file_size(path)
     if size == 0 or size % dtype.itemsize:
         raise DataError(f"token file {path} has {size} bytes, not a positive multiple of "
                         f"{dtype.itemsize} ({dtype.name}); valid dtypes: {', '.join(token_shards.DTYPES)}")

@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import ConfigError
+from .files import check_path_length, check_readable
 
 STATE_SUFFIX = ".state.pt"  # what etbench run --out R.json --save-every N writes the state to
 
@@ -67,46 +69,52 @@ def _json_form(value):
     return json.loads(json.dumps(value))
 
 
-def read(path: str | Path) -> Source:
+def read(path: str | Path, flag: str = "init_from") -> Source:
     """The weights named by ``path`` (a training state, or a record with its state beside it),
-    checked for integrity; a one-line ConfigError for anything unusable."""
+    checked for integrity; a one-line ConfigError for anything unusable, speaking of ``flag``: the
+    option the user gave the path with (``init_from``, or ``distill:teacher``)."""
     from . import training_state
 
     given = Path(path)
-    if not given.is_file():
-        raise ConfigError(f"init_from {str(path)!r} does not exist (give a run's training state or its record)")
+    check_path_length(path, flag)
+    if not os.path.lexists(given):
+        raise ConfigError(f"{flag} {str(path)!r} does not exist (give a run's training state or its record)")
+    check_readable(path, flag)  # a FIFO would block the read forever; a device or folder is no run
     record = None
     if given.suffix == ".json":
         try:
             record = json.loads(given.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"init_from {str(path)!r} is not a readable run record ({type(e).__name__})") from None
+            raise ConfigError(f"{flag} {str(path)!r} is not a readable run record ({type(e).__name__})") from None
         if not isinstance(record, dict) or not isinstance(record.get("recipe"), dict):
-            raise ConfigError(f"init_from {str(path)!r} is not an etbench run record (no recipe)")
+            raise ConfigError(f"{flag} {str(path)!r} is not an etbench run record (no recipe)")
         if record.get("status") != "ok":
-            raise ConfigError(f"init_from {str(path)!r} is a run that did not finish well "
+            raise ConfigError(f"{flag} {str(path)!r} is a run that did not finish well "
                               f"(status {record.get('status')!r}); its weights are no trained model")
         weights_path = given.with_suffix(STATE_SUFFIX)
         if not weights_path.is_file():
-            raise ConfigError(f"init_from {str(path)!r} is a run record, and its weights are not beside it: expected "
+            raise ConfigError(f"{flag} {str(path)!r} is a run record, and its weights are not beside it: expected "
                               f"{weights_path} (train the source with etbench run --out {given} --save-every N)")
     else:
         weights_path = given
-    state = training_state.read(weights_path)
+    try:
+        state = training_state.read(weights_path)
+    except ConfigError as e:  # "checkpoint X is corrupt ...": say which option named it
+        raise ConfigError(f"{flag} {str(path)!r}: {e}") from None
     if state.get("engine_sharded"):
-        raise ConfigError(f"init_from {str(weights_path)!r} holds per-rank shards of a sharded engine (FSDP, ZeRO, "
-                          f"tensor parallelism); --init-from needs whole weights (a one-rank or DDP run)")
+        raise ConfigError(f"{flag} {str(weights_path)!r} holds per-rank shards of a sharded engine (FSDP, ZeRO, "
+                          f"tensor parallelism); {flag} needs whole weights (a one-rank or DDP run)")
     engine = state["engine"]
     weights = engine.get("model") if isinstance(engine, dict) else None
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
-        raise ConfigError(f"init_from {str(weights_path)!r} holds no whole model state dict (written by an engine "
-                          f"whose state --init-from cannot read)")
+        raise ConfigError(f"{flag} {str(weights_path)!r} holds no whole model state dict (written by an engine "
+                          f"whose state {flag} cannot read)")
     if record is not None:
         if _json_form(state["recipe"]) != record["recipe"]:
-            raise ConfigError(f"init_from {str(path)!r}: the state beside it ({weights_path}) was written by a "
+            raise ConfigError(f"{flag} {str(path)!r}: the state beside it ({weights_path}) was written by a "
                               f"different recipe than the record's")
         if state["step"] != record.get("steps_done"):
-            raise ConfigError(f"init_from {str(path)!r}: the state beside it is from step {state['step']}, the record "
+            raise ConfigError(f"{flag} {str(path)!r}: the state beside it is from step {state['step']}, the record "
                               f"ends at step {record.get('steps_done')}; its loss would not describe these weights")
     info = dict(path=str(path), weights_path=str(weights_path), sha256=_sha256(weights_path),
                 record_sha256=_sha256(given) if record is not None else None, step=state["step"],
@@ -122,26 +130,27 @@ def read(path: str | Path) -> Source:
     return Source(weights, state["recipe"], info)
 
 
-def check(source: Source, recipe, model: torch.nn.Module) -> None:
+def check(source: Source, recipe, model: torch.nn.Module, flag: str = "init_from") -> None:
     """Refuse, before any work, a source that does not fit ``model`` (the run's dense zoo model,
     on ``meta``): a different model or model_args, or weights of other names or shapes (another
-    vocabulary, a source whose techniques changed the module structure)."""
+    vocabulary, a source whose techniques changed the module structure).  Messages name ``flag``
+    as :func:`read`'s do."""
     where = source.info["path"]
     mine = (recipe.model, recipe.model_args)
     if source.model_config != mine:
-        raise ConfigError(f"init_from {where!r} holds weights of model {source.model_config[0]!r} with model_args "
+        raise ConfigError(f"{flag} {where!r} holds weights of model {source.model_config[0]!r} with model_args "
                           f"{source.model_config[1]}, this run trains {mine[0]!r} with model_args {mine[1]}")
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     given = {k: tuple(v.shape) for k, v in source.weights.items()}
     missing, extra = sorted(expected.keys() - given.keys()), sorted(given.keys() - expected.keys())
     if missing or extra:
         techs = source.recipe.get("techniques") or []
-        raise ConfigError(f"init_from {where!r} holds weights of another module structure (source techniques: "
+        raise ConfigError(f"{flag} {where!r} holds weights of another module structure (source techniques: "
                           f"{', '.join(techs) or 'none'}): missing {missing[:3]}, unexpected {extra[:3]}; "
                           f"start from a run of the plain model")
     for key, shape in expected.items():
         if given[key] != shape:
-            raise ConfigError(f"init_from {where!r}: weight {key} has shape {given[key]}, this run's model {shape} "
+            raise ConfigError(f"{flag} {where!r}: weight {key} has shape {given[key]}, this run's model {shape} "
                               f"(another vocabulary, i.e. other data?)")
 
 

@@ -45,7 +45,7 @@ from matplotlib.ticker import NullFormatter
 from . import recipe as recipe_lib
 from . import train, zoo
 from .errors import ConfigError, WriteError
-from .files import check_writable_dir, clean_stale_in, write_text
+from .files import check_writable_dir, clean_stale_in, exclusive, write_text
 from .report import _new_figure, _write_figure
 
 #: Variant name -> technique specs (``etbench run --technique`` syntax).
@@ -175,6 +175,7 @@ def adaptive_sweep(out_dir: str | os.PathLike, budgets: Sequence[float], variant
     from . import data as data_lib
 
     names = resolve_variants(variants)
+    _refuse_repeats("FLOP budget", [_budget_label(float(b)) for b in budgets])
     vocab = data_lib.load(base.get("data", train.Recipe.data)).vocab_size
     start = {b: grid_for_budget(b, vocab, n_sizes, ladder) for b in budgets}
     grids = {(b, v): list(start[b]) for b in budgets for v in names}
@@ -194,13 +195,28 @@ def resolve_variants(variants: Sequence[str] | Mapping[str, Sequence[str]]) -> d
     if isinstance(variants, Mapping):
         out = {str(k): list(v) for k, v in variants.items()}
     else:
+        variants = list(variants)
         unknown = [v for v in variants if v not in VARIANTS]
         if unknown:
             raise ConfigError(f"unknown variant {unknown[0]!r}; known: {', '.join(VARIANTS)}")
+        _refuse_repeats("variant", variants)
         out = {v: list(VARIANTS[v]) for v in variants}
     if not out:
         raise ConfigError(f"no variants given; known: {', '.join(VARIANTS)}")
     return out
+
+
+def _refuse_repeats(what: str, items: Sequence) -> None:
+    """A name or number given twice would be trained (and fitted) once, silently: refused."""
+    seen = set()
+    for item in items:
+        if item in seen:
+            raise ConfigError(f"{what} {item!r} is given twice in {', '.join(map(str, items))}; give each {what} once")
+        seen.add(item)
+
+
+def _warn(message: str) -> None:
+    print(f"etbench: warning: {message}", file=sys.stderr)
 
 
 def _recipe_hash(recipe: train.Recipe) -> str:
@@ -245,12 +261,10 @@ def plan_points(budgets: Sequence[float], variants, sizes: Sequence[str], base: 
     bad = [b for b in budgets if not (b > 0 and math.isfinite(b))]
     if bad:
         raise ConfigError(f"FLOP budgets must be finite and > 0, got {bad[0]}")
-    if len(set(map(_budget_label, budgets))) != len(budgets):
-        raise ConfigError(f"duplicate FLOP budgets in {budgets}")
+    _refuse_repeats("FLOP budget", [_budget_label(b) for b in budgets])
     if not sizes:
         raise ConfigError(f"no sizes given; expected {SIZE_GRAMMAR}")
-    if len(set(sizes)) != len(sizes):
-        raise ConfigError(f"duplicate sizes in {list(sizes)}")
+    _refuse_repeats("size", list(sizes))
     variants = resolve_variants(variants)
     parsed = [parse_size(s) for s in sizes]
     fixed = sorted(set(base) & set(_POINT_FIELDS))
@@ -328,12 +342,33 @@ def _check_directory(out_dir: Path, signature: dict) -> None:
         write_text(meta, json.dumps(signature, indent=1, sort_keys=True))
 
 
-def _read_points(out_dir: Path) -> pd.DataFrame:
+def _read_points(out_dir: Path, warn: bool = False) -> pd.DataFrame:
+    """The rows of ``points.csv``.  This module writes the file whole (atomically, ending in a
+    newline), so a last line without one is a torn write (a kill mid-write by an older version, a
+    copy cut short): it is dropped -- with a warning when ``warn`` -- and its point is taken again
+    from its record in ``runs/`` or trained again, instead of being kept beside the rebuilt row."""
+    import io
+
     path = out_dir / "points.csv"
     if not path.exists():
         return pd.DataFrame(columns=POINT_COLUMNS)
     try:
-        frame = pd.read_csv(path, dtype={"recipe_hash": str, "dataset_hash": str})
+        text = path_text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is corrupt ({type(e).__name__}); delete it to rebuild it (finished points' "
+                          f"records in {out_dir / 'runs'} are reused)") from None
+    if text and not text.endswith("\n"):
+        kept, _, torn = text.rpartition("\n")
+        if warn:
+            _warn(f"{path}: dropping its torn last line {torn[:60]!r} (no newline: an interrupted write); that "
+                  f"point is read again from its record in {out_dir / 'runs'} or trained again")
+        text = kept + "\n" if kept else ""
+        if "\n" not in text.strip("\n"):  # the header alone (or nothing) is left: no points
+            frame = pd.DataFrame(columns=POINT_COLUMNS)
+            frame.attrs["torn"] = True
+            return frame
+    try:
+        frame = pd.read_csv(io.StringIO(text), dtype={"recipe_hash": str, "dataset_hash": str})
     except Exception as e:  # pandas raises many types for a damaged file
         raise ConfigError(f"{path} is corrupt ({type(e).__name__}); delete it to rebuild it (finished points' "
                           f"records in {out_dir / 'runs'} are reused)") from None
@@ -341,11 +376,14 @@ def _read_points(out_dir: Path) -> pd.DataFrame:
     if missing:
         raise ConfigError(f"{path} is corrupt (no column {', '.join(missing)}); delete it to rebuild it "
                           f"(finished points' records in {out_dir / 'runs'} are reused)")
+    frame.attrs["torn"] = text != path_text
     return frame
 
 
 def read_point_record(path: Path) -> dict:
-    """A point's run record; a damaged one is a one-line ConfigError naming it."""
+    """A point's run record; a missing or damaged one is a one-line ConfigError naming it."""
+    if not Path(path).exists():
+        raise ConfigError(f"record {path} is missing (deleted?); rerun the sweep to train that point again")
     try:
         record = json.loads(Path(path).read_text())
         if not isinstance(record, dict) or not isinstance(record.get("curve"), list):
@@ -498,10 +536,26 @@ def sweep(out_dir: str | os.PathLike, budgets: Sequence[float],
         clean_stale_in(folder)  # temporaries of a sweep killed mid-write
     runner = runner or train.run
 
-    existing = _read_points(out_dir)
+    existing = _read_points(out_dir, warn=True)
     rows = [r for r in existing.to_dict("records")]
+    if existing.attrs.get("torn"):
+        _write_points(out_dir, rows)  # the torn line goes now, whatever is left to train
+    wanted = {p.key for p in points}
     # Finished: trained (ok), skipped (budget < one step) or diverged (a rerun would diverge alike).
-    done = {_row_key(r) for r in rows if str(r["status"]) == "ok" or str(r["status"]).startswith(("skipped", "diverged"))}
+    # A trained or diverged point is finished only while its record is there: one whose record was
+    # deleted is trained again (with a warning), not read back as a corrupt file.
+    done = set()
+    for r in rows:
+        status = str(r["status"])
+        if status.startswith("skipped"):
+            done.add(_row_key(r))
+        elif status == "ok" or status.startswith("diverged"):
+            record = r.get("record")
+            if isinstance(record, str) and record and (out_dir / record).is_file():
+                done.add(_row_key(r))
+            elif _row_key(r) in wanted:
+                _warn(f"{out_dir / str(record)} (the record of point {r['variant']} {_budget_label(float(r['budget']))} "
+                      f"{r['size']}, listed in points.csv) is missing; training that point again")
     todo = [p for p in points if p.key not in done]
     bar = _progress(len(points), progress)
     bar.update(len(points) - len(todo))
@@ -531,7 +585,6 @@ def sweep(out_dir: str | os.PathLike, budgets: Sequence[float],
             bar.set_description(f"{point.variant} {_budget_label(point.budget)} {point.size.name}")
             finish(point, _train_point(runner or train.run, point.recipe), trained=True)
     bar.close()
-    wanted = {p.key for p in points}
     frame = pd.DataFrame([r for r in rows if _row_key(r) in wanted], columns=POINT_COLUMNS)
     return frame.reset_index(drop=True)
 
@@ -889,14 +942,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"--fit-sizes must be >= 3, got {args.fit_sizes}")
         base = _base(args)
         runner = subprocess_runner if args.isolate else None
-        if args.sizes == "auto":
-            points, _ = adaptive_sweep(args.out, budgets, _names(args.variants), n_sizes=args.grid_sizes,
-                                       runner=runner, workers=args.workers, **base)
-        else:
-            points = sweep(args.out, budgets, _names(args.variants), _names(args.sizes), runner=runner,
-                           workers=args.workers, **base)
-        tables = analyse(points, args.out, args.n_col, near_min=args.fit_sizes, retime_steps=args.retime,
-                         variants=resolve_variants(_names(args.variants)), **base)
+        with exclusive(args.out):  # two sweeps in one folder would train the same points and race on points.csv
+            if args.sizes == "auto":
+                points, _ = adaptive_sweep(args.out, budgets, _names(args.variants), n_sizes=args.grid_sizes,
+                                           runner=runner, workers=args.workers, **base)
+            else:
+                points = sweep(args.out, budgets, _names(args.variants), _names(args.sizes), runner=runner,
+                               workers=args.workers, **base)
+            tables = analyse(points, args.out, args.n_col, near_min=args.fit_sizes, retime_steps=args.retime,
+                             variants=resolve_variants(_names(args.variants)), **base)
     except ConfigError as e:
         print(f"etbench isoflop: error: {e}", file=sys.stderr)
         return 2

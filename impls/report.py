@@ -20,11 +20,19 @@ which writes into ``OUT_DIR``
   size) and ``data_parallel_memory.csv`` (GPT-2 1.5B / Llama-7B model states per technique and
   N_d, a section of ``summary.md``).
 
-Records whose consistency check failed (e.g. MFU above 100%), and runs that diverged (a
-``status`` other than ``ok``: ``diverged at step N``), are refused: listed in ``summary.md``
-with the reason, never plotted as results.  ``python -m impls.report --compare RUNS_A RUNS_B
+Every record is validated up front by one check (:func:`validate_record`, through :func:`load_all`,
+for the report, ``--compare`` and the site alike): a file that is no usable record (not JSON,
+truncated, no ``recipe``...) is skipped with a warning naming it and why.  Records whose
+consistency check failed (e.g. MFU above 100%), and runs that diverged (a ``status`` other than
+``ok``: ``diverged at step N``), are refused: listed in ``summary.md`` with the reason, never
+plotted as results (a folder of refused records only gets a summary listing them).  Outputs are
+written into a staging folder and moved into ``OUT_DIR`` together once all are written
+(:func:`staged_outputs`): a report that fails leaves no partial files.  Free text (labels,
+folder names) is escaped in every markdown table (:func:`markdown_text`).  ``python -m impls.report --compare RUNS_A RUNS_B
 -o OUT_DIR`` compares two runs directories (two commits or two machines): per record, s/step of A
-and B, the ratio B/A with a bootstrap interval, and whether the interval excludes 1.
+and B, the ratio B/A with a bootstrap interval, and whether the interval excludes 1.  Both sides
+are validated as the report's paths are; a side that holds no valid record is bad input (exit 2),
+and a broken file on one side is listed as refused, not as a run "only in" the other.
 
 Runs share an axes only when their dataset *hashes* agree: losses measured on different token
 streams are not comparable, even when the dataset names match.  All figures are drawn on the Agg
@@ -39,7 +47,8 @@ import sys
 import textwrap
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -50,7 +59,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .errors import ConfigError, WriteError
-from .files import atomic_path, check_writable_dir, clean_stale_in, write_text
+from .files import atomic_path, check_writable_dir, clean_stale_in, exclusive, write_text
 
 SCHEMA_VERSION = 1
 MIB = 1 << 20
@@ -149,17 +158,29 @@ def _is_number(value) -> bool:
 def validate_record(record) -> None:
     """Raise :class:`RecordError` unless ``record`` is a schema-1 run record this module can use.
 
-    Only what the report reads is checked: a label, a dataset name and hash, a curve whose points
-    have numeric ``step`` and ``flops``, and numbers (or null) wherever numbers are expected.
+    Only what the report reads is checked: a label, a recipe (an object with a ``model`` name and a
+    ``techniques`` list), a dataset name and hash, a curve whose points have numeric ``step`` and
+    ``flops``, numbers (or null) wherever numbers are expected and text (or null) where text is.
+    Every reader of run records (the report, ``--compare``, the site) goes through
+    :func:`load_all`, hence through this one check, before anything is written.
     """
     if not isinstance(record, dict):
         raise RecordError("top level is not a JSON object")
     if record.get("schema") != SCHEMA_VERSION:
         raise RecordError(f"schema is {record.get('schema')!r}, expected {SCHEMA_VERSION}")
-    for key in ("label", "dataset.name", "dataset.hash"):
+    if not isinstance(record.get("recipe"), dict):
+        raise RecordError(f"'recipe' is {record.get('recipe')!r}, expected an object (the run's recipe)")
+    for key in ("label", "dataset.name", "dataset.hash", "recipe.model"):
         value = _lookup(record, key)
         if not isinstance(value, str) or not value:
             raise RecordError(f"{key!r} is missing or not a non-empty string")
+    techniques = record["recipe"].get("techniques")
+    if not isinstance(techniques, list) or not all(isinstance(t, str) for t in techniques):
+        raise RecordError(f"'recipe.techniques' is {techniques!r}, expected a list of technique names")
+    for key in _TEXT_FIELDS:
+        value = _lookup(record, key)
+        if value is not None and not isinstance(value, str):
+            raise RecordError(f"{key!r} is {value!r}, expected a string or null")
     for key in _NUMERIC_FIELDS:
         value = _lookup(record, key)
         if value is not None and not _is_number(value):
@@ -251,6 +272,15 @@ class Loaded(NamedTuple):
     #: sparse×dense matmul time across densities) and kind ``data_compression`` (token storage
     #: formats, loader throughput vs the step's need), with ``source``/``family``.
     storage: list[dict] = []
+    #: Files that are no record the report can use, each ``{"source", "reason"}`` (each also warned
+    #: about with a :class:`RecordWarning`): ``--compare`` lists them instead of calling the run
+    #: "only in" the other side.
+    skipped: list[dict] = []
+
+    def holds_records(self) -> bool:
+        """Whether anything usable (or refused) was found: a side of ``--compare`` or the paths of a
+        report that hold none of these are bad input."""
+        return not self.runs.empty or any((self.refused, self.interleaved, self.extra, self.comm, self.storage))
 
 
 def _estimate(stat: dict):
@@ -280,7 +310,7 @@ def overhead_markdown(records: Sequence[dict]) -> str:
     for r in records:
         o = r["overhead"]
         ci = o.get("ci95") or [math.nan, math.nan]
-        lines.append(f"- {r.get('label', '?')}: {o['value']:+.2%} [{ci[0]:+.2%}, {ci[1]:+.2%}] over "
+        lines.append(f"- {markdown_text(r.get('label', '?'))}: {o['value']:+.2%} [{ci[0]:+.2%}, {ci[1]:+.2%}] over "
                      f"{r.get('rounds', '?')} rounds; {r.get('ci_method', '')}")
         mfu = r.get("mfu")
         if isinstance(mfu, dict) and _is_number(mfu.get("value")):
@@ -329,12 +359,17 @@ def load_all(paths: Sequence[Path]) -> Loaded:
     """
     from .report_compression import STORAGE_KINDS
 
-    records, sources, refused, interleaved, extra, comm, storage = [], [], [], [], [], [], []
+    records, sources, refused, interleaved, extra, comm, storage, skipped = [], [], [], [], [], [], [], []
+
+    def skip(path, reason: str) -> None:
+        skipped.append({"source": str(path), "reason": reason})
+        warnings.warn(f"skipping {path}: {reason}", RecordWarning, stacklevel=3)
+
     for path in _find_json_files(paths):
         try:
             document = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            warnings.warn(f"skipping {path}: cannot read JSON: {exc}", RecordWarning, stacklevel=2)
+            skip(path, f"cannot read JSON: {exc}")
             continue
         try:
             if isinstance(document, dict) and document.get("kind") == OVERHEAD_KIND:
@@ -362,14 +397,14 @@ def load_all(paths: Sequence[Path]) -> Loaded:
                             "source": str(path), "reasons": exc.reasons, "record": document})
             continue
         except RecordError as exc:
-            warnings.warn(f"skipping {path}: {exc}", RecordWarning, stacklevel=2)
+            skip(path, str(exc))
             continue
         records.append(document)
         sources.append(path)
     interleaved.sort(key=lambda r: (r["family"], r["source"]))
     refused.sort(key=lambda r: (r["family"], r["label"]))
     comm.sort(key=lambda r: r["source"])
-    return Loaded(records_frame(records, sources), refused, interleaved, extra, comm, storage)
+    return Loaded(records_frame(records, sources), refused, interleaved, extra, comm, storage, skipped)
 
 
 def load_records(paths: Sequence[Path]) -> pd.DataFrame:
@@ -510,19 +545,36 @@ def _median_ci(median, ci) -> str | None:
     return f"{median:.4g} [{ci[0]:.4g}, {ci[1]:.4g}]"
 
 
+def markdown_text(value) -> str:
+    """``value`` as text that stays inside one markdown table cell or list item: labels, device
+    names, family folders and data specs are free text, so a ``|`` (which would split the cell) is
+    escaped and a line break (which would end the table) is shown as ``\\n``."""
+    text = str(value)
+    return (text.replace("\\", "\\\\").replace("|", r"\|").replace("\r\n", r"\n").replace("\n", r"\n")
+            .replace("\r", r"\r"))
+
+
+def markdown_safe(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with every text cell and column name passed through :func:`markdown_text`, for
+    tables rendered by another writer (``DataFrame.to_markdown``)."""
+    def cell(value):
+        return markdown_text(value) if isinstance(value, str) else value
+
+    return table.rename(columns=lambda c: markdown_text(c) if isinstance(c, str) else c).map(cell)
+
+
 def _markdown_cell(value, fmt: str | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
-    text = fmt.format(value) if fmt else str(value)
-    # A bare "|" would split the cell; labels and device names are free text.
-    return text.replace("|", r"\|")
+    return markdown_text(fmt.format(value) if fmt else value)
 
 
 def markdown_table(table: pd.DataFrame, formats: dict | None = None) -> str:
     """GitHub-flavoured markdown for :func:`summary_table`, numeric columns right-aligned;
-    ``formats`` adds display formats for other tables' columns."""
+    ``formats`` adds display formats for other tables' columns.  Every cell and header goes
+    through :func:`markdown_text`, so free text never breaks the table."""
     formats = {**_MARKDOWN_FORMATS, **(formats or {})}
-    header = "| " + " | ".join(table.columns) + " |"
+    header = "| " + " | ".join(map(markdown_text, table.columns)) + " |"
     rule = "|" + "|".join("---:" if c in formats else "---" for c in table.columns) + "|"
     rows = ["| " + " | ".join(_markdown_cell(v, formats.get(c))
                               for c, v in zip(table.columns, row)) + " |"
@@ -822,7 +874,8 @@ def interleaved_markdown(record: dict) -> str:
     columns = ["variant", "label", "s/step [95% CI]", "tokens/s [95% CI]", "speedup [95% CI]", "verdict",
                *[f"{short} ratio" for short in MEMORY_COMPONENTS.values()]]
     load = record.get("load") or {}
-    head = (f"### Interleaved comparison: {interleaved_name(record).removeprefix('interleaved-')} (baseline {record['baseline']})\n\n"
+    head = (f"### Interleaved comparison: {markdown_text(interleaved_name(record).removeprefix('interleaved-'))} "
+            f"(baseline {markdown_text(record['baseline'])})\n\n"
             f"{record.get('rounds', '?')} rounds of {record.get('steps_per_round', '?')} steps per variant, "
             f"run interleaved; {record.get('ci_method', 'interval method not recorded')}. "
             f"Load: {'**noisy**' if load.get('noisy') else 'quiet'}"
@@ -875,8 +928,8 @@ def refused_markdown(refused: Sequence[dict]) -> str:
     if not refused:
         return ""
     lines = ["", "### Refused records (diverged, or failed the consistency check; not plotted)", ""]
-    lines += [f"- {r['family']} / {r['label']} (`{Path(r['source']).name}`): " + "; ".join(r["reasons"])
-              for r in refused]
+    lines += [f"- {markdown_text(r['family'])} / {markdown_text(r['label'])} (`{markdown_text(Path(r['source']).name)}`): "
+              + markdown_text("; ".join(r["reasons"])) for r in refused]
     return "\n".join(lines) + "\n"
 
 
@@ -934,18 +987,46 @@ def _step_stats(run) -> dict:
             "noisy": None if noisy is None or noisy != noisy else bool(noisy)}
 
 
-def compare_table(dir_a: Path, dir_b: Path, *, resamples: int = COMPARE_RESAMPLES) -> pd.DataFrame:
+def _load_quietly(root: Path) -> Loaded:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RecordWarning)
+        return load_all([root])
+
+
+def load_compare_side(label: str, root: Path) -> Loaded:
+    """One side of ``--compare`` (``RUNS_A`` or ``RUNS_B``), read and validated as ``report`` reads
+    its paths (:func:`load_all`: broken files skipped with a warning); a side that is not a folder,
+    or holds no valid record at all (empty, or every file broken), is bad input."""
+    root = Path(root)
+    if not root.is_dir():
+        raise BadInputError(f"--compare {label} {str(root)!r} is not a directory")
+    loaded = load_all([root])
+    if not loaded.holds_records():
+        broken = f"; {len(loaded.skipped)} file(s) skipped as no valid record" if loaded.skipped else ""
+        raise NoRecordsError(f"--compare {label} {str(root)!r} holds no valid run records (searched recursively "
+                             f"for *.json{broken}): nothing to compare")
+    return loaded
+
+
+def compare_table(dir_a: Path, dir_b: Path, *, resamples: int = COMPARE_RESAMPLES,
+                  sides: tuple[Loaded, Loaded] | None = None) -> pd.DataFrame:
     """Per record present in both runs directories (matched by family and file name): A and B
     s/step side by side, the ratio B/A with its bootstrap interval (:func:`bootstrap_ratio`) and
     a verdict: ``slower``/``faster`` when the interval excludes 1, ``no change`` when it holds 1,
     ``no samples`` when a record has no per-step samples (ratio of the point values, no interval).
-    Records of only one side, or refused on either side, are listed with that verdict."""
+    Records of only one side, or refused on either side, are listed with that verdict; a file that
+    is not a valid record on one side (truncated, no recipe) is ``refused: not a valid record in
+    B: ...``, never "only in" the other.  ``sides``: the two directories already loaded
+    (:func:`load_compare_side`); else they are loaded here, without warnings."""
+    loaded_sides = sides or (_load_quietly(Path(dir_a)), _load_quietly(Path(dir_b)))
     sides = {}
-    for name, root in (("A", dir_a), ("B", dir_b)):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RecordWarning)
-            loaded = load_all([root])
+    for name, root, loaded in (("A", dir_a, loaded_sides[0]), ("B", dir_b, loaded_sides[1])):
         entries = {}
+        for s in loaded.skipped:
+            entries[_record_key(s["source"], root)] = {
+                "family": Path(s["source"]).parent.name, "label": Path(s["source"]).stem,
+                "refused": f"not a valid record in {name}: {s['reason']}", "invalid": True, "median": None,
+                "ci": None, "samples": None, "noisy": None}
         for _, run in loaded.runs.iterrows():
             entries[_record_key(run["source"], root)] = {"family": run["family"], "label": run["label"],
                                                          "refused": None, **_step_stats(run)}
@@ -962,7 +1043,10 @@ def compare_table(dir_a: Path, dir_b: Path, *, resamples: int = COMPARE_RESAMPLE
                "A s/step": a and a["median"], "A [95% CI]": a and a["ci"], "A noisy": a and a["noisy"],
                "B s/step": b and b["median"], "B [95% CI]": b and b["ci"], "B noisy": b and b["noisy"],
                "ratio B/A": math.nan, "ratio lo": math.nan, "ratio hi": math.nan}
-        if a is None or b is None:
+        invalid = [side for side in (a, b) if side and side.get("invalid")]
+        if invalid:  # a broken file is not a run "only in" the other side
+            row["verdict"] = "refused: " + invalid[0]["refused"]
+        elif a is None or b is None:
             row["verdict"] = "only in A" if b is None else "only in B"
         elif a["refused"] or b["refused"]:
             row["verdict"] = "refused: " + (a["refused"] or b["refused"])
@@ -982,16 +1066,14 @@ def compare_table(dir_a: Path, dir_b: Path, *, resamples: int = COMPARE_RESAMPLE
     return pd.DataFrame(rows, columns=columns)
 
 
-def ratio_agreement(dir_a: Path, dir_b: Path) -> pd.DataFrame:
+def ratio_agreement(dir_a: Path, dir_b: Path, *, sides: tuple[Loaded, Loaded] | None = None) -> pd.DataFrame:
     """Interleaved speed-ups of two runs directories side by side (matched by record file and
     variant): ``agree`` when the two 95% intervals overlap, ``differ`` when they do not -- a
     ratio that moved more than its stated uncertainty, to re-measure before believing either --
-    and each side's noisy flag."""
+    and each side's noisy flag.  ``sides`` as for :func:`compare_table`."""
+    loaded_sides = sides or (_load_quietly(Path(dir_a)), _load_quietly(Path(dir_b)))
     sides = {}
-    for name, root in (("A", Path(dir_a)), ("B", Path(dir_b))):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RecordWarning)
-            loaded = load_all([root])
+    for name, root, loaded in (("A", Path(dir_a), loaded_sides[0]), ("B", Path(dir_b), loaded_sides[1])):
         sides[name] = {(_record_key(r["source"], root), variant): (r, v)
                        for r in loaded.interleaved for variant, v in r["variants"].items()}
     rows = []
@@ -1196,22 +1278,23 @@ point values and no verdict.</p>
 
 
 def write_compare(dir_a: Path, dir_b: Path, out_dir: Path) -> list[Path]:
-    """Write ``compare.csv``, ``compare.md`` and ``compare.html`` for two runs directories."""
-    for label, path in (("RUNS_A", dir_a), ("RUNS_B", dir_b)):
-        if not Path(path).is_dir():
-            raise BadInputError(f"--compare {label} {str(path)!r} is not a directory")
-    table = compare_table(Path(dir_a), Path(dir_b))
-    if table.empty:
-        raise NoRecordsError(f"no run records in {dir_a} or {dir_b}: nothing to compare")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    name_a, name_b = Path(dir_a).name, Path(dir_b).name
-    ratios = ratio_agreement(Path(dir_a), Path(dir_b))
-    return [write_text(out_dir / "compare.csv", table.to_csv(index=False)),
-            write_text(out_dir / "compare_ratios.csv", ratios.to_csv(index=False)),
-            write_text(out_dir / "compare.md", compare_markdown(table, name_a, name_b)
-                       + ratio_agreement_markdown(ratios, name_a, name_b)),
-            write_text(out_dir / "compare.html", compare_html(table, name_a, name_b))]
+    """Write ``compare.csv``, ``compare.md`` and ``compare.html`` for two runs directories.
+
+    Both sides are read and validated first (:func:`load_compare_side`: a side that is not a
+    folder or holds no valid record is bad input), every output is computed, and only then are
+    the files written (all of them or, on a failed write, none: :func:`staged_outputs`)."""
+    dir_a, dir_b = Path(dir_a), Path(dir_b)
+    sides = (load_compare_side("RUNS_A", dir_a), load_compare_side("RUNS_B", dir_b))
+    table = compare_table(dir_a, dir_b, sides=sides)
+    name_a, name_b = dir_a.name, dir_b.name
+    ratios = ratio_agreement(dir_a, dir_b, sides=sides)
+    texts = {"compare.csv": table.to_csv(index=False), "compare_ratios.csv": ratios.to_csv(index=False),
+             "compare.md": compare_markdown(table, name_a, name_b) + ratio_agreement_markdown(ratios, name_a, name_b),
+             "compare.html": compare_html(table, name_a, name_b)}
+    with staged_outputs(out_dir) as stage:
+        for name, text in texts.items():
+            stage.add(write_text(stage.folder / name, text))
+    return stage.written
 
 
 # --------------------------------------------------------------------------------------------
@@ -1769,28 +1852,139 @@ def _write_figure(destination: Path, figure: Figure) -> Path:
     return destination
 
 
+#: Name prefix of the hidden folder inside an output folder where a command's outputs are written
+#: before they are moved into place together (:func:`staged_outputs`).
+STAGING_PREFIX = ".staging."
+
+
+class StagedOutputs:
+    """The outputs of one command, written into ``folder`` (hidden, inside the output folder)
+    and moved into the output folder by :func:`staged_outputs` once every one of them is written.
+    ``add`` the path of each file written under ``folder``; ``written`` holds their final paths."""
+
+    def __init__(self, out_dir: Path, folder: Path):
+        self.out_dir, self.folder = out_dir, folder
+        self.staged: list[Path] = []
+        self.written: list[Path] = []
+
+    def add(self, *paths: Path) -> None:
+        self.staged += [Path(p) for p in paths]
+
+
+def _pid_running(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_stages(out_dir: Path) -> None:
+    """Staging folders of a command killed before it finished (its pid is gone)."""
+    import re
+    import shutil
+
+    for entry in out_dir.iterdir():
+        m = re.match(re.escape(STAGING_PREFIX) + r"(\d+)\.", entry.name)
+        if m and entry.is_dir() and not entry.is_symlink() and not _pid_running(int(m[1])):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+@contextmanager
+def staged_outputs(out_dir: Path) -> Iterator[StagedOutputs]:
+    """All of a command's outputs or none: files are written into a hidden staging folder inside
+    ``out_dir`` and moved into place (one atomic rename each) only after the block has written
+    every one of them.  A block that fails -- a record found unusable late, a full disk, a bug --
+    leaves ``out_dir`` as it was (no partial report beside the previous one's files, which stay
+    intact) and removes the folders this call created.  A staging folder left by a killed command
+    is removed by the next one."""
+    import errno
+    import os
+    import shutil
+    import tempfile
+
+    out_dir = Path(out_dir)
+    created, probe = [], out_dir
+    while not probe.exists() and not probe.is_symlink() and probe != probe.parent:
+        created.append(probe)
+        probe = probe.parent
+
+    def remove_created() -> None:
+        for folder in created:  # innermost first; one that is not empty stays
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_stages(out_dir)
+        stage = StagedOutputs(out_dir, Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}.", dir=out_dir)))
+    except OSError as e:
+        remove_created()
+        raise WriteError(out_dir, e) from None
+    try:
+        yield stage
+        moves = []
+        for staged in stage.staged:
+            final = out_dir / staged.relative_to(stage.folder)
+            target = Path(os.path.realpath(final)) if final.is_symlink() else final  # links written through
+            if target.exists() and not target.is_file():
+                raise WriteError(final, IsADirectoryError(errno.EISDIR, "is a directory, not a file"))
+            moves.append((staged, target, final))
+        for staged, target, final in moves:
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staged, target)
+            except OSError as e:
+                raise WriteError(final, e) from None
+            stage.written.append(final)
+    except BaseException:
+        shutil.rmtree(stage.folder, ignore_errors=True)
+        remove_created()
+        raise
+    shutil.rmtree(stage.folder, ignore_errors=True)
+
+
 def write_report(paths: Sequence[Path], out_dir: Path) -> list[Path]:
     """Load the records under ``paths`` and write the summary and plots into ``out_dir``.
 
     Training runs give the summary table and, per family, loss-vs-FLOPs, throughput/memory and
     (where a family has a baseline) the technique comparison; interleaved-comparison records give
     ``interleaved-<family>.png``/``.csv`` and a section of ``summary.md``; refused records are
-    listed in ``summary.md`` with the reason; data-parallel records and comm records give the
-    files of :func:`write_data_parallel` and their section of ``summary.md``.  Every file is written atomically.  Returns the
-    written paths; raises :class:`NoRecordsError` when no valid record is found.
+    listed in ``summary.md`` with the reason (a folder of refused records only gets a summary
+    listing them); data-parallel records and comm records give the files of
+    :func:`write_data_parallel` and their section of ``summary.md``.
+
+    Every record is read and validated first (:func:`load_all`: files that are no valid record
+    are skipped with a warning); then every output is written into a staging folder and moved into
+    ``out_dir`` only when all are written (:func:`staged_outputs`), so a failure leaves no partial
+    report.  Returns the written paths; raises :class:`NoRecordsError` when no record (valid or
+    refused) is found.
     """
     paths = [Path(p) for p in paths]
     loaded = load_all(paths)
     for entry in loaded.refused:
         warnings.warn(f"not plotted: {entry['source']}: " + "; ".join(entry["reasons"]), RecordWarning,
                       stacklevel=2)
-    runs = loaded.runs
-    if runs.empty and not loaded.interleaved and not loaded.extra and not loaded.comm and not loaded.storage:
+    if not loaded.holds_records():
         looked = ", ".join(str(p) for p in paths) or "(no paths given)"
         raise NoRecordsError(f"no valid run records found in {looked} "
                              "(searched recursively for *.json)")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with staged_outputs(out_dir) as stage:
+        stage.add(*_write_report_files(loaded, stage.folder, out_dir))
+    return stage.written
+
+
+def _write_report_files(loaded: Loaded, out_dir: Path, peak_dir: Path) -> list[Path]:
+    """:func:`write_report`'s files, written into ``out_dir`` (its staging folder); ``peak_dir``
+    is the real output folder, where ``make bench`` leaves ``peak.json``."""
+    runs = loaded.runs
     table = summary_table(runs)
     markdown = markdown_table(table) + refused_markdown(loaded.refused)
     markdown += "".join("\n" + interleaved_markdown(record) for record in loaded.interleaved)
@@ -1811,7 +2005,7 @@ def write_report(paths: Sequence[Path], out_dir: Path) -> list[Path]:
     tokens_written, tokens_section = write_tokens(runs, loaded.interleaved, out_dir)
     markdown += tokens_section
     written = [write_text(out_dir / "summary.csv", table.to_csv(index=False)),
-               write_text(out_dir / "summary.md", markdown + _peak_log_markdown(out_dir)),
+               write_text(out_dir / "summary.md", markdown + _peak_log_markdown(peak_dir)),
                *data_parallel_written, *model_parallel_written, *compression_written, *tokens_written]
     # One set of plots per benchmark family: dozens of runs in one axes would be unreadable.
     families = list(dict.fromkeys(runs["family"]))
@@ -1914,19 +2108,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 check_writable_dir(args.out)
             except ConfigError as exc:
                 raise BadInputError(str(exc)) from None
-            clean_stale_in(args.out)
             if args.compare:
                 if args.paths:
                     raise BadInputError(f"--compare takes no other paths (got {str(args.paths[0])!r})")
-                written = write_compare(*args.compare, args.out)
             else:
                 if not args.paths:
                     raise BadInputError("no RESULTS_DIR_OR_FILE given (or use --compare RUNS_A RUNS_B)")
                 missing = [p for p in args.paths if not p.exists()]
                 if missing:
                     raise BadInputError(f"RESULTS_DIR_OR_FILE {str(missing[0])!r} does not exist")
-                written = write_report(args.paths, args.out)
-        except BadInputError as exc:
+            with exclusive(args.out):  # two reports into one folder would interleave their files
+                clean_stale_in(args.out)
+                written = write_compare(*args.compare, args.out) if args.compare else write_report(args.paths, args.out)
+        except (BadInputError, ConfigError) as exc:  # ConfigError: another command holds the output folder
             print(f"error: {exc}", file=sys.stderr)
             return 2
         except NoRecordsError as exc:  # nothing to report is bad input too: the paths hold no records

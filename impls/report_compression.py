@@ -245,13 +245,15 @@ def validate_storage(record: dict) -> None:
 def data_markdown(record: dict) -> str:
     """Bytes per token on disk and in memory per format, the loader's throughput over the training
     step's need, and whether every format read back the same tokens."""
+    from .report import markdown_text
+
     lines = ["", "### Compressed training data (bytes per token, loader vs the training step's need)", "",
              "| data | format | disk B/token | memory B/token | disk ÷ int64 | loader tokens/s | loader ÷ step need "
              "| same hash and batches |", "|---|---|---|---|---|---|---|---|"]
     for spec, data in record["datasets"].items():
         for row in data["formats"]:
             same = row.get("batches_match") and row.get("hash_matches_raw") in (None, True)
-            lines.append(f"| {spec} | {row['format']} | {row['disk_bytes_per_token']:.3g} | "
+            lines.append(f"| {markdown_text(spec)} | {markdown_text(row['format'])} | {row['disk_bytes_per_token']:.3g} | "
                          f"{row.get('memory_bytes_per_token', float('nan')):.3g} | {row.get('disk_vs_int64', float('nan')):.3g} "
                          f"| {row['loader']['tokens_per_s']:.3g} | {row['loader_vs_step_need']:.3g} | "
                          f"{'yes' if same else 'NO'} |")
@@ -262,6 +264,8 @@ def data_markdown(record: dict) -> str:
 
 def storage_markdown(record: dict) -> str:
     """The crossover densities: measured vs analytic bytes, and matmul speed."""
+    from .report import markdown_text
+
     m, n = record["matrix"]["shape"]
     lines = ["", f"### Sparse storage ({record['matrix']['model']} {record['matrix']['weight']}, {m}×{n}, fp32 values)",
              "", "| pattern | format | bytes crossover (measured) | as torch builds it | analytic | measured ÷ analytic |",
@@ -272,7 +276,7 @@ def storage_markdown(record: dict) -> str:
 
     for pattern, data in record["bytes"]["patterns"].items():
         for name, c in data["crossover"].items():
-            lines.append(f"| {pattern} | {name.upper()} | {fmt(c.get('measured'))} | {fmt(c.get('measured_as_built'))} "
+            lines.append(f"| {markdown_text(pattern)} | {markdown_text(name.upper())} | {fmt(c.get('measured'))} | {fmt(c.get('measured_as_built'))} "
                          f"| {fmt(c.get('analytic'))} | {fmt(c.get('measured_over_analytic'))} |")
     speed = record["speed"]
     lines += ["", f"Sparse×dense matmul is faster than dense below density (time ratio crosses 1; "
@@ -285,6 +289,8 @@ def storage_markdown(record: dict) -> str:
 
 
 def markdown(frame: pd.DataFrame) -> str:
+    from .report import markdown_safe
+
     if frame.empty:
         return ""
     cols = ["family", "techniques", "knob", "knob_value", "loss_delta", "speed_ratio", "speed_lo", "speed_hi",
@@ -295,7 +301,7 @@ def markdown(frame: pd.DataFrame) -> str:
         "Each technique against the baseline of its own family, at the same model-FLOP budget: loss gap "
         "(nats/token), speed ratio (baseline time per token ÷ the technique's, interleaved rounds with a 95% "
         "interval; blank where not timed), and each memory component ÷ the baseline's.", "",
-        table.to_markdown(index=False, floatfmt=".4g"), ""])
+        markdown_safe(table).to_markdown(index=False, floatfmt=".4g"), ""])
 
 
 def write_compression(runs: pd.DataFrame, interleaved: Sequence[dict], storage: Sequence[dict],

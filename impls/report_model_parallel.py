@@ -194,6 +194,8 @@ def plot_planner_memory(frame: pd.DataFrame):
 
 
 def markdown(frame: pd.DataFrame, memory: pd.DataFrame) -> str:
+    from .report import markdown_safe
+
     parts = ["", "## Model parallelism: tensor, sequence and pipeline parallel", ""]
     if not frame.empty:
         cols = ["layout", "world_size", "tp", "pp", "params_bytes", "activations_bytes", "layer_vs_formula",
@@ -204,7 +206,7 @@ def markdown(frame: pd.DataFrame, memory: pd.DataFrame) -> str:
                   "implementation's count; `*_reduction` = per-layer bytes ÷ the unsharded layer's, measured "
                   "count vs Korthikanti et al.'s formula; `comm_vs_formula` = measured ring bytes ÷ (dp gradient "
                   "volume + 4 all-reduces of (b, s, h) per layer); time per token ÷ DDP's from the same "
-                  "interleaved rounds):", "", table.to_markdown(index=False, floatfmt=".3g"), ""]
+                  "interleaved rounds):", "", markdown_safe(table).to_markdown(index=False, floatfmt=".3g"), ""]
     if not memory.empty:
         fit = memory[memory["fits"]].sort_values("total").groupby("model").first()
         parts += [f"Planner (`etbench plan`), {PLANNER_DEVICES} devices × 80 GiB, smallest per-device memory that fits:", ""]

@@ -252,6 +252,8 @@ def plot_distill_sweep(frame: pd.DataFrame, runs: pd.DataFrame):
 
 
 def markdown(frame: pd.DataFrame) -> str:
+    from .report import markdown_safe
+
     if frame.empty:
         return ""
     cols = ["family", "techniques", "knob_value", "budget_flops", "steps", "baseline_steps", "counted_flops_saved",
@@ -265,7 +267,7 @@ def markdown(frame: pd.DataFrame) -> str:
         "with their ratio. Loss delta (nats/token) at the budget, and at equal counted FLOPs (both validation "
         "curves interpolated at the smaller run's total counted FLOPs). Speed ratio: baseline time per token ÷ "
         "the technique's, interleaved rounds with a 95% interval; blank where not timed.", "",
-        table.to_markdown(index=False, floatfmt=".4g"), ""])
+        markdown_safe(table).to_markdown(index=False, floatfmt=".4g"), ""])
 
 
 def write_tokens(runs: pd.DataFrame, interleaved: Sequence[dict], out_dir: Path) -> tuple[list[Path], str]:

@@ -227,7 +227,9 @@ def test_tokens_single_file(tmp_path):
     tokens = np.random.default_rng(0).integers(0, 50, size=1000).astype(np.uint16)
     path = tmp_path / "corpus.bin"
     tokens.tofile(path)
-    data = load(f"tokens:{path}")
+    with pytest.raises(DataError, match="does not state its dtype.*dtype=uint8\\|uint16\\|uint32"):
+        load(f"tokens:{path}")  # raw bytes do not say how wide a token is: never guessed
+    data = load(f"tokens:{path},dtype=uint16")
     assert data.vocab_size == int(tokens.max()) + 1  # no meta.json: max token + 1
     assert data.tokens("train") == 900 and data.tokens("val") == 100
     assert np.array_equal(data.val[0], tokens[900:])
@@ -235,7 +237,7 @@ def test_tokens_single_file(tmp_path):
     odd = tmp_path / "odd.bin"
     odd.write_bytes(b"\0" * 7)
     with pytest.raises(DataError, match="has 7 bytes, not a positive multiple of 2"):
-        load(f"tokens:{odd}")
+        load(f"tokens:{odd},dtype=uint16")
     with pytest.raises(DataError, match="missing"):
         load(f"tokens:{tmp_path}")  # a directory without train.bin
 

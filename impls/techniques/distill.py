@@ -87,7 +87,7 @@ def source(path: str):
         key = (str(p.resolve()), st.st_mtime_ns, st.st_size)
         if key in _SOURCES:
             return _SOURCES[key]
-    src = init_from.read(path)  # missing / corrupt / unfinished: one-line ConfigError
+    src = init_from.read(path, flag="distill:teacher")  # missing / corrupt / unfinished: one line, naming the option
     if key is not None:
         _SOURCES.clear()
         _SOURCES[key] = src
