@@ -34,6 +34,7 @@ and the times measure the scheduler as much as the network: such records say
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
@@ -45,6 +46,10 @@ SCHEMES = ("allreduce", "ps")
 #: 4 KiB .. 64 MiB, powers of 4
 DEFAULT_SIZES = tuple(4096 * 4 ** i for i in range(8))
 ELEMENT_BYTES = 4  # float32
+#: Size limits: a message of at most 1 TiB, and at most a million timed (or untimed) rounds per
+#: size and scheme; beyond them a value would not fail but allocate or run for days.
+MAX_SIZE = 1 << 40
+MAX_ROUNDS = 10 ** 6
 _UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024 ** 2, "MB": 1024 ** 2, "MIB": 1024 ** 2,
           "G": 1024 ** 3, "GB": 1024 ** 3, "GIB": 1024 ** 3}
 
@@ -58,6 +63,8 @@ def parse_size(text: str) -> int:
     if unit not in _UNITS:
         raise ConfigError(f"--sizes: unknown unit in {text!r}; valid: K, M, G (KiB, MiB, GiB) or none (bytes)")
     size = value * _UNITS[unit]
+    if not math.isfinite(size) or size > MAX_SIZE:
+        raise ConfigError(f"--sizes: {text!r} is too large; valid: at most {MAX_SIZE} bytes (1 TiB)")
     if not size > 0 or size != int(size):
         raise ConfigError(f"--sizes: {text!r} must be a positive whole number of bytes")
     size = int(size)
@@ -103,11 +110,44 @@ def validate(args, launched: bool) -> Spec:
         raise ConfigError(f"--iters must be >= 1, got {args.iters}")
     if args.warmup < 0:
         raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
+    for flag, value in (("--iters", args.iters), ("--warmup", args.warmup)):
+        if value > MAX_ROUNDS:
+            raise ConfigError(f"{flag} {value} is too many rounds; valid: at most {MAX_ROUNDS}")
     from .dist import resolve_device
 
-    resolve_device(args.device)
+    device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
+    n = int(os.environ.get("WORLD_SIZE", args.nproc)) if launched else args.nproc
+    check_memory(max(sizes), n, "ps" in schemes, device, launched)
     return Spec(sizes=tuple(dict.fromkeys(sizes)), schemes=tuple(dict.fromkeys(schemes)), iters=args.iters,
                 warmup=args.warmup, device=args.device)
+
+
+def buffer_bytes(size: int, n: int, ps: bool) -> tuple[int, int]:
+    """``(largest rank's, all ranks')`` bytes of the buffers :func:`measure` allocates for one
+    message size: every rank's tensor, and at the parameter server's root one scratch tensor per
+    other rank (a lower bound: the backend's own buffers come on top)."""
+    scratch = (n - 1) * size if ps else 0
+    return size + scratch, n * size + scratch
+
+
+def check_memory(size: int, n: int, ps: bool, device, launched: bool) -> None:
+    """Refuse, before any rank starts, a message size whose buffers cannot fit: on a CPU all
+    ranks' buffers against the host's available memory (the launcher checks, once); on a GPU the
+    root's against its free memory (each rank checks its own device, where CUDA is initialised)."""
+    from .measure.footprint import available, human
+
+    if device.type == "cpu" and launched:
+        return  # the launcher checked all ranks' buffers against this host's memory
+    limit = available(device, may_init_cuda=launched)
+    if limit is None:
+        return
+    root, every = buffer_bytes(size, n, ps)
+    need, whose = (every, f"the {n} ranks' buffers") if device.type == "cpu" else (root, "the root rank's buffers")
+    if need > limit[0]:
+        copies = f"{need // size} copies of the message" + (" (each rank's, and the parameter server's scratch)"
+                                                             if ps else " (one per rank)")
+        raise ConfigError(f"--sizes {human(size)}: {whose} need at least {human(need)}, {copies}, more than "
+                          f"{limit[1]}; give smaller sizes")
 
 
 def bus_factor(n: int) -> float:

@@ -79,6 +79,9 @@ def resolve_device(preference: str = "auto", local_rank: int = 0) -> torch.devic
 #: launcher (:mod:`impls.ranks`) usually stops the survivors first.
 TIMEOUT_ENV = "ETBENCH_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0
+#: The longest timeout accepted (30 days): beyond it a hung peer would hold a run for ever, and
+#: torch's timedelta overflows.
+MAX_TIMEOUT_S = 30 * 86400.0
 
 
 def timeout() -> timedelta:
@@ -91,6 +94,8 @@ def timeout() -> timedelta:
         raise ConfigError(f"{TIMEOUT_ENV} must be a number of seconds, got {text!r}") from None
     if not seconds > 0:
         raise ConfigError(f"{TIMEOUT_ENV} must be > 0 seconds, got {text!r}")
+    if not seconds <= MAX_TIMEOUT_S:
+        raise ConfigError(f"{TIMEOUT_ENV} must be at most {MAX_TIMEOUT_S:.0f} seconds (30 days), got {text!r}")
     return timedelta(seconds=seconds)
 
 

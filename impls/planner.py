@@ -89,6 +89,13 @@ from functools import lru_cache
 from .errors import ConfigError
 
 GIB = 1 << 30
+#: Size limits of the inputs, finite so that an absurd value is refused in one line instead of
+#: running for minutes: 2^20 devices (~10x the largest clusters), 2^40 sequences per step, and
+#: 100,000 layouts evaluated (about 15 s on a laptop core; a narrower search, --stages,
+#: --schedules, --chunks, --micro-batch-sizes or --checkpointing, brings a large cluster under it).
+MAX_DEVICES = 1 << 20
+MAX_GLOBAL_BATCH = 1 << 40
+MAX_LAYOUTS = 100_000
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 STAGE_NAMES = {0: "DDP", 1: "ZeRO-1", 2: "ZeRO-2", 3: "ZeRO-3/FSDP"}
@@ -657,7 +664,23 @@ def memory_reason(memory: dict, total: float, capacity: float, stage: int, p: in
 # --------------------------------------------------------------------------------------------
 
 def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
+
+
+def count_layouts(devices: int, global_batch: int, *, schedules=SCHEDULES, chunks=(2, 4), stages=(0, 1, 2, 3),
+                  micro_batch_sizes=None, checkpointing=(False, True), sequence_parallel=(False,)) -> int:
+    """How many layouts :func:`enumerate_layouts` gives, counted without building them."""
+    total = 0
+    for t in _divisors(devices):
+        for p in _divisors(devices // t):
+            dp = devices // (t * p)
+            scheds = 1 if p == 1 else (len([sc for sc in schedules if sc != "interleaved"])
+                                       + (len(chunks) if "interleaved" in schedules else 0))
+            zs = 1 if dp == 1 else len(stages)
+            mbs = max(1, global_batch // dp).bit_length() if micro_batch_sizes is None else len(micro_batch_sizes)
+            total += scheds * zs * mbs * len(checkpointing) * (len(sequence_parallel) if t > 1 else 1)
+    return total
 
 
 def enumerate_layouts(devices: int, global_batch: int, *, schedules=SCHEDULES, chunks=(2, 4),
@@ -714,6 +737,13 @@ def plan(model: str, hw: Hardware, *, seq_len: int, global_batch: int, precision
     """Predict every layout (:func:`enumerate_layouts` unless ``layouts``) and rank the ones that
     divide and fit by predicted step time, best first; the others are :class:`Rejected`."""
     check_inputs(model, hw, seq_len, global_batch, precision, attention, overlap, model_overrides)
+    if layouts is None:
+        n = count_layouts(hw.devices, global_batch, **enum)
+        if n > MAX_LAYOUTS:
+            raise ConfigError(f"--devices {hw.devices} with --global-batch {global_batch} gives {n:,} layouts to "
+                              f"evaluate, more than the planner's {MAX_LAYOUTS:,}; valid: fewer devices or a "
+                              f"narrower search (--stages, --schedules, --chunks, --micro-batch-sizes, "
+                              f"--checkpointing on|off)")
     counts = model_counts(model, **(model_overrides or {}))
     prec = PRECISIONS[precision]
     result = Plan(model, hw, seq_len, global_batch, prec, attention, overlap)
@@ -786,7 +816,7 @@ def parse_memory(text: str) -> float:
 def _number(text, flag: str, kind=float, low: float = 0.0, inclusive: bool = False, high: float | None = None):
     """``text`` as ``kind``, > ``low`` (>= if ``inclusive``) and <= ``high``, or a one-line ConfigError."""
     want = ("an integer" if kind is int else "a finite number") + (f" >= {low:g}" if inclusive else f" > {low:g}") \
-        + (f" and <= {high:g}" if high is not None else "")
+        + (f" and <= {high if kind is int else format(high, 'g')}" if high is not None else "")
     try:
         value = kind(text)
     except (TypeError, ValueError):
@@ -814,8 +844,11 @@ def check_inputs(model, hw: Hardware, seq_len, global_batch, precision, attentio
     from . import zoo
 
     cfg = zoo.config(model, **(overrides or {}))  # unknown model: one line with the valid names
-    if not (isinstance(hw.devices, int) and hw.devices >= 1):
-        raise ConfigError(f"--devices {hw.devices!r} is invalid; valid: an integer >= 1")
+    if not (isinstance(hw.devices, int) and 1 <= hw.devices <= MAX_DEVICES):
+        raise ConfigError(f"--devices {hw.devices!r} is invalid; valid: an integer >= 1 and <= {MAX_DEVICES}")
+    if not (isinstance(global_batch, int) and 1 <= global_batch <= MAX_GLOBAL_BATCH):
+        raise ConfigError(f"--global-batch {global_batch!r} is invalid; valid: an integer >= 1 and <= "
+                          f"{MAX_GLOBAL_BATCH}")
     if precision not in PRECISIONS:
         raise ConfigError(f"--precision {precision!r} is not valid; valid: {', '.join(PRECISIONS)}")
     if attention not in ATTENTION:
@@ -866,7 +899,7 @@ def from_args(args) -> dict:
     from . import zoo
 
     zoo.config(args.model)
-    devices = _number(args.devices, "--devices", int, 1, inclusive=True)
+    devices = _number(args.devices, "--devices", int, 1, inclusive=True, high=MAX_DEVICES)
     hw = Hardware(devices=devices, device_mem=parse_memory(args.device_mem),
                   device_flops=_number(args.device_flops, "--device-flops"),
                   link_gbps=_number(args.link_gbps, "--link-gbps"),
@@ -881,7 +914,8 @@ def from_args(args) -> dict:
     if args.checkpointing not in ckpt:
         raise ConfigError(f"--checkpointing {args.checkpointing!r} is not valid; valid: off, on, both")
     out = dict(model=args.model, hw=hw, seq_len=_number(args.seq_len, "--seq-len", int, 1, inclusive=True),
-               global_batch=_number(args.global_batch, "--global-batch", int, 1, inclusive=True),
+               global_batch=_number(args.global_batch, "--global-batch", int, 1, inclusive=True,
+                                    high=MAX_GLOBAL_BATCH),
                precision=args.precision, attention=args.attention, overlap=args.overlap,
                bucket_mb=_number(args.bucket_mb, "--bucket-mb"), schedules=schedules,
                chunks=_int_list(args.chunks, "--chunks"), stages=_int_list(args.stages, "--stages", (0, 1, 2, 3)),
@@ -947,18 +981,19 @@ def report(result: Plan, top: int = 15, show_rejected: int = 10) -> str:
 def run_cli(args) -> int:
     """``etbench plan``: inputs checked (exit 2 on the first bad one, nothing done), the plan
     computed, the table printed, ``--json`` written atomically."""
-    from .files import check_writable, write_text
+    from .files import check_writable, exclusive, write_text
 
     inputs = from_args(args)
     if args.json is not None:
         check_writable(args.json)
     top, show = inputs.pop("top"), inputs.pop("show_rejected")
     model, hw = inputs.pop("model"), inputs.pop("hw")
-    result = plan(model, hw, **inputs)
-    print(report(result, top, show))
-    if args.json is not None:
-        write_text(args.json, json.dumps(result.as_dict(), indent=1, default=str))
-        print(f"-> {args.json}")
+    with exclusive(args.json):  # one writer per output (a second plan into the same file is refused)
+        result = plan(model, hw, **inputs)
+        print(report(result, top, show))
+        if args.json is not None:
+            write_text(args.json, json.dumps(result.as_dict(), indent=1, default=str))
+            print(f"-> {args.json}")
     return 0
 
 

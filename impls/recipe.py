@@ -71,6 +71,10 @@ class Range:
     high: float | None = None
     open_low: bool = False
     open_high: bool = False
+    # A size limit (closed), separate from the interval: generous, far beyond any real run, and
+    # finite, because a value past it would not fail but hang or exhaust the memory (a billion
+    # validation batches, 1e9 sequences per micro-batch).  Shown as "... and <= LIMIT".
+    limit: int | None = None
 
     def contains(self, value) -> bool:
         try:
@@ -80,10 +84,15 @@ class Range:
             return False
         if self.low is not None and not (value > self.low if self.open_low else value >= self.low):
             return False
+        if self.limit is not None and value > self.limit:
+            return False
         return self.high is None or (value < self.high if self.open_high else value <= self.high)
 
-    def describe(self, kind: type = float) -> str:
-        """``"a finite number > 0"``, ``"an integer >= 1"``, ``"a finite number in (0, 1)"``..."""
+    def describe(self, kind: type = float, limit: bool = True) -> str:
+        """``"a finite number > 0"``, ``"an integer >= 1"``, ``"a finite number in (0, 1)"``,
+        ``"an integer >= 1 and <= 10000000"`` (the size limit, unless ``limit`` is False)..."""
+        if limit and self.limit is not None:
+            return f"{self.describe(kind, limit=False)} and <= {self.limit}"
         what = "an integer" if kind is int else "a finite number"
         if self.low is not None and self.high is not None:
             return (f"{what} in {'(' if self.open_low else '['}{self.low}, {self.high}"
@@ -102,6 +111,21 @@ AT_LEAST_ONE = Range(1)  # counts: sequences, tokens, steps, batches
 # tables: the non-negative int64 range.
 SEED = Range(0, 2 ** 63 - 1)
 FRACTION = Range(0, 1, open_low=True, open_high=True)  # neither none nor all of the tokens
+# Size limits (Range.limit) of the counts: far beyond any real run, finite so that an absurd value
+# is refused in one line instead of hanging or allocating.  Optimizer steps: 10 million (the
+# longest published LLM runs take ~1M); sequences per micro-batch (and --base-batch): 2^24; tokens
+# per sequence: 2^24 (a model's block_size bounds it further); validation batches per evaluation:
+# 100,000.  The memory a recipe needs is predicted before any work (impls.train.validate), so a
+# value within these limits that cannot fit the machine is refused too, with the prediction.
+MAX_STEPS = 10 ** 7
+MAX_SEQUENCES = 2 ** 24
+MAX_SEQ_LEN = 2 ** 24
+MAX_EVAL_BATCHES = 100_000
+STEP_COUNT = Range(1, limit=MAX_STEPS)  # steps, evaluations per run
+STEPS_OR_NONE = Range(0, limit=MAX_STEPS)  # warm-up steps (lr, timing): zero means "none"
+# An evaluation interval longer than the run means "the final evaluation only" (the benchmarks
+# pass 10**9): it allocates nothing and hangs nothing, so only the int64 columns of sweep tables bound it.
+EVAL_INTERVAL = Range(1, limit=2 ** 63 - 1)
 
 
 def _flag(help: str, *, flags: tuple[str, ...] = (), metavar: str | None = None, repeat: bool = False,
@@ -134,22 +158,22 @@ class Recipe:
     schedule: str = field(default="cosine", metadata=_flag(
         "cosine: linear warm-up, then cosine decay to 10% at the last step (Chinchilla) | constant"))
     lr_warmup: int = field(default=0, metadata=_flag("steps of linear lr warm-up", flags=("--lr-warmup", "--warmup"),
-                                                     metavar="STEPS", valid=NON_NEGATIVE))
+                                                     metavar="STEPS", valid=STEPS_OR_NONE))
     # Large batch (Goyal et al. 2017): lr is tuned for base_batch sequences; "linear" scales it by
     # global batch / base_batch, "sqrt" by its square root (Krizhevsky 2014; Hoffer et al. 2017).
     lr_scaling: str = field(default="none", metadata=_flag(
         "none | linear | sqrt: scale lr by global batch / --base-batch"))
     base_batch: int = field(default=8, metadata=_flag("global batch (sequences) --lr is tuned for",
-                                                      valid=AT_LEAST_ONE))
+                                                      valid=Range(1, limit=MAX_SEQUENCES)))
     # sequences per data-parallel rank per micro-batch (grad_accum multiplies the step's batch)
     batch_size: int = field(default=8, metadata=_flag("sequences per data-parallel rank per micro-batch",
-                                                      valid=AT_LEAST_ONE))
-    seq_len: int = field(default=64, metadata=_flag("tokens per sequence", valid=AT_LEAST_ONE))
+                                                      valid=Range(1, limit=MAX_SEQUENCES)))
+    seq_len: int = field(default=64, metadata=_flag("tokens per sequence", valid=Range(1, limit=MAX_SEQ_LEN)))
     techniques: list[str] = field(default_factory=list, metadata=_flag(
         "apply a technique, e.g. mod:capacity=0.25 (repeatable)", flags=("--technique",), metavar="NAME[:K=V,...]",
         repeat=True, parse=list, write=list))
     seed: int = field(default=0, metadata=_flag("seed of the initialisation and the data order", valid=SEED))
-    steps: int | None = field(default=None, metadata=_flag("optimizer steps", group="length", valid=AT_LEAST_ONE))
+    steps: int | None = field(default=None, metadata=_flag("optimizer steps", group="length", valid=STEP_COUNT))
     flops_budget: float | None = field(default=None, metadata=_flag(
         "FLOPs (of --budget-flops' kind), all ranks; the run stops before exceeding it", metavar="FLOPS",
         group="length", valid=POSITIVE))
@@ -160,16 +184,17 @@ class Recipe:
         "model | counted: what --flops-budget counts (model: 6N+12LHQT, so recomputation and kernel "
         "choices do not change the steps)"))
     eval_every: int | None = field(default=None, metadata=_flag(
-        "evaluate every N steps (default: --evaluations per run)", metavar="N", valid=AT_LEAST_ONE))
+        "evaluate every N steps (default: --evaluations per run)", metavar="N", valid=EVAL_INTERVAL))
     # Without --eval-every: the curve's evaluations, evenly spaced (plus step 0 and the last step).
     # The final validation loss is the same measurement whatever the count; fewer points make a
     # short run cheaper (the quick benchmark profile uses 5).
     evaluations: int = field(default=10, metadata=_flag(
         "evaluations per run when --eval-every is not given (evenly spaced, plus the first and last step)",
-        metavar="N", valid=AT_LEAST_ONE))
-    eval_batches: int = field(default=4, metadata=_flag("validation batches per evaluation", valid=AT_LEAST_ONE))
+        metavar="N", valid=STEP_COUNT))
+    eval_batches: int = field(default=4, metadata=_flag("validation batches per evaluation",
+                                                        valid=Range(1, limit=MAX_EVAL_BATCHES)))
     timing_warmup: int = field(default=2, metadata=_flag(
-        "first steps excluded from timing (allocator, thread-pool warm-up)", metavar="STEPS", valid=NON_NEGATIVE))
+        "first steps excluded from timing (allocator, thread-pool warm-up)", metavar="STEPS", valid=STEPS_OR_NONE))
     mlm_rate: float = field(default=0.15, metadata=_flag(
         "fraction of tokens masked (masked-LM encoders only: BERT)", valid=FRACTION))
     mlm_corrupt: str = field(default="bert", metadata=_flag(
@@ -331,7 +356,10 @@ def check_values(recipe: Recipe) -> None:
         wrong_type = _type_error(f, value)
         if wrong_type is None and (valid is None or value is None or valid.contains(value)):
             continue
-        wanted = valid.describe(_scalar_type(f)) if valid is not None else wrong_type
+        if valid is None:
+            wanted = wrong_type
+        else:  # a value left out or of the wrong type: its size limit is beside the point
+            wanted = valid.describe(_scalar_type(f), limit=wrong_type is None and value is not None)
         if value is None:  # a required number left out (only steps / flops_budget may be None)
             wanted += ", not None"
         raise RecipeError(f"{f.name}={value!r} is invalid; valid: {wanted}")
