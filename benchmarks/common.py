@@ -103,7 +103,10 @@ def unsupported_world_size(world_size: int) -> str | None:
 def usable_world_sizes() -> list[int]:
     """The profile's rank counts that this machine can run: one rank per GPU, or per CPU core.
     (torch is imported only for a GPU profile: asv calls this in every parameter's process.)"""
-    limit = os.cpu_count() or 1
+    try:  # the cores this process may use, as `etbench --nproc` counts them (it refuses more)
+        limit = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        limit = os.cpu_count() or 1
     if PROFILE["device"] != "cpu":
         import torch
 

@@ -16,19 +16,21 @@ names, invalid values, an output path that cannot be written, a checkpoint that 
 1 a failure during the work (a write that failed, e.g. a full disk: one line naming the path and
 the OS error, the previous file intact; a rank that died; an unexpected error, with its
 traceback); 3 the run diverged (its record is written with ``status: "diverged at step N"``;
-``--allow-divergence`` exits 0 instead).
+``--allow-divergence`` exits 0 instead); 130 interrupted (Ctrl-C: one line, naming the checkpoint to
+``--resume`` from if there is one; no record written, no traceback from any rank).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 from . import recipe as recipe_lib
 from . import train
-from .errors import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_FAILED, ConfigError, WriteError
-from .files import check_writable, check_writable_dir, clean_stale
+from .errors import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_FAILED, EXIT_INTERRUPTED, ConfigError, WriteError
+from .files import check_distinct, check_writable, clean_stale, exclusive, same_file
 
 
 def _run_parser(sub) -> None:
@@ -42,6 +44,8 @@ def _run_parser(sub) -> None:
         if "--technique" in action.option_strings:
             action.help += "; registered: " + ", ".join(sorted(REGISTRY))
     p.add_argument("--nproc", type=int, default=1, help="ranks; > 1 relaunches under torchrun")
+    _oversubscribe_argument(p)
+    _force_argument(p)
     p.add_argument("--out", help="write the JSON record here (atomically)")
     p.add_argument("--save-every", type=int, metavar="N", help="save the training state every N steps")
     p.add_argument("--checkpoint", help="training-state file for --save-every (default: OUT with .state.pt)")
@@ -50,6 +54,50 @@ def _run_parser(sub) -> None:
     p.add_argument("--allow-divergence", action="store_true",
                    help="exit 0 when the loss becomes NaN/inf (the record says 'diverged at step N' either way; "
                         "default: exit status 3)")
+
+
+def _oversubscribe_argument(p) -> None:
+    p.add_argument("--oversubscribe", action="store_true",
+                   help="allow --nproc above this machine's CPU cores (or CUDA devices): the ranks take turns, "
+                        "every collective waits for the slowest, timings are not comparable (default: refused)")
+
+
+def _check_fit(args, devices: set[str]) -> None:
+    """More ranks than cores (or GPUs) are refused before any work unless ``--oversubscribe``."""
+    if not _is_rank():
+        from . import ranks
+
+        ranks.check_fit(args.nproc, devices, args.oversubscribe)
+
+
+def _force_argument(p) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="run although the predicted peak memory per rank exceeds the device's memory (default: "
+                        "refused before any work, with the prediction)")
+
+
+def _apply_force(args) -> None:
+    """``--force`` reaches every rank (and every variant's validation) through the environment."""
+    if getattr(args, "force", False):
+        os.environ[train.FORCE_ENV] = "1"
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """An allocation that failed during the work: Python's and numpy's MemoryError, torch's
+    OutOfMemoryError (CUDA), or the CPU allocator's RuntimeError."""
+    import torch
+
+    if isinstance(e, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))):
+        return True
+    return isinstance(e, RuntimeError) and any(text in str(e) for text in (
+        "DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory", "out of memory"))
+
+
+def _out_of_memory_line(e: BaseException) -> str:
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    first = first if len(first) <= 300 else first[:297] + "..."
+    return (f"out of memory during the work ({type(e).__name__}: {first}); lower --batch-size or --seq-len, or use a "
+            f"memory-saving technique (checkpoint, grad_accum, zero, fsdp)")
 
 
 def _timeout_argument(p) -> None:
@@ -65,10 +113,13 @@ def _apply_timeout(args) -> None:
     """``--timeout S`` reaches every rank through the environment the launcher hands on."""
     if getattr(args, "timeout", None) is None:
         return
-    from .dist import TIMEOUT_ENV
+    from .dist import MAX_TIMEOUT_S, TIMEOUT_ENV
 
     if not (args.timeout > 0 and args.timeout < float("inf")):
         raise recipe_lib.RecipeError(f"--timeout must be a number of seconds > 0, got {args.timeout}")
+    if args.timeout > MAX_TIMEOUT_S:
+        raise recipe_lib.RecipeError(f"--timeout {args.timeout:g} is too long; valid: at most {MAX_TIMEOUT_S:.0f} "
+                                     f"seconds (30 days)")
     os.environ[TIMEOUT_ENV] = repr(args.timeout)
 
 
@@ -92,35 +143,88 @@ def _is_rank() -> bool:
     return "LOCAL_RANK" in os.environ
 
 
-def _same_file(a: str, b: str) -> bool:
-    return os.path.abspath(a) == os.path.abspath(b)
+def _writer_lock(*paths):
+    """:func:`impls.files.exclusive` on the outputs, held by the process that owns the command:
+    the launcher of ``--nproc`` ranks (its ranks write under its lock), or rank 0 of ranks
+    started by hand (``torchrun``), or the one process."""
+    from contextlib import nullcontext
+
+    from . import ranks
+
+    if ranks.in_launched_rank() or int(os.environ.get("RANK", "0")) != 0:
+        return nullcontext()
+    return exclusive(*paths)
+
+
+def _run_inputs(recipe, resume: str | None) -> dict:
+    """The files a run reads, by the flag that named them: none may also be one of its outputs."""
+    from . import init_from
+    from .techniques import parse
+
+    inputs = {"--resume": resume}
+    sources = {"--init-from": recipe.init_from}
+    for spec in recipe.techniques:
+        try:
+            parsed = parse(spec)
+        except ConfigError:  # reported by the recipe's own checks, with their wording
+            continue
+        if parsed.name == "distill" and parsed.options.get("teacher"):
+            sources["distill:teacher"] = parsed.options["teacher"]
+    for flag, source in sources.items():
+        if source:
+            inputs[flag] = source
+            if str(source).endswith(".json"):  # a record: its weights are read from the state beside it
+                inputs[f"{flag} weights"] = str(Path(source).with_suffix(init_from.STATE_SUFFIX))
+    if recipe.data.startswith("tokens:"):
+        inputs["--data"] = recipe.data[len("tokens:"):].split(",")[0]
+    return inputs
 
 
 def _cmd_run(args, argv) -> int:
     recipe = recipe_lib.from_args(args)
     _apply_timeout(args)
+    _apply_force(args)
     if args.nproc < 1:
         raise recipe_lib.RecipeError(f"--nproc must be >= 1, got {args.nproc}")
-    checkpoint = args.checkpoint or (str(Path(args.out).with_suffix(".state.pt")) if args.out else None)
+    _check_fit(args, {recipe.device})
+    if args.checkpoint is not None and args.save_every is None:
+        raise recipe_lib.RecipeError(f"--checkpoint {args.checkpoint!r} is written only with --save-every N (the "
+                                     f"steps between saves); give --save-every, or drop --checkpoint")
+    checkpoint = args.checkpoint if args.checkpoint is not None else (
+        str(Path(args.out).with_suffix(".state.pt")) if args.out else None)
     if args.save_every is not None:
         if checkpoint is None:
             raise recipe_lib.RecipeError("--save-every needs --checkpoint PATH or --out FILE")
         if args.save_every < 1:
             raise recipe_lib.RecipeError(f"--save-every must be >= 1, got {args.save_every}")
+        args.saving_to = checkpoint  # named by the line of an interrupted run (_interrupted)
     # Every path the run will write, before any work: a run is never lost to an unwritable path.
-    writes = [args.out] if args.out else []
-    if args.save_every is not None:
-        writes.append(checkpoint)
-        if args.out and _same_file(args.out, checkpoint):
-            raise recipe_lib.RecipeError(f"--checkpoint {checkpoint!r} is the --out record's path; give another")
+    writes = [args.out] if args.out is not None else []
     for path in writes:
         check_writable(path)
+    if args.save_every is not None:
+        writes.append(checkpoint)
+        check_writable(checkpoint)
+        if args.out is not None and same_file(args.out, checkpoint):
+            raise recipe_lib.RecipeError(f"--checkpoint {checkpoint!r} is the --out record's path; give another")
+    # Nothing read may be overwritten: the record over the checkpoint it resumes from, over the
+    # record --init-from names... (the checkpoint may be the --resume file: that is how a run goes on).
+    inputs = _run_inputs(recipe, args.resume)
+    check_distinct({"--out": args.out}, inputs)
+    if args.save_every is not None:
+        check_distinct({"--checkpoint": checkpoint}, {k: v for k, v in inputs.items() if k != "--resume"})
     if args.nproc > 1 and not _is_rank():
         train.validate(recipe, world_size=args.nproc)  # fail here, once, before starting ranks
         if args.resume:
             train.training_state.load(args.resume, recipe, args.nproc)
-        clean_stale(*writes)
-        return _relaunch_under_torchrun(argv, args.nproc)
+        with _writer_lock(*writes):
+            clean_stale(*writes)
+            return _relaunch_under_torchrun(argv, args.nproc)
+    with _writer_lock(*writes):
+        return _run_here(args, recipe, checkpoint, writes)
+
+
+def _run_here(args, recipe, checkpoint, writes) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         clean_stale(*writes)  # temporaries of a process killed mid-write
     record = train.run(recipe, save_every=args.save_every, checkpoint=checkpoint, resume=args.resume)
@@ -160,22 +264,30 @@ def _cmd_compare(args, argv) -> int:
 
     spec = compare.load_spec(args.spec)
     _apply_timeout(args)
+    _apply_force(args)
     if args.nproc < 1:
         raise recipe_lib.RecipeError(f"--nproc must be >= 1, got {args.nproc}")
-    if args.out:
+    _check_fit(args, {recipe.device for recipe in spec.recipes.values()})
+    if args.out is not None:
         check_writable(args.out)
+        inputs = {"spec": args.spec}
+        for recipe in spec.recipes.values():
+            inputs.update({f"{k} (of a variant)": v for k, v in _run_inputs(recipe, None).items() if v})
+        check_distinct({"--out": args.out}, inputs)
     if args.nproc > 1 and not _is_rank():
         for recipe in spec.recipes.values():
             train.validate(recipe, world_size=args.nproc)
-        clean_stale(args.out)
-        return _relaunch_under_torchrun(argv, args.nproc)
-    if int(os.environ.get("RANK", "0")) == 0:
-        clean_stale(args.out)
-    record = compare.measure(spec)
-    if int(os.environ.get("RANK", "0")) == 0:
-        if args.out:
-            train.write_record(record, args.out)
-        print(compare.summary_line(record) + (f"\n-> {args.out}" if args.out else ""))
+        with _writer_lock(args.out):
+            clean_stale(args.out)
+            return _relaunch_under_torchrun(argv, args.nproc)
+    with _writer_lock(args.out):
+        if int(os.environ.get("RANK", "0")) == 0:
+            clean_stale(args.out)
+        record = compare.measure(spec)
+        if int(os.environ.get("RANK", "0")) == 0:
+            if args.out:
+                train.write_record(record, args.out)
+            print(compare.summary_line(record) + (f"\n-> {args.out}" if args.out else ""))
     from . import dist
 
     dist.shutdown()
@@ -187,16 +299,19 @@ def _cmd_comm(args, argv) -> int:
 
     spec = commbench.validate(args, launched=_is_rank())
     _apply_timeout(args)
-    if args.out:
+    _check_fit(args, {args.device})
+    if args.out is not None:
         check_writable(args.out)
     if not _is_rank():
-        clean_stale(args.out)
-        return _relaunch_under_torchrun(argv, args.nproc)
-    record = commbench.measure(spec)
-    if int(os.environ.get("RANK", "0")) == 0:
-        if args.out:
-            train.write_record(record, args.out)
-        print("\n".join(commbench.summary_lines(record)) + (f"\n-> {args.out}" if args.out else ""))
+        with _writer_lock(args.out):
+            clean_stale(args.out)
+            return _relaunch_under_torchrun(argv, args.nproc)
+    with _writer_lock(args.out):
+        record = commbench.measure(spec)
+        if int(os.environ.get("RANK", "0")) == 0:
+            if args.out:
+                train.write_record(record, args.out)
+            print("\n".join(commbench.summary_lines(record)) + (f"\n-> {args.out}" if args.out else ""))
     from . import dist
 
     dist.shutdown()
@@ -220,11 +335,16 @@ def _cmd_peak(args, argv) -> int:
     from .measure import device_name, peak_flops
 
     device = resolve_device(args.device)
-    if args.bench_log:  # make bench: fresh probes at its start and end, logged side by side
+    if args.phase is not None and args.bench_log is None:
+        raise ConfigError(f"--phase {args.phase} applies to --bench-log only (which end of a benchmark run the "
+                          f"probe logs); give --bench-log JSON, or drop --phase")
+    if args.bench_log is not None:  # make bench: fresh probes at its start and end, logged side by side
         check_writable(args.bench_log)
+        args.phase = args.phase or "start"
         from .measure.peak import bench_probe
 
-        log = bench_probe(args.bench_log, args.phase, device)
+        with exclusive(args.bench_log):
+            log = bench_probe(args.bench_log, args.phase, device)
         peaks = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in log[args.phase]["peaks"].items())
         print(f"peak FLOP/s at the {args.phase} of the benchmark run: {peaks} GFLOP/s"
               + (f"; drift {', '.join(f'{k} {v:+.1%}' for k, v in log['drift'].items())}, "
@@ -266,11 +386,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="JSON: {baseline, rounds, steps, warmup, common: {recipe}, variants: {name: {recipe}}}")
     p.add_argument("--out", help="write the JSON record here (atomically)")
     p.add_argument("--nproc", type=int, default=1, help="ranks; > 1 relaunches under torchrun")
+    _oversubscribe_argument(p)
+    _force_argument(p)
     _timeout_argument(p)
     p = sub.add_parser("comm", help="ring all-reduce vs parameter server: time, algbw, busbw per message size")
     from . import commbench
 
     commbench.add_arguments(p)
+    _oversubscribe_argument(p)
     _timeout_argument(p)
     sub.add_parser("zoo", help="list model names and parameter counts")
     p = sub.add_parser("peak", help="peak FLOP/s used as the MFU denominator")
@@ -278,7 +401,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--reprobe", action="store_true", help="measure again, replacing the cached value")
     p.add_argument("--bench-log", metavar="JSON", help="re-probe fp32 and bf16 and log them for a benchmark run")
-    p.add_argument("--phase", choices=("start", "end"), default="start", help="with --bench-log: which end of the run")
+    p.add_argument("--phase", choices=("start", "end"), help="with --bench-log: which end of the run (default start)")
     sub.add_parser("isoflop", help="isoFLOP sweep: train sizes × budgets × variants, fit optima (see --help)")
     p = sub.add_parser("plan", help="auto-parallel planner: layouts ranked by a predicted step time (see --help)")
     from . import planner
@@ -316,6 +439,23 @@ def collective_of(exc: BaseException) -> str:
     return name or "a collective"
 
 
+def _interrupted(args, started: float) -> int:
+    """Ctrl-C: ``etbench: interrupted``, naming the checkpoint to resume from if the run has one
+    (saved by this run, else the one it resumed from), instead of a traceback; status 130."""
+    def written(path) -> bool:  # by this command
+        try:
+            return path is not None and os.stat(path).st_mtime >= started
+        except OSError:
+            return False
+
+    saving_to, resumed, out = (getattr(args, name, None) for name in ("saving_to", "resume", "out"))
+    out = out if getattr(args, "command", None) in ("run", "compare", "comm") else None  # their JSON record
+    resume_from = saving_to if written(saving_to) else resumed
+    print("etbench: interrupted" + ("; no record written" if out is not None and not written(out) else "")
+          + (f"; resume with --resume {resume_from}" if resume_from else ""), file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["isoflop"]:  # its own parser: the sweep engine owns its options
@@ -327,16 +467,27 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(EXIT_BAD_INPUT, str(e))
         except WriteError as e:
             return _fail(EXIT_FAILED, str(e))
+        except KeyboardInterrupt:
+            return _interrupted(None, 0.0)
+        except Exception as e:  # out of memory in a point: one line, status 1
+            if _out_of_memory(e):
+                return _fail(EXIT_FAILED, _out_of_memory_line(e))
+            raise
     args = parser().parse_args(argv)
     commands = {"run": _cmd_run, "compare": _cmd_compare, "comm": _cmd_comm, "zoo": _cmd_zoo, "peak": _cmd_peak, "report": _cmd_report,
                 "plan": _cmd_plan}
+    started = time.time()
     try:
         return commands[args.command](args, argv)
+    except KeyboardInterrupt:  # Ctrl-C: one line, status 130 (with --nproc, ranks.launch has stopped the ranks)
+        return _interrupted(args, started)
     except ConfigError as e:  # bad input: one line, status 2; anything else keeps its traceback
         return _fail(EXIT_BAD_INPUT, str(e))
     except WriteError as e:  # a write failed mid-way (full disk...): one line, status 1, old file intact
         return _fail(EXIT_FAILED, str(e))
     except Exception as e:
+        if _out_of_memory(e):  # an allocation failed during the work: one line, status 1 (once, with --nproc)
+            return _fail(EXIT_FAILED, _out_of_memory_line(e))
         import torch.distributed as tdist
 
         lost = isinstance(e, getattr(tdist, "DistError", ())) or (isinstance(e, RuntimeError) and "/gloo/" in str(e))

@@ -16,6 +16,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # a write failed (WriteError), a rank died, or an unexpected error (traceback)
 EXIT_BAD_INPUT = 2  # ConfigError: nothing was done, nothing written
 EXIT_DIVERGED = 3  # the run diverged (non-finite loss); its record is written with that status
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT): one line, 128 + SIGINT as shells report it; no record written
 
 
 class ConfigError(ValueError):

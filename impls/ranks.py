@@ -23,6 +23,21 @@ fails is one line, once:
 
 A rank blocked in a collective whose peer died without an agent to stop it (ranks started by
 hand) gives up after the same timeout with one line.
+
+Process lifetime:
+
+* ranks die with their launcher: each rank is started through this module (``python -m
+  impls.ranks impls.cli ...``, :func:`become_rank`), which asks the kernel to SIGKILL it when the
+  launcher dies (``prctl(PR_SET_PDEATHSIG)`` on Linux; elsewhere a thread polls the launcher's
+  pid), so a ``kill -9`` of the launcher leaves no rank running and no record written (the
+  agent starts each rank in a session of its own, so nothing else would reach them);
+* Ctrl-C (SIGINT) of the launcher: the agent stops the ranks with SIGINT, which kills a rank at
+  once and quietly (:func:`become_rank` restores its default action: no ``KeyboardInterrupt``
+  traceback per rank), and the launcher prints one line and exits with status 130; writes are
+  atomic, so the last checkpoint stays resumable;
+* more ranks than CPU cores (or CUDA devices) are refused before any work (:func:`check_fit`)
+  unless ``--oversubscribe``: oversubscribed ranks take turns on the cores and every collective
+  waits for the slowest, so such a run can crawl (100 ranks on 2 cores made no progress in 120 s).
 """
 from __future__ import annotations
 
@@ -31,18 +46,107 @@ import logging
 import re
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
+import time
 import uuid
 from pathlib import Path
 
-from .errors import EXIT_FAILED
+from .errors import EXIT_FAILED, ConfigError
 
 #: Environment variable naming the folder where ranks leave their one-line errors.
 RANK_ERRORS_ENV = "ETBENCH_RANK_ERRORS"
 #: Seconds the agent waits for a rank to exit after SIGTERM before it sends SIGKILL.
 SHUTDOWN_S = 5
 _QUIET_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher", "torch.distributed.run")
+#: Environment variable holding the launcher's pid: a rank whose parent is no longer it dies.
+LAUNCHER_PID_ENV = "ETBENCH_LAUNCHER_PID"
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+#: The signals torch's agent turns into ``SignalException`` while it runs (its default list).
+_AGENT_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+                       if hasattr(signal, name))
+
+
+def _launcher_pid() -> int | None:
+    try:
+        return int(os.environ[LAUNCHER_PID_ENV])
+    except (KeyError, ValueError):
+        return None
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _set_parent_death_signal(sig: int) -> bool:
+    """``prctl(PR_SET_PDEATHSIG, sig)``: the kernel sends ``sig`` when the parent dies (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_launcher(launcher: int, interval: float = 0.2) -> None:
+    while os.getppid() == launcher:
+        time.sleep(interval)
+    _die()
+
+
+def become_rank() -> None:
+    """What a rank started by :func:`launch` does first, before importing torch:
+
+    * die with the launcher: SIGKILL when it dies (``PR_SET_PDEATHSIG``, or a thread polling the
+      parent's pid where prctl is missing), and at once if it died before that was set up;
+    * Ctrl-C: the default action of SIGINT (the agent forwards it to stop the ranks) kills the
+      rank quietly instead of a ``KeyboardInterrupt`` traceback from wherever it was.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    launcher = _launcher_pid()
+    if launcher is None:
+        return
+    if not _set_parent_death_signal(signal.SIGKILL):
+        threading.Thread(target=_watch_launcher, args=(launcher,), name="etbench-launcher-watch", daemon=True).start()
+    if os.getppid() != launcher:  # it died before the kernel was told
+        _die()
+
+
+def cores() -> int:
+    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def check_fit(nproc: int, devices: set[str], oversubscribe: bool) -> None:
+    """Refuse (ConfigError) more ranks than the CPU cores this process may use, or than the CUDA
+    devices when a run may use CUDA (``devices``: the recipes' ``--device`` values), unless
+    ``oversubscribe`` (then warn).  The CUDA count comes from NVML (``torch.cuda.device_count``),
+    which does not initialise CUDA in this process."""
+    if nproc <= 1:
+        return
+    limit, what = cores(), "CPU core(s) this process may use"
+    if devices - {"cpu"}:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if gpus > 0:  # none: the device check names the problem ('cuda' requested but not available)
+            limit, what = gpus, "CUDA device(s)"
+    if nproc <= limit:
+        return
+    if not oversubscribe:
+        raise ConfigError(f"--nproc {nproc} is more ranks than the {limit} {what}: oversubscribed ranks take turns and "
+                          f"every collective waits for the slowest, so the run may make no progress; --nproc {limit} "
+                          f"or less, or --oversubscribe to run anyway")
+    print(f"etbench: warning: --nproc {nproc} on {limit} {what} (--oversubscribe): the ranks take turns, so its "
+          f"timings are not comparable", file=sys.stderr)
 
 
 def in_launched_rank() -> bool:
@@ -119,11 +223,13 @@ def _hung(failures: dict, reported: list[dict]) -> str | None:
 def launch(module_args: list[str], nproc: int) -> int:
     """Run ``python -m <module_args>`` on ``nproc`` local ranks; return the exit status (0, or
     the failure's, with its one line printed on stderr)."""
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
     from torch.distributed.run import config_from_args, parse_args
 
     saved_env = dict(os.environ)
+    saved_handlers = {sig: signal.getsignal(sig) for sig in _AGENT_SIGNALS}
     loggers = [logging.getLogger(name) for name in _QUIET_LOGGERS]
     saved_loggers = [(lg.handlers[:], lg.propagate) for lg in loggers]
     folder = Path(tempfile.mkdtemp(prefix="etbench-ranks-"))
@@ -131,14 +237,17 @@ def launch(module_args: list[str], nproc: int) -> int:
         # Ranks import what this process imports (asv strips PYTHONPATH from benchmarks).
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         os.environ[RANK_ERRORS_ENV] = str(folder)
+        os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default with several ranks per machine
         for lg in loggers:  # the agent's log lines and warnings: our own line replaces them
             lg.handlers, lg.propagate = [logging.NullHandler()], False
-        # Interrupted (Ctrl-C), the agent stops the ranks with SIGTERM, then SIGKILL after SHUTDOWN_S.
+        # Interrupted (Ctrl-C, SIGTERM...), the agent stops the ranks with the signal it got (a rank dies
+        # of SIGINT at once: become_rank), then SIGKILL after SHUTDOWN_S.
         # After a rank failed, torch 2.13's agent ignores this (LocalElasticAgent._stop_workers calls
         # _shutdown() with its default 30 s), so a hung rank is killed 30 s after its peer gave up.
+        # Each rank runs `python -m impls.ranks MODULE ARGS`: become_rank(), then MODULE as __main__.
         args = parse_args([f"--nproc_per_node={nproc}", "--max-restarts=0", f"--shutdown_timeout={SHUTDOWN_S}",
-                           "-m", *module_args])
+                           "-m", __spec__.name if __spec__ else "impls.ranks", *module_args])
         # what torchrun --standalone sets: a local C10d store on a free port
         args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
         config, cmd, cmd_args = config_from_args(args)
@@ -149,9 +258,27 @@ def launch(module_args: list[str], nproc: int) -> int:
             status, message = summarise_failure(e.failures, _reported(folder))
             print(f"etbench: error: {message}", file=sys.stderr)
             return status
+        except SignalException as e:  # the agent's handler; it has stopped the ranks with that signal
+            if e.sigval == signal.SIGINT:
+                raise KeyboardInterrupt from None  # the caller prints its one line (status 130)
+            print(f"etbench: error: stopped by {e.sigval.name}; the ranks were stopped", file=sys.stderr)
+            return 128 + int(e.sigval)
     finally:
+        if threading.current_thread() is threading.main_thread():  # the agent's handlers would outlive it
+            for sig, handler in saved_handlers.items():
+                if handler is not None:
+                    signal.signal(sig, handler)
         os.environ.clear()
         os.environ.update(saved_env)
         for lg, (handlers, propagate) in zip(loggers, saved_loggers):
             lg.handlers, lg.propagate = handlers, propagate
         shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":  # a rank started by launch(): `python -m impls.ranks MODULE ARGS...`
+    become_rank()
+    import runpy
+
+    module = sys.argv[1]
+    sys.argv = [sys.argv[0], *sys.argv[2:]]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)

@@ -125,6 +125,8 @@ def validate(r: Recipe, world_size: int = 1) -> Validated:
             raise RecipeError(f"flops_budget {r.flops_budget:.3g} is smaller than one step "
                               f"({one_step:.3g} model FLOPs for {r.model}, batch "
                               f"{r.batch_size}×{plan.accum_steps}×{dims.dp}, seq_len {r.seq_len})")
+        _check_step_count(r.flops_budget / one_step, r.flops_budget, f"{one_step:.3g} model FLOPs per step")
+    check_memory(r, meta, specs, plan, dims, world_size)  # before anything is allocated
     source = None
     if r.init_from is not None:  # read and checked here: a bad source fails before any work
         deferring = [s.name for s in specs if s.technique.defers_init]
@@ -137,6 +139,82 @@ def validate(r: Recipe, world_size: int = 1) -> Validated:
         source = init_from_lib.read(r.init_from)
         init_from_lib.check(source, r, meta)
     return Validated(specs, plan, dims, dataset, source)
+
+
+def _check_step_count(steps: float, budget: float, per_step: str) -> None:
+    """A FLOP budget that buys more steps than a run may take (:data:`impls.recipe.MAX_STEPS`)
+    is refused: such a run would not end (nor would the budget's schedule solve)."""
+    if steps > recipe_lib.MAX_STEPS:
+        raise RecipeError(f"flops_budget {budget:.3g} buys {steps:.3g} steps ({per_step}), more than the "
+                          f"{recipe_lib.MAX_STEPS:,} a run may take; valid: a budget of at most "
+                          f"{budget / steps * recipe_lib.MAX_STEPS:.3g} FLOPs")
+
+
+# --------------------------------------------------------------------------- memory before any work
+
+#: ``--force`` sets it (to "1"), and the ranks and workers a command starts inherit it: run a
+#: recipe although its predicted peak memory exceeds the memory of its device.
+FORCE_ENV = "ETBENCH_FORCE"
+
+# How techniques change the terms of the memory prediction (impls.measure.footprint, a lower
+# bound of the peak).  The techniques named here leave every block's saved activations (resp. the
+# block weights' model states) at least as large as the plain model's; any other technique -- one
+# that recomputes, compresses, routes, drops or offloads activations, or replaces, slices or
+# freezes the block weights, and any new technique until it is listed -- drops that term from the
+# prediction, which so stays a lower bound: a recipe is never refused for memory it would not use.
+_KEEP_BLOCK_ACTIVATIONS = frozenset({
+    "attention", "bf16", "data-parallel", "ddp", "distill", "fairscale-fsdp", "fp16", "fsdp", "galore", "gmp",
+    "grad_accum", "lowrank", "onebit", "oss", "prune", "prune_nm", "qat", "seqlen_warmup", "sparse_embedding",
+    "zero", "zero-redundancy"})
+_KEEP_BLOCK_STATES = frozenset({
+    "actcompress", "attention", "bf16", "checkpoint", "data-parallel", "ddp", "distill", "fairscale-fsdp", "fp16",
+    "fp8", "fsdp", "fuse", "gmp", "grad_accum", "int8", "mae", "mod", "mode", "moe", "offload", "onebit", "oss",
+    "pp", "prune", "prune_nm", "qat", "random_ltd", "seqlen_warmup", "sparse_embedding", "token_drop", "tp", "zero",
+    "zero-redundancy"})
+
+
+def memory_footprint(r: Recipe, meta: torch.nn.Module, specs: list[techniques.TechniqueSpec], plan: techniques.Plan,
+                     dims: ParallelDims, device: torch.device) -> "footprint.Footprint":
+    """The predicted peak bytes of one rank of ``r`` (:func:`impls.measure.footprint.predict`),
+    from the model built on ``meta`` and the validated techniques, plan and mesh."""
+    from .measure import footprint
+
+    names = {s.name for s in specs}
+    tp_plain = all(not s.options.get("sp") for s in specs if s.name == "tp")  # SP splits the norms' inputs too
+    outside = sum(p.numel() for name, p in meta.named_parameters() if not name.startswith("blocks."))
+    return footprint.predict(
+        meta.cfg, psi=meta.num_params(), seq_len=r.seq_len, micro_batch=r.batch_size, accum_steps=plan.accum_steps,
+        dp=dims.dp, tp=dims["tp"], pp=dims["pp"], zero_stage=plan.sharding_stage, optimizer=r.optimizer,
+        low_precision_params=plan.low_precision_params, autocast=plan.autocast_dtype is not None,
+        block_activations=names <= _KEEP_BLOCK_ACTIVATIONS and tp_plain,
+        block_states=names <= _KEEP_BLOCK_STATES, outside_block_params=outside,
+        # ZeRO/FSDP offload keep the model states in host memory, not on the GPU
+        states_on_device=not (device.type == "cuda" and any(v == "cpu" for s in specs for v in s.options.values())))
+
+
+def check_memory(r: Recipe, meta: torch.nn.Module, specs: list[techniques.TechniqueSpec], plan: techniques.Plan,
+                 dims: ParallelDims, world_size: int) -> None:
+    """Refuse ``r`` before any work when its predicted peak memory per rank (a lower bound) exceeds
+    what its device has: on a CPU the host's available memory, shared by the ranks on this host;
+    on a GPU its free memory (read where CUDA may be initialised: not by the parent of --nproc
+    ranks, whose ranks check it themselves).  ``--force`` (:data:`FORCE_ENV`) skips it."""
+    from .measure import footprint
+
+    if os.environ.get(FORCE_ENV, "") not in ("", "0"):
+        return
+    device = dist.resolve_device(r.device, int(os.environ.get("LOCAL_RANK", "0")))
+    parent = world_size > 1 and "LOCAL_RANK" not in os.environ
+    limit = footprint.available(device, may_init_cuda=not parent)
+    if limit is None:
+        return
+    predicted = memory_footprint(r, meta, specs, plan, dims, device)
+    sharing = int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) if device.type == "cpu" else 1
+    if parent and device.type == "cpu":  # the ranks are not started yet: each will hold what this process does
+        predicted = dataclasses.replace(predicted, runtime=footprint.this_process())
+    if footprint.exceeds(predicted, limit[0], sharing):
+        ranks = f" × {sharing} ranks on this host" if sharing > 1 else ""
+        raise RecipeError(f"predicted peak memory {predicted.describe()}{ranks} exceeds {limit[1]}; lower "
+                          f"--batch-size or --seq-len, shard or checkpoint, or --force to try anyway")
 
 
 # --------------------------------------------------------------------------- building a run
@@ -250,6 +328,8 @@ def _schedule_steps(per_step, length_at, budget: float) -> int:
     lo = int(budget // per_step(length_at(10 ** 9, 10 ** 9)))  # every step at most the full length's cost
     hi = int(budget // per_step(length_at(0, 1))) + 1  # and at least the first length's
     lo = max(lo, 0)
+    _check_step_count(lo, budget, "at the full length's cost")  # before summing a schedule that long
+    hi = min(hi, recipe_lib.MAX_STEPS + 1)  # more is refused by the caller
     while cost(lo) > budget and lo > 0:
         lo -= 1
     while hi - lo > 1:
@@ -258,7 +338,7 @@ def _schedule_steps(per_step, length_at, budget: float) -> int:
             lo = mid
         else:
             hi = mid
-    while cost(lo + 1) <= budget:
+    while lo <= recipe_lib.MAX_STEPS and cost(lo + 1) <= budget:
         lo += 1
     return lo
 
@@ -295,6 +375,7 @@ def measure_step(session: Session) -> StepMeasure:
         if total_steps < 1:
             raise RecipeError(f"flops_budget {r.flops_budget:.3g} is smaller than one step "
                               f"({per_step:.3g} {r.budget_flops} FLOPs)")
+        _check_step_count(total_steps, r.flops_budget, f"{per_step:.3g} {r.budget_flops} FLOPs per step")
     engine.total_steps = total_steps
     session.build.total_steps = total_steps  # for hooks acting at a fraction of training
     # The MFU denominator, probed (if not cached) before training and by rank 0 alone while the
@@ -358,6 +439,7 @@ def _measure_schedule(session: Session, x0, y0, step_rows: int, activations: int
         total_steps = _schedule_steps(lambda length: at(length)[index], length_at, r.flops_budget)
         if total_steps < 1:
             raise RecipeError(f"flops_budget {r.flops_budget:.3g} is smaller than one step of the schedule")
+        _check_step_count(total_steps, r.flops_budget, "over the schedule")
     lengths = [length_at(t, total_steps) for t in range(total_steps)]
     for length in set(lengths):
         at(length)
@@ -441,6 +523,8 @@ def run(recipe: Recipe, ctx: dist.DistContext | None = None, *, save_every: int 
     eval_every = recipe.eval_every or max(1, total // recipe.evaluations)
     clipping = recipe.grad_clip is not None
     if resumed:
+        if resumed["step"] >= total:  # the run ended and saved; its record may not have been written
+            return _record_of_finished(session, cost, resumed, ctx, total)
         engine.load_state_dict(training_state.engine_state(resumed, ctx.rank))
         start, curve, window = resumed["step"], resumed["curve"], resumed["window_losses"]
         norms = list(resumed.get("window_grad_norms") or [])
@@ -462,7 +546,21 @@ def run(recipe: Recipe, ctx: dist.DistContext | None = None, *, save_every: int 
             entry["grad_norm"] = _mean_finite(norms)
         return entry
 
-    comm = None
+    comm, timing, wall, finished = None, None, None, None
+
+    def measured_timing() -> dict:
+        """The step times (the slowest rank's), load and other processes' cores of this process's
+        timed steps (collective: every rank calls it at the same point)."""
+        timed = seconds[max(warmup, 0):]
+        if not timed:
+            if status == "ok":
+                raise RecipeError(f"nothing left to train: the checkpoint is at step {start} of {total}")
+            timed = seconds  # diverged before the timed steps: the warm-up steps are all there is
+        # A step lasts as long as its slowest rank.
+        return dict(first_step_seconds=seconds[0], step_seconds=ctx.all_max(timed),
+                    load_start=load_start, load_end=timing_lib.load_average(),
+                    others=_other_cores(ctx, cpu_start, timing_lib.cpu_snapshot()))
+
     with PeakMemory(ctx.device) as peak:
         for step in range(start, total):
             if step == start and warmup > 0 and ctx.world_size > 1:
@@ -495,22 +593,43 @@ def run(recipe: Recipe, ctx: dist.DistContext | None = None, *, save_every: int 
                     status = f"diverged at step {done}"
                     break
                 bar.set_postfix(val_loss=f"{curve[-1]['val_loss']:.3f}")
+            if save_every and done == total:  # what the record is made of, so --resume can give it back
+                timing, wall = measured_timing(), time.perf_counter() - t_start
+                finished = dict(timing=timing, state_bytes=ctx.all_gather_object(state_bytes),
+                                peak=dict(kind=peak.kind, bytes=ctx.all_gather_object(peak.current())),
+                                comm=comm, resumed_from=start if resumed else None, peak_flops=cost.peak,
+                                wall_seconds=wall)
             if save_every and (done % save_every == 0 or done == total):
                 training_state.save(checkpoint, recipe, ctx, engine, step=done, curve=curve, window_losses=window,
-                                    window_grad_norms=norms)
+                                    window_grad_norms=norms, finished=finished)
             bar.update()
     bar.close()
-    timed = seconds[max(warmup, 0):]
-    if not timed:
-        if status == "ok":
-            raise RecipeError(f"nothing left to train: the checkpoint is at step {start} of {total}")
-        timed = seconds  # diverged before the timed steps: the warm-up steps are all there is
-    # A step lasts as long as its slowest rank.
-    timing = dict(first_step_seconds=seconds[0], step_seconds=ctx.all_max(timed),
-                  load_start=load_start, load_end=timing_lib.load_average(),
-                  others=_other_cores(ctx, cpu_start, timing_lib.cpu_snapshot()))
+    timing = timing or measured_timing()
+    wall = wall if wall is not None else time.perf_counter() - t_start  # a final save's: what --resume gives back
+    if finished:  # the peak before the final state was serialised: the one --resume gives back
+        peak.peak_bytes = finished["peak"]["bytes"][ctx.rank]
     return make_record(session, cost, curve, timing, state_bytes, peak, resumed_from=start if resumed else None,
-                       wall_seconds=time.perf_counter() - t_start, status=status, steps_done=done, comm=comm)
+                       wall_seconds=wall, status=status, steps_done=done, comm=comm)
+
+
+def _record_of_finished(session: Session, cost: StepMeasure, state: dict, ctx: dist.DistContext, total: int) -> dict:
+    """The record of a run whose final training state was saved but whose record was not
+    written (killed in between): made from the measurements the state kept (step times, load,
+    every rank's memory), so ``--resume`` gives it back instead of training nothing.  The
+    record is the one the run would have written (``resumed_from_step`` says which steps this
+    record's times cover, as for any resumed run)."""
+    finished = state.get("finished")
+    if not finished:
+        raise RecipeError(f"nothing left to train: the checkpoint is at step {state['step']} of {total}, and it "
+                          f"holds no measurements to make the record from (saved by an older etbench)")
+
+    class _Peak:  # what make_record reads of a PeakMemory
+        kind, peak_bytes = finished["peak"]["kind"], finished["peak"]["bytes"][ctx.rank]
+
+    cost = dataclasses.replace(cost, peak=finished["peak_flops"])  # the MFU denominator the run divided by
+    return make_record(session, cost, state["curve"], finished["timing"], finished["state_bytes"][ctx.rank], _Peak,
+                       resumed_from=finished["resumed_from"], wall_seconds=finished["wall_seconds"],
+                       steps_done=state["step"], comm=finished["comm"])
 
 
 def _other_cores(ctx: dist.DistContext, start: dict | None, end: dict | None) -> float | None:

@@ -24,6 +24,7 @@ import torch
 
 from impls import cli, training_state
 from impls.errors import ConfigError
+from impls.ranks import cores
 from impls.recipe import NON_NEGATIVE, POSITIVE, Range, Recipe, RecipeError, _scalar_type, check_values
 
 SMALL_DATA = "synthetic:vocab=16,train_tokens=4096,val_tokens=1024,row_len=256"
@@ -137,6 +138,11 @@ ROWS = [
     Row("nproc-0", run("--nproc", "0"), 2, "--nproc must be >= 1, got 0", "works"),
     Row("timeout-0", run("--timeout", "0"), 2, "--timeout must be a number of seconds > 0, got 0.0", "10"),
     Row("timeout-nan", run("--timeout", "nan"), 2, "--timeout must be a number of seconds > 0, got nan", "10"),
+    # issue 21, class 4: more ranks than cores are refused unless --oversubscribe (tests/test_lifetime.py)
+    Row("nproc-above-cores", run("--nproc", str(cores() + 1)), 2,
+        "or --oversubscribe to run anyway", "21.4"),
+    Row("comm-nproc-above-cores", ["comm", "--nproc", str(cores() + 1), "--sizes", "4K", "--out",
+                                   "{out}/c.json"], 2, "or --oversubscribe to run anyway", "21.4"),
     Row("save-every-0", run("--save-every", "0"), 2, "save-every must be >= 1", "works"),
     Row("save-every-without-path", run("--save-every", "2", out=False), 2, "--save-every needs --checkpoint PATH",
         "works"),
@@ -232,7 +238,7 @@ ROWS = [
     # ------------------------------------------------------------------ class 9: inferred data parameters
     Row("uint16-read-as-uint32", run("--data", "tokens:{files}/u16.bin,dtype=uint32"), 2,
         "as a uint16 file read as uint32 would give; give dtype=uint16", "9"),
-    Row("uint32-read-as-uint16", run("--data", "tokens:{files}/u32.bin"), 2,
+    Row("uint32-read-as-uint16", run("--data", "tokens:{files}/u32.bin,dtype=uint16"), 2,
         "as a uint32 file read as uint16 would; give dtype=uint32", "9"),
     Row("meta-vocab-beyond-dtype", run("--data", "tokens:{files}/wide-meta"), 2,
         "vocab_size=70000 in", "9"),

@@ -20,6 +20,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +35,12 @@ RUN = [sys.executable, "-m", "impls.cli", "run", "--model", "nano", "--batch-siz
        "--eval-batches", "1", "--timing-warmup", "1", "--lr", "3e-3"]
 LONG = ["--steps", "240", "--eval-every", "40", "--save-every", "20"]
 
+
+
+def _sink():
+    """Where a child's unread output goes: an unnamed temporary file, never a device such as
+    /dev/null (no test writes to a device file)."""
+    return tempfile.TemporaryFile()
 
 def _env(**extra) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
@@ -54,7 +61,9 @@ def _wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, p
 
 
 def _temporaries(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob(".*") if p.is_file()]
+    """Atomic-write temporaries (``.<name>.<pid>.<random><suffix>``), not the ``.<name>.lock``
+    a command holds on its outputs while it runs (impls.files.exclusive)."""
+    return [p for p in folder.rglob(".*") if p.is_file() and not p.name.endswith(".lock")]
 
 
 def _alive(pid: int) -> bool:
@@ -102,8 +111,8 @@ def test_a_run_killed_at_a_random_moment_resumes_bit_identical(straight, tmp_pat
     rng = random.Random(f"{SEED}-{when}")
     out, state = tmp_path / "run.json", tmp_path / "run.state.pt"
     env = _env(ETBENCH_WRITE_PAUSE="0.3") if when == "saving" else _env()
-    proc = subprocess.Popen([*RUN, *LONG, "--out", str(out)], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([*RUN, *LONG, "--out", str(out)], env=env, cwd=REPO, stdout=_sink(),
+                            stderr=_sink())
     try:
         if when == "training":  # somewhere after the first checkpoint
             assert _wait_for(state.exists, 120, proc), f"no checkpoint appeared (seed {SEED})"
@@ -111,7 +120,8 @@ def test_a_run_killed_at_a_random_moment_resumes_bit_identical(straight, tmp_pat
         else:  # inside a checkpoint write: its temporary exists, the rename has not happened
             nth = rng.randint(1, 3)
             for i in range(nth):
-                assert _wait_for(lambda: any(p.name.startswith(".run.state.pt.") for p in tmp_path.iterdir()), 120,
+                assert _wait_for(lambda: any(p.name.startswith(".run.state.pt.") and p in _temporaries(tmp_path)
+                                                   for p in tmp_path.iterdir()), 120,
                                  proc), f"no checkpoint write seen (seed {SEED})"
                 if i != nth - 1:
                     _wait_for(lambda: not _temporaries(tmp_path), 5)
@@ -145,7 +155,7 @@ isoflop.sweep(sys.argv[1], [2e7], {"baseline": []}, ["L1-D16", "L1-D24", "L2-D16
 
 def _sweep(out: Path, **env) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", SWEEP, str(out)], env=_env(**env), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=_sink(), stderr=subprocess.PIPE, text=True)
 
 
 def test_an_isoflop_sweep_killed_mid_write_continues_to_the_same_points(tmp_path):
@@ -179,7 +189,7 @@ def test_a_killed_rank_is_named_and_no_process_is_left(tmp_path):
     out, state, log = tmp_path / "ddp.json", tmp_path / "ddp.state.pt", tmp_path / "stderr.txt"
     with open(log, "w") as stderr:
         proc = subprocess.Popen([*RUN, "--nproc", "2", "--steps", "100000", "--save-every", "1", "--out", str(out)],
-                                env=_env(ETBENCH_DIST_TIMEOUT="20"), cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
+                                env=_env(ETBENCH_DIST_TIMEOUT="20"), cwd=REPO, stdout=_sink(), stderr=stderr)
     ranks = {}
     try:
         assert _wait_for(state.exists, 180, proc), log.read_text()[-3000:]
@@ -213,7 +223,7 @@ def test_a_hung_rank_is_named_within_the_timeout(tmp_path):
     out, state, log = tmp_path / "ddp.json", tmp_path / "ddp.state.pt", tmp_path / "stderr.txt"
     with open(log, "w") as stderr:
         proc = subprocess.Popen([*RUN, "--nproc", "2", "--steps", "100000", "--save-every", "1", "--timeout", "8",
-                                 "--out", str(out)], env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
+                                 "--out", str(out)], env=_env(), cwd=REPO, stdout=_sink(), stderr=stderr)
     ranks = {}
     try:
         assert _wait_for(state.exists, 180, proc), log.read_text()[-3000:]
