@@ -161,14 +161,25 @@ def _assert_params_match(got: dict, want: dict, what: str, rtol: float = 1e-6, a
     q·b_k to every score of a query), so in floating point it is rounding noise, which Adam
     normalises into steps of up to lr; a different summation order (ZeRO-3 reduce-scatters
     gradient partitions) changes that noise, so those entries are only held to the bound Adam
-    allows, STEPS × lr."""
+    allows, STEPS × lr.
+
+    The same holds, rarely, for a weight entry whose gradient nearly cancels in its sum over the
+    batch: its rounding noise is then a large part of it, and Adam's m/√v turns that into an
+    update difference of a noticeable fraction of lr (seen on an AMD EPYC host: 1 entry of 16384
+    of an MLP weight off by 1.3e-7 at ZeRO-3 × 4 ranks, identical on HEAD).  So at most one entry
+    in a thousand may leave the rounding tolerance, and only within Adam's bound STEPS × lr;
+    every other entry is held to it."""
     for name, p in want.items():
         q = got[name]
         if name.endswith("attn.qkv.bias"):
             d = p.numel() // 3
             torch.testing.assert_close(q[d:2 * d], p[d:2 * d], rtol=0, atol=STEPS * LR, msg=f"{what} {name} (k)")
             q, p = torch.cat([q[:d], q[2 * d:]]), torch.cat([p[:d], p[2 * d:]])
-        torch.testing.assert_close(q, p, rtol=rtol, atol=atol, msg=f"{what} {name}")
+        outside = (q - p).abs() > atol + rtol * p.abs()
+        assert int(outside.sum()) <= p.numel() // 1000, (
+            f"{what} {name}: {int(outside.sum())} of {p.numel()} entries beyond rounding (max |diff| "
+            f"{float((q - p).abs().max()):.3g})")
+        torch.testing.assert_close(q, p, rtol=0, atol=STEPS * LR, msg=f"{what} {name} (Adam's bound)")
 
 
 @pytest.mark.slow
