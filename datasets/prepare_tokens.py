@@ -31,6 +31,24 @@ from pathlib import Path
 import numpy as np
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bad(message: str):
+    """Bad input: one line on stderr and exit status 2 (etbench's convention), nothing written."""
+    print(f"prepare_tokens: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _impls():
+    """etbench's package, imported from this checkout (this folder is data, not a package)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    import impls.files
+
+    return impls.files
+
+
 def input_files(inputs: list[Path], pattern: str, exclude: Path) -> list[Path]:
     """Files named by ``inputs``: files as given, directories walked in sorted order for names
     matching ``pattern``; hidden entries and anything under ``exclude`` (the output) skipped."""
@@ -43,7 +61,7 @@ def input_files(inputs: list[Path], pattern: str, exclude: Path) -> list[Path]:
             files += [p for p in found if not any(part.startswith(".")
                                                   for part in p.relative_to(item).parts)]
         else:
-            sys.exit(f"prepare_tokens: error: input {item} is not a file or directory")
+            _bad(f"input {item} is not a file or directory")
     return [f for f in files if exclude not in f.resolve().parents]
 
 
@@ -53,12 +71,12 @@ def make_encoder(spec: str):
         return (lambda path: np.frombuffer(path.read_bytes(), dtype=np.uint8)), 256, "byte"
     path = Path(spec)
     if not path.is_file():
-        sys.exit(f"prepare_tokens: error: --tokenizer {spec!r} is neither 'byte' nor an "
+        _bad(f"--tokenizer {spec!r} is neither 'byte' nor an "
                  f"existing tokenizer.json file")
     try:
         from tokenizers import Tokenizer
     except ImportError:
-        sys.exit("prepare_tokens: error: --tokenizer PATH needs the 'tokenizers' package "
+        _bad("--tokenizer PATH needs the 'tokenizers' package "
                  "(pip install tokenizers); or use --tokenizer byte")
     tokenizer = Tokenizer.from_file(str(path))
 
@@ -75,11 +93,11 @@ def prepare(outdir: Path, inputs: list[Path], val_fraction: float = 0.1,
             compression: str = "none", level: int = 3) -> dict:
     """Tokenise ``inputs`` into ``outdir``; returns the ``meta.json`` contents."""
     if not 0 < val_fraction < 1:
-        sys.exit(f"prepare_tokens: error: --val-fraction {val_fraction} must be in (0, 1)")
+        _bad(f"--val-fraction {val_fraction} must be in (0, 1)")
     outdir = outdir.resolve()
     files = input_files(inputs, pattern, exclude=outdir)
     if not files:
-        sys.exit(f"prepare_tokens: error: no input files matching {pattern!r} in "
+        _bad(f"no input files matching {pattern!r} in "
                  f"{', '.join(map(str, inputs))}")
     encode, vocab_size, tokenizer_name = make_encoder(tokenizer)
     smallest = np.dtype("uint8" if vocab_size <= 1 << 8 else "uint16" if vocab_size <= 1 << 16 else "uint32")
@@ -88,12 +106,30 @@ def prepare(outdir: Path, inputs: list[Path], val_fraction: float = 0.1,
     elif dtype in ("uint8", "uint16", "uint32"):
         dtype = np.dtype(dtype)
         if dtype.itemsize < smallest.itemsize:
-            sys.exit(f"prepare_tokens: error: --dtype {dtype.name} cannot hold the {vocab_size} ids of "
+            _bad(f"--dtype {dtype.name} cannot hold the {vocab_size} ids of "
                      f"tokenizer {tokenizer_name}; use {smallest.name} or wider (or smallest)")
     else:
-        sys.exit(f"prepare_tokens: error: --dtype {dtype!r} is invalid; valid: smallest, uint8, uint16, uint32")
+        _bad(f"--dtype {dtype!r} is invalid; valid: smallest, uint8, uint16, uint32")
     if compression not in ("none", "zstd"):
-        sys.exit(f"prepare_tokens: error: --compression {compression!r} is invalid; valid: none, zstd")
+        _bad(f"--compression {compression!r} is invalid; valid: none, zstd")
+    # Every output is checked before any work: only a regular file (or nothing) is ever replaced
+    # (a FIFO or device named train.bin is refused), and one command writes a folder at a time.
+    files_lib = _impls()
+    from impls.errors import ConfigError
+
+    outputs = ["train.bin", "val.bin", "meta.json"] + (["train.bin.zst", "val.bin.zst"] if compression == "zstd" else [])
+    try:
+        files_lib.check_writable_dir(outdir)
+        for name in outputs:
+            files_lib.check_writable(outdir / name)
+        with files_lib.exclusive(outdir):
+            return _write(outdir, files, encode, vocab_size, tokenizer_name, dtype, val_fraction, compression, level)
+    except ConfigError as e:
+        _bad(str(e))
+
+
+def _write(outdir: Path, files: list[Path], encode, vocab_size: int, tokenizer_name: str, dtype: np.dtype,
+           val_fraction: float, compression: str, level: int) -> dict:
     outdir.mkdir(parents=True, exist_ok=True)
 
     # Stream every file's tokens into one temporary file, so memory holds one file at a time;
@@ -108,7 +144,7 @@ def prepare(outdir: Path, inputs: list[Path], val_fraction: float = 0.1,
                 total += ids.size
         n_val = round(total * val_fraction)
         if not 0 < n_val < total:
-            sys.exit(f"prepare_tokens: error: {total} tokens cannot be split with "
+            _bad(f"{total} tokens cannot be split with "
                      f"--val-fraction {val_fraction} (train and val both need a token)")
         n_train = total - n_val
         # Copy the tail out as val.bin, then truncate the stream to become train.bin in place.
@@ -126,7 +162,7 @@ def prepare(outdir: Path, inputs: list[Path], val_fraction: float = 0.1,
             "train_tokens": n_train, "val_tokens": n_val, "val_fraction": val_fraction,
             "files": len(files), "compression": compression}
     if compression == "zstd":
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        _impls()
         from impls import token_shards
 
         for name in ("train.bin", "val.bin"):

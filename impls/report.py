@@ -861,10 +861,16 @@ def interleaved_table(record: dict) -> pd.DataFrame:
 
 def interleaved_name(record: dict) -> str:
     """File name stem of a comparison's outputs: ``interleaved-<name>``, the name taken from the
-    record's file (``compare-<name>.json``; a family may hold several), else its family."""
+    record's file (``compare-<name>.json``; a family may hold several), else its family.  A name
+    that does not start with its family gets it in front (``interleaved-parallel-ws2``): two
+    families' ``compare-ws2.json`` would otherwise write the same files, one silently replacing
+    the other's."""
     source = record.get("source")
     stem = Path(source).stem if source else ""
-    name = stem[len("compare-"):] if stem.startswith("compare-") else (stem or record.get("family", "comparison"))
+    family = record.get("family") or ""
+    name = stem[len("compare-"):] if stem.startswith("compare-") else (stem or family or "comparison")
+    if family and not name.startswith(family):
+        name = f"{family}-{name}"
     return f"interleaved-{name}"
 
 
@@ -1929,6 +1935,11 @@ def staged_outputs(out_dir: Path) -> Iterator[StagedOutputs]:
         raise WriteError(out_dir, e) from None
     try:
         yield stage
+        names = [staged.relative_to(stage.folder) for staged in stage.staged]
+        twice = sorted({str(n) for n in names if names.count(n) > 1})
+        if twice:  # two outputs of one name: one would replace the other (a bug), found before any move
+            raise WriteError(out_dir / twice[0], FileExistsError(errno.EEXIST, f"{len(twice)} output name(s) written "
+                                                                           f"twice; none moved into place"))
         moves = []
         for staged in stage.staged:
             final = out_dir / staged.relative_to(stage.folder)

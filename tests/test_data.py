@@ -272,22 +272,61 @@ def test_prepare_tokens_end_to_end(tmp_path):
     assert bytes(np.concatenate([data.train[0], data.val[0]]).astype(np.uint8)) == stream
 
 
-def test_prepare_tokens_errors(tmp_path, monkeypatch):
+def _refused(capsys, fragment: str):
+    """prepare_tokens refused bad input: status 2, one line naming it (etbench's convention)."""
+    class Check:
+        def __enter__(self):
+            capsys.readouterr()
+
+        def __exit__(self, kind, exc, tb):
+            assert kind is SystemExit and exc.code == 2, (kind, exc)
+            err = capsys.readouterr().err
+            assert fragment in err and len(err.strip().splitlines()) == 1, err
+            return True
+
+    return Check()
+
+
+def test_prepare_tokens_errors(tmp_path, monkeypatch, capsys):
     prepare = _prepare_module()
     text = tmp_path / "t.txt"
     text.write_text("hello world")
-    with pytest.raises(SystemExit, match="val-fraction 1.5 must be in"):
+    with _refused(capsys, "val-fraction 1.5 must be in"):
         prepare.main([str(tmp_path / "out"), str(text), "--val-fraction", "1.5"])
-    with pytest.raises(SystemExit, match="neither 'byte' nor an existing tokenizer.json"):
+    with _refused(capsys, "neither 'byte' nor an existing tokenizer.json"):
         prepare.main([str(tmp_path / "out"), str(text), "--tokenizer", "gpt2"])
     tokenizer_json = tmp_path / "tokenizer.json"
     tokenizer_json.write_text("{}")
     monkeypatch.setitem(sys.modules, "tokenizers", None)  # make the import fail
-    with pytest.raises(SystemExit, match="needs the 'tokenizers' package"):
+    with _refused(capsys, "needs the 'tokenizers' package"):
         prepare.main([str(tmp_path / "out"), str(text), "--tokenizer", str(tokenizer_json)])
-    with pytest.raises(SystemExit, match="cannot be split"):
+    with _refused(capsys, "cannot be split"):
         prepare.main([str(tmp_path / "out"), str(text), "--val-fraction", "0.01"])
     assert not list((tmp_path / "out").iterdir())  # no temporaries left behind
+
+
+def test_prepare_tokens_never_replaces_a_special_file_and_locks_its_folder(tmp_path, capsys):
+    """An output named like a FIFO is refused before any work (it would have been renamed over),
+    and a second command writing the same folder is refused while the first holds it."""
+    import os
+
+    prepare = _prepare_module()
+    text = tmp_path / "t.txt"
+    text.write_text("hello world, " * 50)
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(out / "val.bin")
+    with _refused(capsys, "val.bin' is a FIFO (named pipe), not a regular file"):
+        prepare.main([str(out), str(text)])
+    assert sorted(p.name for p in out.iterdir()) == ["val.bin"] and (out / "val.bin").is_fifo()
+    (out / "val.bin").unlink()
+    files = prepare._impls()
+    with files.exclusive(out):
+        with _refused(capsys, "is being written by another etbench command"):
+            prepare.main([str(out), str(text)])
+    assert list(out.iterdir()) == []
+    prepare.main([str(out), str(text)])
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
 
 
 # --------------------------------------------------------------------------- masked LM

@@ -327,6 +327,33 @@ def test_write_report_includes_interleaved_and_refused(mixed, tmp_path):
     assert len(table_rows) == 2 and not any("fp16" in line for line in table_rows)
 
 
+def test_two_families_comparisons_of_one_file_name_both_reach_the_report(mixed, tmp_path):
+    """``parallel/compare-ws2.json`` and ``model_parallel/compare-ws2.json`` (what make bench
+    writes) once both wrote ``interleaved-ws2.*``, the second silently replacing the first."""
+    for family in ("parallel", "model_parallel"):
+        (mixed / family).mkdir()
+        (mixed / family / "compare-ws2.json").write_text(json.dumps(make_interleaved(family)))
+    out = tmp_path / "out"
+    with pytest.warns(report.RecordWarning, match="not plotted"):
+        written = {p.name for p in report.write_report([mixed], out)}
+    assert {"interleaved-parallel-ws2.csv", "interleaved-model_parallel-ws2.csv",
+            "interleaved-technique.csv"} <= written
+    assert not any(name.startswith("interleaved-ws2") for name in written)
+
+
+def test_two_outputs_of_one_name_move_nothing(tmp_path):
+    """The staging folder refuses to move two outputs of one name (one would replace the other):
+    nothing reaches the output folder."""
+    from impls.errors import WriteError
+
+    out = tmp_path / "out"
+    with pytest.raises(WriteError, match="written twice; none moved"):
+        with report.staged_outputs(out) as stage:
+            a = report.write_text(stage.folder / "a.csv", "1")
+            stage.add(a, report.write_text(stage.folder / "b.csv", "2"), a)
+    assert not out.exists()
+
+
 def test_bootstrap_ratio_of_medians():
     a = [1.0, 1.1, 0.9, 1.05, 0.95, 1.0, 1.02]
     ratio, low, high = report.bootstrap_ratio(a, [2 * x for x in a], resamples=2000)
