@@ -911,6 +911,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="sweep directory (resumable)")
     p.add_argument("--isolate", action="store_true",
                    help="train each point in its own subprocess (memory freed, a crash loses one point)")
+    p.add_argument("--force", action="store_true",
+                   help="train points whose predicted peak memory exceeds the device's (default: refused before "
+                        "any work, with the prediction; workers and subprocesses inherit it)")
     p.add_argument("--fit-sizes", type=int, metavar="K",
                    help="fit each parabola to the K sizes nearest the lowest loss (default: all)")
     p.add_argument("--retime", type=int, metavar="STEPS",
@@ -931,6 +934,8 @@ def _base(args: argparse.Namespace) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     t0 = time.perf_counter()
+    if args.force:  # read by train.check_memory in this process, its workers and --isolate subprocesses
+        os.environ[train.FORCE_ENV] = "1"
     try:
         check_writable_dir(args.out)
         budgets = _floats(args.budgets)

@@ -288,16 +288,18 @@ def test_two_outputs_locked_at_once_and_the_first_released_when_the_second_is_ta
 # --------------------------------------------------------------------------- class 3: the record of a final state
 
 
-def test_resume_of_a_final_state_writes_the_record_the_run_lost(tmp_path, capsys):
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_resume_of_a_final_state_writes_the_record_the_run_lost(tmp_path, capsys, nproc):
     """A run killed after saving its last state and before writing its record: ``--resume``
-    gives the record back (it said 'nothing left to train' and wrote nothing)."""
-    out = tmp_path / "r.json"
-    assert cli.main([*RUN, "--save-every", "2", "--out", str(out)]) == 0
+    gives the record back (it said 'nothing left to train' and wrote nothing); with two ranks,
+    each rank's memory comes back from the state."""
+    out, ranks = tmp_path / "r.json", ["--nproc", str(nproc)]
+    assert cli.main([*RUN, *ranks, "--save-every", "2", "--out", str(out)]) == 0, capsys.readouterr().err
     original = json.loads(out.read_text())
     out.unlink()  # as if killed between the final save and the record
     state = tmp_path / "r.state.pt"
     saved = state.read_bytes()
-    assert cli.main([*RUN, "--resume", str(state), "--out", str(out)]) == 0, capsys.readouterr().err
+    assert cli.main([*RUN, *ranks, "--resume", str(state), "--out", str(out)]) == 0, capsys.readouterr().err
     recovered = json.loads(out.read_text())
     differing = sorted(k for k in original if original[k] != recovered[k])
     assert differing == [], differing  # the very record, its timings and memory included

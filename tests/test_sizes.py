@@ -98,6 +98,14 @@ ROWS = [
                                           "baseline", "--seq-len", "16", "--batch-size", "16777216",
                                           "--eval-batches", "1", "--data", SMALL_DATA, "--out", "{new}"], 2,
         "predicted peak memory"),
+    Row("isoflop-refused-on-a-small-machine", ["isoflop", "--budgets", "1e9", "--sizes", "L2-D16", "--variants",
+                                               "baseline", "--seq-len", "16", "--batch-size", "2", "--eval-batches",
+                                               "1", "--data", SMALL_DATA, "--out", "{new}"], 2,
+        "predicted peak memory", trains=True, available=1 << 10),  # a sweep sizes its points (on meta) first
+    Row("isoflop-force-tries-anyway", ["isoflop", "--budgets", "1e9", "--sizes", "L2-D16", "--variants", "baseline",
+                                       "--seq-len", "16", "--batch-size", "2", "--eval-batches", "1", "--data",
+                                       SMALL_DATA, "--force", "--out", "{new}"], 0, "",
+        absent=[], present=["{new}/points.csv"], trains=True, available=1 << 10),
     # -- every numeric flag bounded: a value past its limit is refused, not run for days
     Row("run-steps-1e8", [*RUN, "--steps", "100000000"], 2,
         "steps=100000000 is invalid; valid: an integer >= 1 and <= 10000000"),
