@@ -111,9 +111,20 @@ def test_peak_cache_keeps_the_best_probe(tmp_path, monkeypatch):
     assert peak_flops("cpu", torch.float32)["value"] == 195e9
 
 
-def test_known_gpus_use_the_datasheet(monkeypatch):
+def test_known_gpus_are_probed_and_cross_checked_against_the_datasheet(tmp_path, monkeypatch):
+    """The denominator is the measured probe (the kernel the model runs); the datasheet's dense
+    peak rides along as a cross-check (tests/test_gpu_peak.py covers the GPU path in full)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("ETBENCH_CACHE", str(tmp_path))
     monkeypatch.setattr(peak_module, "device_name", lambda device: "NVIDIA H100 80GB HBM3")
-    assert peak_flops("cuda:0", torch.bfloat16) == {"value": 989.4e12, "source": "table:H100/bfloat16"}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(
+        name="NVIDIA H100 80GB HBM3", multi_processor_count=132, total_memory=80 << 30, major=9, minor=0))
+    monkeypatch.setattr(peak_module, "probe_gpu_matmul_flops", lambda device, dtype: (700e12, 8192))
+    peak = peak_flops("cuda:0", torch.bfloat16)
+    assert peak["value"] == 700e12 and peak["source"].startswith("probe:cuda/bfloat16/mm+linear-8192/cuda-events")
+    assert peak["datasheet"] == 989.4e12 and peak["sku"] == "H100 SXM5"
+    assert peak["measured_over_datasheet"] == pytest.approx(700 / 989.4)
 
 
 def test_matmul_probe_measures_a_plausible_rate():

@@ -43,11 +43,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from .. import optimizers
 from ..loss import lm_loss, target_count
 from ..measure import SavedActivations
+from ..measure.flops import DtypeFlopCounterMode as FlopCounterMode
 from ..measure.memory import param_storages, storage_key, tensor_bytes, tensors_in
 from .torch_engine import TorchEngine
 
@@ -264,7 +264,8 @@ class DeepSpeedEngine:
                     loss = self.loss_sum(xm, ym, self.module(xm)) / n_targets
                 torch.autograd.grad(loss, params, allow_unused=True)
         frozen = sum(counter.get_flop_counts().get("Frozen", {}).values())
-        return dict(total=int(counter.get_total_flops()), frozen=int(frozen))
+        # by_dtype: the dtype each counted op ran in, for the MFU denominator (peak.effective_peak)
+        return dict(total=int(counter.get_total_flops()), frozen=int(frozen), by_dtype=dict(counter.flops_by_dtype))
 
     def activation_bytes(self, x: torch.Tensor, y: torch.Tensor) -> int:
         params = list(self.module.parameters())

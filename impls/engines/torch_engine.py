@@ -206,7 +206,8 @@ class TorchEngine:
         with FlopCounterMode(display=False) as counter:
             self.forward_backward(x, y)
         frozen = sum(counter.get_flop_counts().get("Frozen", {}).values())
-        return dict(total=int(counter.get_total_flops()), frozen=int(frozen))
+        # by_dtype: the dtype each counted op ran in, for the MFU denominator (peak.effective_peak)
+        return dict(total=int(counter.get_total_flops()), frozen=int(frozen), by_dtype=dict(counter.flops_by_dtype))
 
     def activation_bytes(self, x: torch.Tensor, y: torch.Tensor) -> int:
         """Bytes autograd saves for one micro-batch's backward, the parameters excluded.  FSDP2

@@ -8,6 +8,7 @@ the numerator of MFU (Korthikanti et al. 2022 make the same split).
 """
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Callable
 
 import torch
@@ -56,6 +57,67 @@ def register_scaled_int8_mm() -> bool:
         def _scaled_int8_mm_flop(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
             return 2 * a_shape[0] * b_shape[1] * a_shape[1]
     return True
+
+
+_FLOAT8 = tuple(d for d in (getattr(torch, n, None) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
+                                                                "float8_e5m2fnuz")) if d is not None)
+#: Dtypes a GEMM's operands can have (a bool attention mask or an int64 index is no operand).
+_GEMM_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.int8, *_FLOAT8)
+
+
+def _operand_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype a tensor operand is multiplied in.  torchao's float8 training tensor
+    (``Float8TrainingTensor``) reports its high-precision dtype (its ``dtype`` is the original
+    one, so autograd sees no change) while its payload ``_data`` is float8 and the op it reaches
+    runs ``torch._scaled_mm`` inside its ``__torch_dispatch__``, below this mode: the payload's
+    dtype is the one that runs."""
+    inner = getattr(t, "_data", None)
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) and isinstance(inner, torch.Tensor):
+        return inner.dtype
+    return t.dtype
+
+
+def gemm_dtype(args, kwargs=None) -> str | None:
+    """The dtype a counted op's multiply-adds run in, by name, or None when its arguments hold no
+    operand: the narrowest of its operands' dtypes (:func:`_operand_dtype`), so ``_scaled_mm``'s
+    fp32 scales and bf16 bias, or ``addmm``'s bias, do not hide its float8/bf16 operands.  Every
+    float8 format is ``float8_e4m3fn`` (e4m3 and e5m2 operands run at one tensor-core rate, the
+    datasheets' one "FP8" figure), ``_int_mm``/``scaled_int8_mm`` give ``int8``.  Under autocast
+    the counter sees the ops after autocast has cast their operands, so this is the autocast
+    dtype."""
+    from torch.utils._pytree import tree_leaves
+
+    dtypes = [_operand_dtype(t) for t in tree_leaves((args, kwargs or {})) if isinstance(t, torch.Tensor)]
+    dtypes = [d for d in dtypes if d in _GEMM_DTYPES]
+    if not dtypes:
+        return None
+    narrowest = min(dtypes, key=lambda d: d.itemsize)
+    return "float8_e4m3fn" if narrowest in _FLOAT8 else str(narrowest).removeprefix("torch.")
+
+
+class DtypeFlopCounterMode(FlopCounterMode):
+    """``FlopCounterMode`` that also splits the FLOPs by the dtype each op runs in
+    (:func:`gemm_dtype`): ``flops_by_dtype`` = {dtype name, or None where an op has no operand:
+    FLOPs}, summing to ``get_total_flops()``.  The split is what a mixed-dtype run's MFU
+    denominator weighs the per-dtype peaks with (:func:`impls.measure.peak.effective_peak`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.flops_by_dtype: dict[str | None, int] = defaultdict(int)
+
+    def __enter__(self):
+        self.flops_by_dtype.clear()
+        return super().__enter__()
+
+    def _count_flops(self, func_packet, out, args, kwargs):
+        if func_packet not in self.flop_registry:
+            return super()._count_flops(func_packet, out, args, kwargs)
+        before = sum(self.flop_counts["Global"].values())
+        out = super()._count_flops(func_packet, out, args, kwargs)
+        added = sum(self.flop_counts["Global"].values()) - before
+        if added:
+            self.flops_by_dtype[gemm_dtype(args, kwargs)] += int(added)
+        return out
 
 
 def count_flops(fn: Callable[[], object]) -> tuple[int, dict[str, int]]:
@@ -111,13 +173,15 @@ def _local_mode_class():
     return _LocalMode.cls
 
 
-class LocalFlopCounterMode(FlopCounterMode):
+class LocalFlopCounterMode(DtypeFlopCounterMode):
     """``FlopCounterMode`` counting the FLOPs this rank executes: the local shards of DTensor ops
     (tensor parallelism, sequence parallelism), plain ops as usual.  Summed over ranks, it gives
-    the hardware FLOPs of the step (replicated work counted on every rank that does it)."""
+    the hardware FLOPs of the step (replicated work counted on every rank that does it); split by
+    dtype as :class:`DtypeFlopCounterMode` does."""
 
     def __enter__(self):
         self.flop_counts.clear()
+        self.flops_by_dtype.clear()
         self.mod_tracker.__enter__()
         self.mode = _local_mode_class()(self)
         self.mode.__enter__()
