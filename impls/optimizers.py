@@ -134,9 +134,18 @@ OPTIMIZERS = {"sgd": _sgd, "nesterov": _nesterov, "adam": _adam, "adamw": _adamw
               "lamb": _lamb, "lars": _lars, "lion": _lion, "adamw8bit": _adamw8bit}
 
 
+#: Optimizers from optional packages (a missing one is refused by :func:`check`, before any work).
+PACKAGES = {"adamw8bit": "bitsandbytes", "lamb": "pytorch-optimizer", "lars": "pytorch-optimizer",
+            "lion": "pytorch-optimizer"}
+
+
 def check(name: str) -> None:
     if name not in OPTIMIZERS:
         raise ConfigError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
+    if name in PACKAGES:
+        from . import requires
+
+        requires.require(f"optimizer {name!r}", PACKAGES[name])
 
 
 def build(name: str, model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:

@@ -195,6 +195,8 @@ EXPECTED = {
 def test_every_collective_is_counted_once_with_its_full_buffer(seen, name):
     """One call of each op, under each of its names (deprecated aliases call the new ones: still
     one call), or a function bound before the scope opened: one event of nccl-tests' size."""
+    if name in ("all_gather_single", "reduce_scatter_single") and not hasattr(torch.distributed, name):
+        pytest.skip(f"torch {torch.__version__} has no torch.distributed.{name} (torch 2.13 has it, 2.11 not)")
     assert seen[name] == EXPECTED[name]
 
 

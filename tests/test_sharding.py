@@ -63,7 +63,9 @@ def _accumulate(fields: dict) -> dict:
 
     session = train.prepare(train.Recipe(**fields))
     calls, marks = [], []
-    originals = {name: getattr(dist, name) for name in ("reduce_scatter_single", "reduce")}
+    # FSDP2 reduce-scatters through dist.reduce_scatter_single (torch 2.13; 2.11 has none: reduce_scatter_tensor)
+    scatter = "reduce_scatter_single" if hasattr(dist, "reduce_scatter_single") else "reduce_scatter_tensor"
+    originals = {name: getattr(dist, name) for name in (scatter, "reduce")}
 
     def counting(name):
         def call(*args, **kwargs):

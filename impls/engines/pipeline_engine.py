@@ -289,6 +289,9 @@ class PipelineEngine(TorchEngine):
             raise ValueError(f"pipeline step got a batch of shape {tuple(x.shape)}; its stages were built for "
                              f"{self.m} micro-batches of {self._mb_shape}")
         losses: list[torch.Tensor] = []
+        # contiguous: a batch sliced from longer rows (stride 33 for 32 tokens) fails torch 2.11's
+        # check of each micro-batch against the stage's expected input strides (PipeliningShapeError)
+        x, y = x.contiguous(), y.contiguous()
         args = (x,) if self.has_first else ()
         if train:
             self.schedule.step(*args, target=y, losses=losses, return_outputs=False)

@@ -41,7 +41,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 
-from .. import kv
+from .. import kv, requires
 from ..errors import ConfigError
 
 STAGES = ("surgery", "shard", "precision", "checkpoint", "compile", "wrap", "optimizer", "engine")
@@ -60,7 +60,9 @@ class TechniqueModule(Protocol):
     work), ``check_model(cfg, seq_len, options)`` (refuse, from the model's config and the
     sequence length, options under which it would change nothing in this model or could not
     apply to it — so no run is a baseline labelled with the technique) and ``apply(build,
-    options)`` (changes to the build)."""
+    options)`` (changes to the build), ``REQUIRES`` (the optional packages it imports: a tuple of
+    distribution names -- or ``(name, why)`` pairs -- or a function of the options returning one;
+    a missing one is refused at validation, :func:`impls.requires.require`)."""
 
     NAME: str
     STAGE: str | Callable[[dict], str]  # a stage of STAGES, or options -> stage
@@ -90,6 +92,7 @@ class Technique:
     check_model: Callable
     apply: Callable
     check_recipe: Callable
+    requires: Callable[[dict], tuple]
 
     @classmethod
     def of(cls, module: ModuleType) -> "Technique":
@@ -101,7 +104,12 @@ class Technique:
         return cls(module.NAME, module, stage_of, dict(module.OPTIONS), ns.get("CHOICES", {}), ns.get("CONFLICTS", {}),
                    ns.get("RANK", DEFAULT_RANK), tuple(ns.get("MESH_DIMS", ())), ns.get("DEFERS_INIT", False),
                    ns.get("DATA_PARALLEL", False), ns.get("configure", _noop), ns.get("check_mesh", _noop),
-                   ns.get("check_model", _noop), ns.get("apply", _noop), ns.get("check_recipe", _noop))
+                   ns.get("check_model", _noop), ns.get("apply", _noop), ns.get("check_recipe", _noop),
+                   _requires_of(ns.get("REQUIRES", ())))
+
+
+def _requires_of(requires) -> Callable[[dict], tuple]:
+    return requires if callable(requires) else (lambda _options, r=tuple(requires): r)
 
 
 def _discover() -> dict[str, Technique]:
@@ -245,6 +253,10 @@ def usable_mesh_dims(specs: list[TechniqueSpec]) -> set[str]:
 def configure(specs: list[TechniqueSpec], device_type: str | None = None) -> Plan:
     """The :class:`Plan` of ``specs`` (no model needed: runs at validation time)."""
     check_combination(specs)
+    for spec in specs:
+        for item in spec.technique.requires(spec.options):
+            dist, why = (item, "") if isinstance(item, str) else item
+            requires.require(f"technique {str(spec)!r}", dist, note=why)
     plan = Plan(device_type=device_type)
     for spec in ordered(specs):
         spec.technique.configure(plan, spec.options)

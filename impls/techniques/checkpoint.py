@@ -59,6 +59,7 @@ NAME = "checkpoint"
 STAGE = "checkpoint"
 OPTIONS = {"every": 1, "policy": "full", "impl": "torch"}
 CHOICES = {"policy": ("full", "selective"), "impl": ("torch", "fairscale")}
+REQUIRES = lambda options: ("fairscale",) if options["impl"] == "fairscale" else ()  # noqa: E731
 
 
 def configure(plan, options):

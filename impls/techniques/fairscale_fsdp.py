@@ -35,6 +35,7 @@ from . import ddp
 NAME = "fairscale-fsdp"
 STAGE = "wrap"
 OPTIONS = {}
+REQUIRES = ("fairscale",)
 CONFLICTS = {"ddp": "both wrap the model for data parallelism (FSDP reduce-scatters the gradients itself)",
              "fsdp": "two fully sharded wrappers of the same model",
              "oss": "FSDP already shards the optimizer state and gradients",

@@ -50,6 +50,7 @@ NAME = "galore"
 STAGE = "optimizer"
 RANK = 10  # replaces the recipe's optimizer; nothing else in this stage may wrap it (conflicts)
 OPTIONS = {"rank": 8, "update_proj_gap": 200, "scale": 0.25}
+REQUIRES = ("galore-torch", ("bitsandbytes", "galore_torch imports it"))
 _SHARDED = "the optimizer would hold shards of the matrices, and GaLore's SVD of a shard's gradient is not the matrix's"
 _OWN = "DeepSpeed builds its own optimizer; GaLore replaces the recipe's AdamW in the torch engine"
 CONFLICTS = {

@@ -51,6 +51,7 @@ NAME = "lora"
 STAGE = "surgery"
 RANK = 36  # after lowrank's slot (35; the two conflict), before MoD's block routing (40)
 OPTIONS = {"rank": 8, "alpha": 16.0, "dropout": 0.0}
+REQUIRES = ("peft",)
 ADAPTER = "default"  # peft's adapter name
 #: the block Linears peft adapts, as its full-match regex over module names (a MoD-routed block
 #: holds its block as ``.block``)

@@ -32,6 +32,7 @@ from ..errors import ConfigError
 NAME = "onebit"
 STAGE = "engine"
 OPTIONS = {"kind": "adam", "freeze_step": 100}
+REQUIRES = ("deepspeed",)
 CHOICES = {"kind": ("adam", "lamb", "zerooneadam")}
 CONFLICTS = {"ddp": "1-bit optimizers all-reduce the (compressed) momentum themselves; a DDP wrap would all-reduce "
                     "the gradients a second time",

@@ -34,6 +34,7 @@ from .zero_redundancy import constructor_arguments, share
 NAME = "oss"
 STAGE = "wrap"  # it replaces DDP (ShardedDataParallel), or wraps DDP itself with sharded_ddp=false
 OPTIONS = {"sharded_ddp": True}
+REQUIRES = ("fairscale",)
 CONFLICTS = {"ddp": "both wrap the model for data parallelism (oss wraps it in ShardedDataParallel, or in DDP "
                     "itself with sharded_ddp=false)",
              "zero-redundancy": "both shard the optimizer state (one sharded optimizer wraps the recipe's)"}

@@ -49,6 +49,7 @@ NAME = "qat"
 STAGE = "surgery"
 RANK = 60  # after every module-replacing surgery: fake-quantise the Linears the model ends up with
 OPTIONS = {"bits": 4, "group_size": 32, "act": "int8"}
+REQUIRES = ("torchao",)
 CHOICES = {"bits": (2, 3, 4, 5, 6, 7, 8), "act": ("int8", "none")}
 CONFLICTS = {
     "int8": "both replace the block Linears (int8 training runs real int8 GEMMs; QAT fake-quantises fp32 ones)",

@@ -71,6 +71,7 @@ NAME = "random_ltd"
 STAGE = "surgery"
 RANK = 40  # with mod's routing: wraps the block as the other surgeries left it
 OPTIONS = {"start": 32, "steps": 0.5, "every": 16}
+REQUIRES = ("deepspeed",)
 CONFLICTS = {
     "mod": "both route a subset of tokens through the same blocks",
     "seqlen_warmup": "both give the FLOP budget a per-step schedule (sequence length vs kept length); one at a time",

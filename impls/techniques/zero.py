@@ -20,6 +20,10 @@ et al. 2021, arXiv 2104.07857) keeps the parameter partitions in host memory too
 machine the "device" *is* the host: nothing moves, and the notes say so with the bytes that
 would have left a GPU.
 
+``offload_optimizer=cpu`` with adam/adamw runs DeepSpeedCPUAdam, a C++ op that ``make setup`` builds
+(:mod:`impls.engines.deepspeed_ops`); where that build failed, or cannot happen (no compiler,
+ninja or Python headers), the option is refused before any work, in one line with the reason.
+
 Options: ``stage`` 1|2|3, ``offload_optimizer`` none|cpu, ``offload_param`` none|cpu (stage 3),
 ``bucket_mb`` (DeepSpeed's ``reduce_bucket_size``/``allgather_bucket_size``, and stage 3's
 prefetch bucket, in MiB of fp32 elements).  A bf16/fp16 precision technique switches DeepSpeed's
@@ -36,6 +40,7 @@ from ..errors import ConfigError
 NAME = "zero"
 STAGE = "engine"
 OPTIONS = {"stage": 2, "offload_optimizer": "none", "offload_param": "none", "bucket_mb": 25.0}
+REQUIRES = ("deepspeed",)
 CHOICES = {"stage": (1, 2, 3), "offload_optimizer": ("none", "cpu"), "offload_param": ("none", "cpu")}
 CONFLICTS = {"ddp": "zero reduces (and partitions) the gradients itself inside DeepSpeed's engine; a DDP wrap "
                     "would all-reduce them a second time"}
@@ -86,6 +91,15 @@ def check_recipe(recipe, options):
     if recipe.optimizer not in SUPPORTED_OPTIMIZERS:
         raise ConfigError(f"zero: optimizer {recipe.optimizer!r} cannot be partitioned by DeepSpeed here; valid: "
                           f"{', '.join(SUPPORTED_OPTIMIZERS)}")
+    if options["offload_optimizer"] != "none" and recipe.optimizer in ("adam", "adamw"):
+        # DeepSpeedCPUAdam runs the offloaded update: its C++ op must load without a build failing
+        # mid-run (make setup built it, or recorded why it could not: impls.engines.deepspeed_ops)
+        from ..engines import deepspeed_ops
+
+        problem = deepspeed_ops.cpu_adam_problem()
+        if problem:
+            raise ConfigError(f"zero:offload_optimizer={options['offload_optimizer']} cannot run here: {problem}; "
+                              f"valid here: offload_optimizer=none")
 
 
 def deepspeed_config(options, elem_bytes: int = 4) -> dict:
