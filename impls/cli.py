@@ -353,6 +353,13 @@ def _cmd_peak(args, argv) -> int:
     dtype = getattr(torch, args.dtype)
     peak = peak_flops(device, dtype, reprobe=args.reprobe)
     print(f"{device_name(device)} {args.dtype}: {peak['value'] / 1e9:.1f} GFLOP/s ({peak['source']})")
+    if peak.get("datasheet") is not None:  # GPUs with a datasheet row: the cross-check
+        print(f"datasheet {peak['datasheet'] / 1e9:.1f} GFLOP/s ({peak['peak_source']}): measured/datasheet "
+              f"{peak['measured_over_datasheet']:.1%}")
+    elif "peak_source" in peak:
+        print(f"datasheet: {peak['peak_source']}")
+    if "warning" in peak:
+        print(f"WARNING: {peak['warning']}")
     return 0
 
 
@@ -360,6 +367,12 @@ def _cmd_plan(args, argv) -> int:
     from . import planner
 
     return planner.run_cli(args)
+
+
+def _cmd_gpu_check(args, argv) -> int:
+    from . import gpucheck
+
+    return gpucheck.run_cli(args)
 
 
 def _cmd_report(args, argv) -> int:
@@ -398,9 +411,11 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("zoo", help="list model names and parameter counts")
     p = sub.add_parser("peak", help="peak FLOP/s used as the MFU denominator")
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float8_e4m3fn", "int8"],
+                   help="the GEMM dtype (float8_e4m3fn: torch._scaled_mm, CUDA capability >= 8.9; int8: torch._int_mm)")
     p.add_argument("--reprobe", action="store_true", help="measure again, replacing the cached value")
-    p.add_argument("--bench-log", metavar="JSON", help="re-probe fp32 and bf16 and log them for a benchmark run")
+    p.add_argument("--bench-log", metavar="JSON",
+                   help="re-probe fp32 and bf16 (and fp8 on GPUs that have it) and log them for a benchmark run")
     p.add_argument("--phase", choices=("start", "end"), help="with --bench-log: which end of the run (default start)")
     sub.add_parser("isoflop", help="isoFLOP sweep: train sizes × budgets × variants, fit optima (see --help)")
     p = sub.add_parser("plan", help="auto-parallel planner: layouts ranked by a predicted step time (see --help)")
@@ -410,6 +425,10 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="plots and tables from run records")
     p.add_argument("paths", nargs="+")
     p.add_argument("-o", "--out", default="results/plots")
+    p = sub.add_parser("gpu-check", help="every CUDA path once: a PASS / FAIL / REFUSED table (see --help)")
+    from . import gpucheck
+
+    gpucheck.add_arguments(p)
     return top
 
 
@@ -475,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
     args = parser().parse_args(argv)
     commands = {"run": _cmd_run, "compare": _cmd_compare, "comm": _cmd_comm, "zoo": _cmd_zoo, "peak": _cmd_peak, "report": _cmd_report,
-                "plan": _cmd_plan}
+                "plan": _cmd_plan, "gpu-check": _cmd_gpu_check}
     started = time.time()
     try:
         return commands[args.command](args, argv)
