@@ -16,7 +16,8 @@ from . import common
 
 SETTINGS = {
     "quick": dict(model="nano", batch_size=8, seq_len=128, flops_budget=3e10, lr=3e-3, data="synthetic"),
-    "full": dict(model="small", batch_size=16, seq_len=512, flops_budget=3e14, lr=1e-3, data="pycode"),
+    "full": dict(model="small", batch_size=16, seq_len=256, flops_budget=3e14, lr=1e-3, data="pycode"),
+    "gpu": dict(model="gpt2", batch_size=16, seq_len=1024, flops_budget=5e14, lr=6e-4, data="pycode"),
 }[common.profile_name()]
 
 #: variant name -> (techniques, recipe overrides)

@@ -13,12 +13,18 @@ MODELS, WORLD_SIZES = P["models"], P["world_sizes"]
 # The quick profile times micro (~50 ms a step on 2 cores): a fixed per-step cost weighs more
 # there than on small, and 12 rounds of 6 steps take ~8 s instead of ~25 s for small's 2-step rounds.
 OVERHEAD = {"quick": dict(model="micro", rounds=12, steps=6),
-            "full": dict(model="small", rounds=20, steps=5)}[common.profile_name()]
+            "full": dict(model="small", rounds=20, steps=5),
+            "gpu": dict(model="gpt2", rounds=20, steps=5)}[common.profile_name()]
 
 
 def _recipe(model: str) -> dict:
+    """The profile's recipe for ``model``, its sequence length capped at the model's block_size
+    (the full profile's ``small`` holds 256 positions, gpt2 1024)."""
+    from impls import zoo
+
+    seq_len = min(P["seq_len"], zoo.config(model).block_size)
     return dict(model=model, data=P["data"], optimizer="adamw", lr=P["lr"][model],
-                batch_size=P["batch_size"], seq_len=P["seq_len"], device=P["device"])
+                batch_size=P["batch_size"], seq_len=seq_len, device=P["device"])
 
 
 class BaselineTraining:
@@ -64,11 +70,16 @@ class BaselineStep:
         if model not in _STEP_SESSIONS:
             from impls import train
 
-            session = train.prepare(train.Recipe(**_recipe(model), steps=1))
+            session = train.prepare(common.recipe(**_recipe(model), steps=1))
             batch = session.batches.get("train", 0)
             session.engine.train_step(*batch, 0)  # warm-up: allocator, thread pool, optimizer state
             _STEP_SESSIONS[model] = session, batch
         self.session, self.batch = _STEP_SESSIONS[model]
+
+    def dry_run(self, model, methods: int):
+        """What asv's sampling of this class's methods will cost (benchmarks.dry_run)."""
+        common.dry_run().timed(f"baseline-step-{model}", common.with_precision(_recipe(model)), common.PROFILE["timing"],
+                               methods)
 
     def time_train_step(self, model):
         self.session.engine.train_step(*self.batch, 0)
@@ -89,10 +100,13 @@ class HarnessOverhead:
     param_names = ["model"]
 
     def setup_cache(self):
-        from impls import compare, train
+        from impls import compare
         from impls.files import write_text
 
-        record = compare.harness_overhead(train.Recipe(**_recipe(OVERHEAD["model"]), steps=1),
+        if common.dry_run():  # bare and harness loops, interleaved: 2 × rounds × steps
+            return common.dry_run().steps("harness-overhead", common.with_precision(_recipe(OVERHEAD["model"])),
+                                          2 * OVERHEAD["rounds"] * OVERHEAD["steps"] + 2)
+        record = compare.harness_overhead(common.recipe(**_recipe(OVERHEAD["model"]), steps=1),
                                           rounds=OVERHEAD["rounds"], steps=OVERHEAD["steps"])
         import json
 

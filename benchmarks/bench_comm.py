@@ -21,6 +21,8 @@ SETTINGS = {
     # quick: world size 2 only, four sizes, few rounds (one launch, ~10 s on a 2-core laptop)
     "quick": dict(world_sizes=[2], sizes=["16K", "256K", "1M", "4M"], iters=5, warmup=1),
     "full": dict(world_sizes=[2, 4, 8], sizes=[f"{4 ** i * 4}K" for i in range(8)], iters=20, warmup=3),
+    # gpu: NCCL over NVLink on an 8-GPU box (skipped with the reason on fewer GPUs)
+    "gpu": dict(world_sizes=[8], sizes=[f"{4 ** i * 4}K" for i in range(10)], iters=20, warmup=5),
 }[common.profile_name()]
 WORLD_SIZES = SETTINGS["world_sizes"]
 
@@ -29,6 +31,14 @@ def comm_record(world_size: int) -> dict:
     """Run ``etbench comm`` on ``world_size`` ranks; return its record (plain JSON)."""
     import json
 
+    if common.dry_run():
+        from impls.commbench import parse_size
+
+        link = 100e9 if common.PROFILE["device"] == "cuda" else 1e9  # stated: NVLink-class vs gloo on loopback
+        total = sum(parse_size(s) for s in SETTINGS["sizes"]) * len(SCHEMES) * (SETTINGS["iters"] + SETTINGS["warmup"])
+        return common.dry_run().other(f"comm-ws{world_size}", 2 * total / link * world_size + 20.0,
+                                      f"every size × scheme × iteration at ~{link / 1e9:g} GB/s per link, "
+                                      f"world size × 2S bytes each (the parameter server's root), + 20 s launch")
     out = common.runs_dir() / "comm" / f"comm-ws{world_size}.json"
     common._child([sys.executable, "-m", "impls.cli", "comm", "--nproc", str(world_size),
                    "--sizes", ",".join(SETTINGS["sizes"]), "--schemes", ",".join(SCHEMES),

@@ -17,8 +17,10 @@ from . import common
 SETTINGS = {
     "quick": dict(model="nano", batch_size=8, seq_len=128, flops_budget=3e10, lr=3e-3, data="synthetic",
                   datasets=["synthetic", "pycode:max_bytes=2000000"]),
-    "full": dict(model="small", batch_size=16, seq_len=512, flops_budget=3e14, lr=1e-3, data="pycode",
+    "full": dict(model="small", batch_size=16, seq_len=256, flops_budget=3e14, lr=1e-3, data="pycode",
                  datasets=["synthetic", "pycode"]),
+    "gpu": dict(model="gpt2", batch_size=16, seq_len=1024, flops_budget=2e15, lr=6e-4, data="pycode",
+                datasets=["synthetic", "pycode"]),
 }[common.profile_name()]
 
 FORMATS = ["raw-int64", "uint32", "uint16", "uint8", "zstd-1", "zstd-3", "zstd-9"]
@@ -72,6 +74,17 @@ def _track(*path: str, unit: str):
     return track
 
 
+def _plan_throughput() -> None:
+    """Dry run (benchmarks.dry_run): every format of every dataset is written and read back once
+    per pass, at a stated ~20 MB/s through the slowest codec (zstd-9 on one core) plus the loader
+    timing, ~2 s per format."""
+    from impls import data
+
+    tokens = sum(data.load(d).tokens("train") + data.load(d).tokens("val") for d in SETTINGS["datasets"])
+    common.dry_run().other("data-throughput", len(FORMATS) * (8 * tokens / 20e6 + 2.0),
+                           "every format written and read once at ~20 MB/s, + 2 s per format")
+
+
 class DataCompression:
     """Bytes/token and loader throughput per storage format; the loader/step-need ratio must be >> 1."""
 
@@ -81,6 +94,8 @@ class DataCompression:
     def setup_cache(self):
         from impls.measure import data_throughput
 
+        if common.dry_run():
+            return _plan_throughput()
         record = data_throughput.measure(SETTINGS["datasets"], batch_size=SETTINGS["batch_size"],
                                          seq_len=SETTINGS["seq_len"], model=SETTINGS["model"])
         path = data_throughput.write(record, common.runs_dir())
@@ -94,7 +109,7 @@ class DataCompression:
     track_loader_vs_step_need = _track("loader_vs_step_need", unit="ratio")
 
 
-if common.profile_name() == "full":  # two trainings do not fit the quick profile's 15 s
+if common.profile_name() != "quick":  # two trainings do not fit the quick profile's 15 s
 
     class DataTraining:
         """The baseline on in-memory data vs the same tokens read from zstd files, same budget."""
@@ -103,7 +118,8 @@ if common.profile_name() == "full":  # two trainings do not fit the quick profil
         param_names = ["variant"]
 
         def setup_cache(self):
-            prepare_data()
+            if not common.dry_run():  # a dry run writes nothing: the recipes are planned on the profile's data
+                prepare_data()
             return {(name,): common.train_record(f"datacomp-{name}", techniques=techniques,
                                                  flops_budget=SETTINGS["flops_budget"], **_recipe(**overrides))
                     for name, (techniques, overrides) in VARIANTS.items()}
@@ -125,7 +141,8 @@ if common.profile_name() == "full":  # two trainings do not fit the quick profil
         param_names = ["variant"]
 
         def setup_cache(self):
-            prepare_data()
+            if not common.dry_run():  # a dry run writes nothing: the recipes are planned on the profile's data
+                prepare_data()
             return common.compare_record("datacomp", {name: dict(techniques=t, **o)
                                                       for name, (t, o) in VARIANTS.items()}, common=_recipe())
 

@@ -34,8 +34,10 @@ SETTINGS = {
     # make bench (a micro teacher trained to what fits there was no better than the student).
     "quick": dict(model="nano", model_args={"d_model": 32}, batch_size=8, seq_len=64, flops_budget=1.5e10,
                   lr=3e-3, data="synthetic", teacher_model="nano", teacher_budget=6e10, teacher_lr=3e-3),
-    "full": dict(model="small", model_args={}, batch_size=16, seq_len=512, flops_budget=3e14, lr=1e-3,
+    "full": dict(model="small", model_args={}, batch_size=16, seq_len=256, flops_budget=3e14, lr=1e-3,
                  data="pycode", teacher_model="gpt2", teacher_budget=1.2e15, teacher_lr=6e-4),
+    "gpu": dict(model="gpt2", model_args={}, batch_size=16, seq_len=1024, flops_budget=2e15, lr=6e-4,
+                data="pycode", teacher_model="gpt2-medium", teacher_budget=8e15, teacher_lr=3e-4),
 }[common.profile_name()]
 
 #: the ``teacher=`` value of the variants, replaced by the teacher record's path when the suite runs
@@ -73,15 +75,16 @@ def resolve(specs: list[str]) -> list[str]:
 def _train_teacher() -> dict:
     """The teacher trained to its budget (first seed), its final state saved beside its record."""
     from impls import train
-    from impls.recipe import Recipe
 
     s = SETTINGS
-    out = teacher_path()
-    out.parent.mkdir(parents=True, exist_ok=True)
     recipe = _recipe(model=s["teacher_model"], model_args={}, lr=s["teacher_lr"], flops_budget=s["teacher_budget"],
                      seed=common.PROFILE["seeds"][0], evaluations=common.PROFILE["evaluations"])
+    if common.dry_run():  # its saved weights serve every later class
+        return common.dry_run().once("distill-teacher", lambda: common.train_run(recipe))
+    out = teacher_path()
+    out.parent.mkdir(parents=True, exist_ok=True)
     # save_every beyond the run's length: only the final state (always saved at the last step)
-    record = train.run(Recipe(**recipe), save_every=10 ** 9, checkpoint=out.with_suffix(".state.pt"))
+    record = train.run(common.recipe(**recipe), save_every=10 ** 9, checkpoint=out.with_suffix(".state.pt"))
     train.write_record(record, out)
     return json.loads(out.read_text())
 

@@ -28,8 +28,10 @@ from . import common
 SETTINGS = {
     "quick": dict(model="nano", batch_size=8, seq_len=128, flops_budget=3e10, lr=3e-3, data="synthetic",
                   ranks=(4, 16)),
-    "full": dict(model="small", batch_size=16, seq_len=512, flops_budget=3e14, lr=1e-3, data="pycode",
+    "full": dict(model="small", batch_size=16, seq_len=256, flops_budget=3e14, lr=1e-3, data="pycode",
                  ranks=(8, 32)),
+    "gpu": dict(model="gpt2", batch_size=16, seq_len=1024, flops_budget=2e15, lr=6e-4, data="pycode",
+                ranks=(8, 64)),
 }[common.profile_name()]
 
 #: ``init_from`` value of the variants that start from the baseline's trained weights, replaced
@@ -63,15 +65,16 @@ def _train_baseline() -> dict:
     """:func:`common.train_record` for the baseline, whose first seed also saves its final
     weights beside the record (``lowrank-baseline.state.pt``, the path ``--init-from`` finds)."""
     from impls import train
-    from impls.recipe import Recipe
 
+    if common.dry_run():
+        return common.train_record("lowrank-baseline", **_recipe())
     out = baseline_path()
     out.parent.mkdir(parents=True, exist_ok=True)
     records = []
     for i, seed in enumerate(common.PROFILE["seeds"]):
         # save_every beyond the run's length: only the final state (always saved at the last step)
         extra = dict(save_every=10 ** 9, checkpoint=out.with_suffix(".state.pt")) if i == 0 else {}
-        records.append(train.run(Recipe(**_recipe(seed=seed)), **extra))
+        records.append(train.run(common.recipe(**_recipe(seed=seed)), **extra))
     record = records[0]
     record["seeds"] = common.seed_summary(records)
     train.write_record(record, out)

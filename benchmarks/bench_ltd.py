@@ -19,8 +19,10 @@ from . import common
 SETTINGS = {
     "quick": dict(model="nano", batch_size=8, seq_len=128, flops_budget=3e10, lr=3e-3, data="synthetic",
                   n_layer=4),
-    "full": dict(model="small", batch_size=16, seq_len=512, flops_budget=3e14, lr=1e-3, data="pycode",
+    "full": dict(model="small", batch_size=16, seq_len=256, flops_budget=3e14, lr=1e-3, data="pycode",
                  n_layer=None),
+    "gpu": dict(model="gpt2", batch_size=16, seq_len=1024, flops_budget=2e15, lr=6e-4, data="pycode",
+                n_layer=None),
 }[common.profile_name()]
 
 _T = SETTINGS["seq_len"]

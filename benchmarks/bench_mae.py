@@ -20,7 +20,8 @@ from . import common
 
 SETTINGS = {
     "quick": dict(model="encoder-nano", batch_size=8, seq_len=128, flops_budget=3e10, lr=3e-3, data="synthetic"),
-    "full": dict(model="encoder-small", batch_size=16, seq_len=512, flops_budget=3e14, lr=1e-3, data="pycode"),
+    "full": dict(model="encoder-small", batch_size=16, seq_len=256, flops_budget=3e14, lr=1e-3, data="pycode"),
+    "gpu": dict(model="bert-base", batch_size=32, seq_len=512, flops_budget=2e15, lr=3e-4, data="pycode"),
 }[common.profile_name()]
 
 RATES = (0.15, 0.4, 0.75)

@@ -26,7 +26,12 @@ SETTINGS = {
                   data="synthetic", batch_size=16, seq_len=64, lr=3e-3, causal_steps=100, causal_size="L4-D96"),
     "full": dict(budgets=[1e12, 3e12, 1e13], n_sizes=5, workers=1, flop_sizes=["L4-D128", "L8-D256", "L12-D384"],
                  variants=["baseline", "mod", "mod-random", "moe", "mode-staged", "mode-integrated"],
-                 data="pycode", batch_size=16, seq_len=256, lr=1e-3, causal_steps=3000, causal_size="L8-D256"),
+                 data="pycode", batch_size=32, seq_len=128, lr=1e-3, causal_steps=3000, causal_size="L8-D256"),
+    # gpu: the sweep's sizes (isoflop's ladder, block_size 128) are tiny for a GPU, so a step is
+    # launch-bound (~ms): budgets where a point is ~1-4k steps keep the sweep within ~20 min.
+    "gpu": dict(budgets=[1e13, 3e13], n_sizes=3, workers=1, flop_sizes=["L4-D128", "L8-D256", "L12-D384"],
+                variants=["baseline", "mod", "mod-random", "moe", "mode-staged", "mode-integrated"],
+                data="pycode", batch_size=64, seq_len=128, lr=1e-3, causal_steps=1000, causal_size="L8-D256"),
 }[common.profile_name()]
 _RECIPE = {**{k: SETTINGS[k] for k in ("data", "batch_size", "seq_len", "lr")},
            "evaluations": common.PROFILE["evaluations"]}
@@ -48,8 +53,8 @@ def _routing_and_causal_sampling(out_dir) -> dict:
 
     size = isoflop.parse_size(SETTINGS["causal_size"])
     steps = SETTINGS["causal_steps"]
-    session = train.prepare(train.Recipe(**_RECIPE, model=size.model, model_args=dict(size.model_args),
-                                         techniques=["mod:causal=predictor"], steps=steps))
+    session = train.prepare(common.recipe(**_RECIPE, model=size.model, model_args=dict(size.model_args),
+                                          techniques=["mod:causal=predictor"], steps=steps))
     for step in range(steps):
         session.engine.train_step(*session.batches.get("train", step), step)
     val = [session.batches.get("val", i) for i in range(4)]
@@ -66,10 +71,39 @@ def _routing_and_causal_sampling(out_dir) -> dict:
     return result
 
 
+def _plan_sweep() -> dict:
+    """The dry run of :func:`_sweep_results` (benchmarks.dry_run): every point of the starting
+    grids trained to its budget (widening adds points only where a minimum sits at an edge), the
+    causal-predictor run, and each budget's interleaved step times at the grid's middle size."""
+    from impls import data, isoflop
+
+    planner = common.dry_run()
+    variants = isoflop.resolve_variants(SETTINGS["variants"])
+    vocab = data.load(_RECIPE["data"]).vocab_size
+    grids = {b: isoflop.grid_for_budget(b, vocab, SETTINGS["n_sizes"]) for b in SETTINGS["budgets"]}
+    for point in isoflop.plan_points(SETTINGS["budgets"], variants, sorted({s for g in grids.values() for s in g}),
+                                     _RECIPE):
+        if point.size.name in grids[point.budget]:  # the sweep's points train as isoflop plans them
+            planner.train(f"isoflop-{point.variant}-{point.size.name}-{point.budget:.0e}", 1,
+                          {**_RECIPE, "model": point.recipe.model, "model_args": dict(point.recipe.model_args),
+                           "techniques": list(point.recipe.techniques), "flops_budget": point.budget})
+    size = isoflop.parse_size(SETTINGS["causal_size"])
+    planner.steps("mod-causal-predictor", common.with_precision(
+        {**_RECIPE, "model": size.model, "model_args": dict(size.model_args), "techniques": ["mod:causal=predictor"]}),
+        SETTINGS["causal_steps"])
+    for budget, sizes in grids.items():
+        middle = isoflop.parse_size(sizes[len(sizes) // 2])
+        common.compare_record("isoflop", {v: dict(model=middle.model, model_args=dict(middle.model_args), techniques=t)
+                                          for v, t in variants.items()}, common=_RECIPE, name=f"isoflop-{budget:.0e}")
+    return {"dry_run": True, "causal": {}}
+
+
 def _sweep_results() -> dict:
     """Run (or resume) the adaptive sweep, fit and plot it; the routing figure once per sweep directory."""
     from impls import isoflop
 
+    if common.dry_run():  # resumable: the first class trains the sweep, the next one reads it
+        return common.dry_run().once("mod-sweep", _plan_sweep)
     out_dir = _sweep_dir()
     points, grids = isoflop.adaptive_sweep(out_dir, SETTINGS["budgets"], SETTINGS["variants"],
                                            n_sizes=SETTINGS["n_sizes"], workers=SETTINGS["workers"],
@@ -114,8 +148,12 @@ def _flops_per_token() -> dict:
     for variant in SETTINGS["variants"]:
         for name in SETTINGS["flop_sizes"]:
             size = isoflop.parse_size(name)
-            session = train.prepare(train.Recipe(**_RECIPE, model=size.model, model_args=dict(size.model_args),
-                                                 techniques=isoflop.VARIANTS[variant], steps=1))
+            fields = dict(_RECIPE, model=size.model, model_args=dict(size.model_args),
+                          techniques=isoflop.VARIANTS[variant])
+            if common.dry_run():  # a counted-FLOP pass and an activation pass
+                common.dry_run().steps(f"flops-{variant}-{name}", common.with_precision(fields), 2)
+                continue
+            session = train.prepare(common.recipe(**fields, steps=1))
             cost = train.measure_step(session)
             out[variant, name] = cost.flops_per_step / cost.tokens_per_step
     return out

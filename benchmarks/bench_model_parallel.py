@@ -44,6 +44,8 @@ SETTINGS = {
     "quick": dict(model="nano", world_sizes=[2], batch_size=8, seq_len=64,
                   layouts=["ddp", "tp", "tp-sp", "pp-gpipe", "pp-1f1b", "pp-interleaved"]),
     "full": dict(model="small", world_sizes=[2, 4], batch_size=8, seq_len=256, layouts=list(LAYOUTS)),
+    # gpu: an 8-GPU box (skipped with the reason on fewer GPUs)
+    "gpu": dict(model="gpt2", world_sizes=[8], batch_size=8, seq_len=1024, layouts=list(LAYOUTS)),
 }[common.profile_name()]
 
 

@@ -47,16 +47,37 @@ SETTINGS = {
             lr={"adamw": 3e-3, "lamb": 0.02, "lars": 0.01},  # at base_batch 8, swept at batch 8
         ),
     ),
+    # full: 9 + 9 runs of gpt2 within the classes' 3600 s at fp32 (~40 TFLOP/s achieved on an
+    # H100): 3e15 each; the large batches accumulate micro-batches of 16 (batch 256 × 1024 tokens
+    # in one micro-batch saves ~155 GB of activations in fp32).
     "full": dict(
         model="gpt2",
-        flops_budget=P["flops_budget"],
+        flops_budget=3e15,
         warmup_fraction=0.05,
         lr={"sgd": 0.03, "nesterov": 0.03, "adam": 6e-4, "adamw": 6e-4, "adafactor": 1e-2, "lamb": 6e-3,
             "lars": 6e-3, "lion": 1e-4, "adamw8bit": 6e-4},
         large_batch=dict(
             model="gpt2",
             batches=[16, 64, 256],
-            flops_budget=P["flops_budget"],
+            micro_batch=16,
+            flops_budget=3e15,
+            warmup_fraction=0.05,
+            eval_sequences=256,
+            lr={"adamw": 6e-4, "lamb": 6e-3, "lars": 6e-3},
+        ),
+    ),
+    # gpu: as full, in bf16 (the profile's precision) with the budgets sized for <= 60 min in all
+    "gpu": dict(
+        model="gpt2",
+        flops_budget=1.5e15,
+        warmup_fraction=0.05,
+        lr={"sgd": 0.03, "nesterov": 0.03, "adam": 6e-4, "adamw": 6e-4, "adafactor": 1e-2, "lamb": 6e-3,
+            "lars": 6e-3, "lion": 1e-4, "adamw8bit": 6e-4},
+        large_batch=dict(
+            model="gpt2",
+            batches=[16, 64, 256],
+            micro_batch=16,
+            flops_budget=1.5e15,
             warmup_fraction=0.05,
             eval_sequences=256,
             lr={"adamw": 6e-4, "lamb": 6e-3, "lars": 6e-3},
@@ -108,12 +129,18 @@ def optimizer_recipe(name: str) -> dict:
 
 
 def large_batch_recipe(name: str, batch: int) -> dict:
-    """Recipe fields of the ``LargeBatch`` run of ``name`` at global ``batch`` (one rank)."""
+    """Recipe fields of the ``LargeBatch`` run of ``name`` at global ``batch`` (one rank): a
+    batch above the profile's ``micro_batch`` accumulates micro-batches of that size (the same
+    optimizer steps; the activations of one micro-batch)."""
+    micro = min(batch, LB.get("micro_batch", batch))
+    if batch % micro:
+        raise ValueError(f"large-batch {batch} is not a multiple of the micro-batch {micro}")
+    accum = [f"grad_accum:steps={batch // micro}"] if batch > micro else []
     return dict(model=LB["model"], data=P["data"], optimizer=name, lr=LB["lr"][name],
                 weight_decay=WEIGHT_DECAY[name], lr_scaling=LR_SCALING[name], base_batch=LB["batches"][0],
                 lr_warmup=_warmup(LB["model"], batch, LB["flops_budget"], LB["warmup_fraction"]),
-                batch_size=batch, seq_len=P["seq_len"], flops_budget=LB["flops_budget"], eval_every=10**9,
-                eval_batches=max(1, LB["eval_sequences"] // batch), device=P["device"])
+                batch_size=micro, techniques=accum, seq_len=P["seq_len"], flops_budget=LB["flops_budget"],
+                eval_every=10**9, eval_batches=max(1, LB["eval_sequences"] // micro), device=P["device"])
 
 
 class Optimizers:

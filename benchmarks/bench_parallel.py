@@ -45,6 +45,8 @@ SETTINGS = {
                   variants=["ddp", "zero1-bf16", "zero2-bf16", "zero3-bf16", "zero2", "zero2-offload", "fsdp",
                             "zero-redundancy", "oss"]),
     "full": dict(model="small", world_sizes=[1, 2, 4], batch_size=8, seq_len=256, variants=list(VARIANTS)),
+    # gpu: ZeRO/FSDP at one rank on any box; 8 ranks on an 8-GPU box (skipped with the reason on fewer GPUs)
+    "gpu": dict(model="gpt2", world_sizes=[1, 8], batch_size=8, seq_len=1024, variants=list(VARIANTS)),
 }[common.profile_name()]
 
 

@@ -17,8 +17,10 @@ from . import common
 SETTINGS = {
     "quick": dict(model="nano", batch_size=8, seq_len=128, flops_budget=3e10, lr=3e-3, data="synthetic",
                   gmp_every=2),
-    "full": dict(model="small", batch_size=16, seq_len=512, flops_budget=3e14, lr=1e-3, data="pycode",
+    "full": dict(model="small", batch_size=16, seq_len=256, flops_budget=3e14, lr=1e-3, data="pycode",
                  gmp_every=20),
+    "gpu": dict(model="gpt2", batch_size=16, seq_len=1024, flops_budget=2e15, lr=6e-4, data="pycode",
+                gmp_every=20),
 }[common.profile_name()]
 
 SPARSITIES = (0.5, 0.75, 0.9)  # with 0 (the baseline): the loss-vs-sparsity curve

@@ -16,7 +16,8 @@ from . import common
 
 SETTINGS = {
     "quick": dict(model="nano", batch_size=8, seq_len=128, flops_budget=1e10, lr=3e-3, data="synthetic", start=32),
-    "full": dict(model="small", batch_size=16, seq_len=512, flops_budget=3e14, lr=1e-3, data="pycode", start=64),
+    "full": dict(model="small", batch_size=16, seq_len=256, flops_budget=3e14, lr=1e-3, data="pycode", start=64),
+    "gpu": dict(model="gpt2", batch_size=16, seq_len=1024, flops_budget=2e15, lr=6e-4, data="pycode", start=64),
 }[common.profile_name()]
 
 #: variant name -> (techniques, recipe overrides): warm-up over 30 % and 60 % of the run.

@@ -22,10 +22,14 @@ SETTINGS = {
                   data="synthetic:vocab=2048,order=1",
                   storage=dict(model="small", densities=[0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0],
                                speed_densities=[0.01, 0.05, 0.1, 0.2, 0.3, 0.5], tokens=128, rounds=7)),
-    "full": dict(model="small", batch_size=16, seq_len=512, flops_budget=3e14, lr=1e-3, data="pycode",
+    "full": dict(model="small", batch_size=16, seq_len=256, flops_budget=3e14, lr=1e-3, data="pycode",
                  storage=dict(model="gpt2", densities=[0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4,
                                                        0.5, 0.6, 0.8, 1.0],
                               speed_densities=[0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5], tokens=512, rounds=15)),
+    "gpu": dict(model="gpt2", batch_size=16, seq_len=1024, flops_budget=2e15, lr=6e-4, data="pycode",
+                storage=dict(model="gpt2", densities=[0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4,
+                                                      0.5, 0.6, 0.8, 1.0],
+                             speed_densities=[0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5], tokens=512, rounds=7)),
 }[common.profile_name()]
 
 UNTIED = {"model_args": {"tie_embeddings": False}}
@@ -103,6 +107,13 @@ class SparseStorage:
     def setup_cache(self):
         from impls.measure import sparse_storage
 
+        if common.dry_run():  # matrices built and converted per density; sparse×dense timed in rounds
+            st = SETTINGS["storage"]
+            m, n = sparse_storage.zoo_matrix(st["model"], "mlp.up")
+            seconds = (2 * len(st["densities"]) * m * n * 3 / 50e6
+                       + 3 * len(st["speed_densities"]) * st["rounds"] * 2 * m * n * st["tokens"] / 5e9)
+            return common.dry_run().other("sparse-storage", seconds, "3 formats × 2 patterns built at ~50 M "
+                                          "elements/s; sparse × dense timed on one core at ~5 GFLOP/s (dense-equivalent)")
         record = sparse_storage.measure(**SETTINGS["storage"])
         out = common.runs_dir() / "sparse" / "sparse-storage.json"
         sparse_storage.write(record, out)

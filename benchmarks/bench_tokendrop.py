@@ -21,6 +21,8 @@ SETTINGS = {
                   lr=3e-3, data="synthetic"),
     "full": dict(model="encoder-small", model_args={}, batch_size=16, seq_len=256, flops_budget=3e14, lr=1e-3,
                  data="pycode"),
+    "gpu": dict(model="bert-base", model_args={}, batch_size=32, seq_len=512, flops_budget=2e15, lr=3e-4,
+                data="pycode"),
 }[common.profile_name()]
 
 #: variant name -> (techniques, recipe overrides): half and a quarter of the tokens in the middle layers.

@@ -56,6 +56,33 @@ PROFILES = {
 }
 
 
+# What `make bench PROFILE=gpu` runs on one GPU box (1×H100 80 GB): zoo models whose GPU numbers
+# mean something, bf16 by default (a family that compares precisions names its own), seq_len
+# within every model's block_size, budgets sized so the whole profile is predicted at <= 60 min on
+# one H100 (`python -m benchmarks.dry_run --profile gpu`; README "GPU profile").  Multi-GPU grid
+# points (world size 8) skip with the reason on fewer GPUs.
+PROFILES["gpu"] = dict(
+    models=["gpt2", "gpt2-medium", "llama-1b"],
+    world_sizes=[1, 8],
+    flops_budget=2e16,
+    batch_size=16,
+    seq_len=1024,
+    lr={"gpt2": 6e-4, "gpt2-medium": 3e-4, "llama-1b": 2e-4},
+    device="cuda",
+    data="pycode",
+    precision="bf16",
+    # families that compare precisions (or compress activations) keep their fp32 baseline
+    fp32_families=("quant", "technique", "actmem"),
+    timing=dict(number=1, repeat=(2, 10, 20.0), rounds=2, warmup_time=2.0),
+    seeds=[0],
+    interleave=dict(rounds=10, steps=3, warmup=3),
+    evaluations=5,
+)
+
+#: Precision techniques: a recipe naming one keeps it; otherwise a profile's ``precision`` is added.
+PRECISIONS = ("bf16", "fp16", "fp8", "int8")
+
+
 def profile_name() -> str:
     name = os.environ.get("ETBENCH_PROFILE", "quick")
     if name not in PROFILES:
@@ -97,6 +124,10 @@ def unsupported_world_size(world_size: int) -> str | None:
     way of skipping a combination."""
     if world_size in usable_world_sizes():
         return None
+    if PROFILE["device"] == "cuda":
+        from impls import dist
+
+        return f"world size {world_size} needs {world_size} GPUs (one rank per GPU); this machine has {dist.cuda_device_count()}"
     return f"world size {world_size} needs {world_size} devices (one rank per GPU or CPU core); this machine has fewer"
 
 
@@ -108,11 +139,54 @@ def usable_world_sizes() -> list[int]:
     except (AttributeError, OSError):
         limit = os.cpu_count() or 1
     if PROFILE["device"] != "cpu":
-        import torch
+        # NVML's count (torch.cuda.device_count): unlike torch.cuda.is_available(), it does not
+        # initialise CUDA, which would make every process asv's forkserver forks unsafe (a forked
+        # child of a process that initialised CUDA cannot use it; asv PRs #1565/#1566, dgl #5129).
+        from impls import dist
 
-        if torch.cuda.is_available():
-            limit = torch.cuda.device_count()
+        gpus = dist.cuda_device_count()
+        if gpus > 0 or PROFILE["device"] == "cuda":
+            limit = gpus
     return [w for w in PROFILE["world_sizes"] if w <= limit]
+
+
+def with_precision(fields: dict, family: str | None = None) -> dict:
+    """``fields`` (Recipe fields) with the profile's default precision technique added when the
+    recipe names none (the GPU profile trains bf16; quick and full keep fp32), except in the
+    profile's ``fp32_families`` (a comparison against fp32 needs an fp32 baseline)."""
+    default = PROFILE.get("precision")
+    techniques = list(fields.get("techniques") or [])
+    if (not default or family in PROFILE.get("fp32_families", ())
+            or any(t.split(":")[0] in PRECISIONS for t in techniques)):
+        return fields
+    return {**fields, "techniques": [default, *techniques]}
+
+
+def recipe(**fields):
+    """The :class:`impls.recipe.Recipe` of ``fields`` under this profile (its default precision)."""
+    from impls.recipe import Recipe
+
+    return Recipe(**with_precision(fields))
+
+
+#: Set by :mod:`benchmarks.dry_run` while it plans a profile: every run a ``setup_cache`` would
+#: start is handed to it instead (nothing trains, nothing is written).  The recipes it sees are
+#: built by the benchmarks' own code, so the dry run checks exactly what ``make bench`` would run.
+DRY_RUN = None
+
+
+def dry_run():
+    """The active dry-run planner, or None when benchmarks run for real."""
+    return DRY_RUN
+
+
+def train_run(fields: dict, **kwargs) -> dict:
+    """:func:`impls.train.run` of ``fields`` (under the profile's precision), or its plan in a dry run."""
+    if DRY_RUN is not None:
+        return DRY_RUN.train(fields.get("model", "?"), 1, with_precision(fields))
+    from impls import train
+
+    return train.run(recipe(**fields), **kwargs)
 
 
 @functools.cache  # one folder per benchmark run, even if HEAD moves while it runs
@@ -138,9 +212,14 @@ def train_record(name: str, *, nproc: int = 1, **recipe) -> dict:
     interpreter and torch start-up per run); several ranks go through ``etbench run --nproc``
     under torchrun.
     """
-    out = runs_dir() / name.split("-")[0] / f"{name}.json"
+    recipe = with_precision(recipe, name.split("-")[0])
     base_seed = recipe.pop("seed", 0)
     recipe.setdefault("evaluations", PROFILE["evaluations"])
+    if DRY_RUN is not None:
+        for s in PROFILE["seeds"]:
+            placeholder = DRY_RUN.train(name, nproc, {**recipe, "seed": base_seed + s})
+        return placeholder
+    out = runs_dir() / name.split("-")[0] / f"{name}.json"
     records = [_train_one(out if i == 0 else None, nproc, {**recipe, "seed": base_seed + s})
                for i, s in enumerate(PROFILE["seeds"])]
     record = records[0]
@@ -199,9 +278,13 @@ def compare_record(family: str, variants: dict[str, dict], *, baseline: str = "b
                    nproc: int = 1, name: str | None = None) -> dict:
     """Time ``variants`` (name -> recipe fields over ``common``) interleaved, the profile's rounds
     and steps (:mod:`impls.compare`); the record is kept as ``<runs>/<family>/compare-<name or family>.json``."""
+    common = common or {}
+    variants = {v: _variant_precision(common, fields, family) for v, fields in variants.items()}
+    spec = dict(baseline=baseline, common=common, variants=variants, **PROFILE["interleave"])
+    if DRY_RUN is not None:
+        return DRY_RUN.compare(f"compare-{name or family}", spec, nproc)
     from impls import compare
 
-    spec = dict(baseline=baseline, common=common or {}, variants=variants, **PROFILE["interleave"])
     out = runs_dir() / family / f"compare-{name or family}.json"
     if nproc == 1:
         return _write(out, compare.measure(compare.parse_spec(spec)))
@@ -213,6 +296,14 @@ def compare_record(family: str, variants: dict[str, dict], *, baseline: str = "b
         _child([sys.executable, "-m", "impls.cli", "compare", str(spec_file), "--nproc", str(nproc), "--out", str(out)],
                f"etbench compare {family}")
     return json.loads(out.read_text())
+
+
+def _variant_precision(common: dict, fields: dict, family: str) -> dict:
+    """A compare variant's fields with the profile's precision added when neither the variant
+    nor the common fields name one (a variant's techniques replace the common ones)."""
+    techniques = fields.get("techniques", common.get("techniques", []))
+    merged = with_precision({"techniques": techniques}, family)["techniques"]
+    return fields if merged == list(techniques) else {**fields, "techniques": merged}
 
 
 def speed_tracks(cls):

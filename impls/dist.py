@@ -5,6 +5,7 @@ code path: gloo on CPUs, NCCL on GPUs, one GPU per local rank.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -15,6 +16,63 @@ import torch.distributed as dist
 from .errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A device a recipe is *planned* for without running on it (``etbench`` dry runs: the GPU
+    profile checked on a laptop).  While :func:`planning_for` holds one, :func:`resolve_device`,
+    :func:`cuda_available`, :func:`cuda_capability`, :func:`cuda_device_count` and
+    :func:`cuda_name` answer for it, and nothing touches CUDA."""
+    type: str = "cuda"
+    count: int = 1
+    capability: tuple[int, int] = (9, 0)
+    name: str = "NVIDIA H100 80GB HBM3"
+    memory_bytes: float = 80e9
+
+
+_TARGET: Target | None = None
+
+
+@contextlib.contextmanager
+def planning_for(target: Target):
+    """Answer device questions for ``target`` inside the block (see :class:`Target`)."""
+    global _TARGET
+    previous, _TARGET = _TARGET, target
+    try:
+        yield target
+    finally:
+        _TARGET = previous
+
+
+def planning() -> Target | None:
+    """The device being planned for, or None when recipes run here."""
+    return _TARGET
+
+
+def cuda_available() -> bool:
+    if _TARGET is not None:
+        return _TARGET.type == "cuda"
+    return torch.cuda.is_available()
+
+
+def cuda_device_count() -> int:
+    """CUDA devices (NVML's count: does not initialise CUDA in this process)."""
+    if _TARGET is not None:
+        return _TARGET.count if _TARGET.type == "cuda" else 0
+    return torch.cuda.device_count()
+
+
+def cuda_capability(index: int = 0) -> tuple[int, int]:
+    if _TARGET is not None:
+        return _TARGET.capability
+    return torch.cuda.get_device_capability(index)
+
+
+def cuda_name(index: int = 0) -> str:
+    if _TARGET is not None:
+        return _TARGET.name
+    return torch.cuda.get_device_name(index)
 
 
 @dataclass(frozen=True)
@@ -68,10 +126,14 @@ class DistContext:
 def resolve_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
     if preference not in DEVICES:
         raise ConfigError(f"unknown device {preference!r}; valid: {', '.join(DEVICES)}")
-    if preference == "cuda" and not torch.cuda.is_available():
+    if preference == "cuda" and not cuda_available():
         raise ConfigError("device 'cuda' requested but torch.cuda.is_available() is False; valid here: auto, cpu")
-    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
+    if preference == "cpu" or (preference == "auto" and not cuda_available()):
         return torch.device("cpu")
+    count = cuda_device_count()
+    if local_rank >= count:  # a rank started by hand (torchrun) beyond the GPUs: one line, not "invalid device ordinal"
+        raise ConfigError(f"local rank {local_rank} has no GPU: this machine has {count} CUDA device(s) (ranks "
+                          f"0..{count - 1}); start at most {count} rank(s) per node, or --device cpu")
     return torch.device("cuda", local_rank)
 
 
@@ -99,6 +161,24 @@ def timeout() -> timedelta:
     return timedelta(seconds=seconds)
 
 
+#: How NCCL reports a collective that timed out.  By default (TORCH_NCCL_ASYNC_ERROR_HANDLING=3)
+#: ProcessGroupNCCL's watchdog thread tears the process down (SIGABRT) when a collective exceeds
+#: the timeout, so the waiting rank never reports which collective hung and the launcher could
+#: only say "killed by signal SIGABRT".  Blocking wait makes the timeout an exception in the
+#: thread that waits (what gloo does), and error handling 2 aborts only the communicator, so the
+#: rank reports "lost contact ... in all_reduce" and the launcher names the silent rank
+#: (:mod:`impls.ranks`).  A user's own setting of either variable is kept.
+NCCL_ENV = {"TORCH_NCCL_BLOCKING_WAIT": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}
+
+
+def nccl_environment(env=None) -> dict:
+    """Set :data:`NCCL_ENV`'s defaults in ``env`` (``os.environ``) where unset; returns what applies."""
+    env = os.environ if env is None else env
+    for key, value in NCCL_ENV.items():
+        env.setdefault(key, value)
+    return {key: env[key] for key in NCCL_ENV}
+
+
 def init(device: str = "auto") -> DistContext:
     """Join the process group that ``torchrun`` describes in the environment (if any)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -108,6 +188,8 @@ def init(device: str = "auto") -> DistContext:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
+        if dev.type == "cuda":
+            nccl_environment()  # read by ProcessGroupNCCL when the group is created
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timeout())
     return DistContext(rank, local_rank, world_size, dev)
 

@@ -194,7 +194,14 @@ def summarise_failure(failures: dict, reported: list[dict]) -> tuple[int, str]:
         return EXIT_FAILED, reported[0]["message"] if reported else "a rank failed"
     # Killed by a signal first, but not SIGTERM: that is how the agent stops the survivors.
     rank, failure = min(failures.items(), key=lambda kv: (kv[1].exitcode >= 0, kv[1].exitcode == -15, kv[0]))
-    if failure.exitcode < 0:
+    if failure.exitcode == -signal.SIGABRT:
+        # NCCL's watchdog aborts a rank whose collective exceeded the timeout (unless blocking
+        # wait is on: impls.dist.NCCL_ENV), before the rank can say which collective it waited in
+        seconds = os.environ.get("ETBENCH_DIST_TIMEOUT")
+        limit = f"{float(seconds):g} s, --timeout" if seconds else "--timeout"
+        what = (f"was aborted (SIGABRT): NCCL's watchdog aborts a rank whose collective waited longer than the "
+                f"timeout ({limit}), so a peer probably stopped responding (or a CUDA error: its log is above)")
+    elif failure.exitcode < 0:
         what = f"was killed by signal {failure.signal_name()}"
     else:
         what = f"exited with status {failure.exitcode}" + (" (its traceback is above)" if failure.exitcode == 1 else "")
@@ -218,6 +225,13 @@ def _hung(failures: dict, reported: list[dict]) -> str | None:
     return (f"{who} stopped responding: rank {waiter['rank']} waited "
             + (f"{float(seconds):g} s " if seconds else "")
             + f"for it in {where.group(1) if where else 'a collective'} (--timeout); the ranks were stopped")
+
+
+def _has_shutdown_timeout() -> bool:
+    """Whether this torch's launcher takes ``--shutdown_timeout`` (torch 2.11's does not)."""
+    from torch.distributed.run import get_args_parser
+
+    return any("--shutdown_timeout" in action.option_strings for action in get_args_parser()._actions)
 
 
 def launch(module_args: list[str], nproc: int) -> int:
@@ -246,7 +260,9 @@ def launch(module_args: list[str], nproc: int) -> int:
         # After a rank failed, torch 2.13's agent ignores this (LocalElasticAgent._stop_workers calls
         # _shutdown() with its default 30 s), so a hung rank is killed 30 s after its peer gave up.
         # Each rank runs `python -m impls.ranks MODULE ARGS`: become_rank(), then MODULE as __main__.
-        args = parse_args([f"--nproc_per_node={nproc}", "--max-restarts=0", f"--shutdown_timeout={SHUTDOWN_S}",
+        # (torchrun's --shutdown_timeout is newer than torch 2.11, whose agent always waits 30 s)
+        shutdown = [f"--shutdown_timeout={SHUTDOWN_S}"] if _has_shutdown_timeout() else []
+        args = parse_args([f"--nproc_per_node={nproc}", "--max-restarts=0", *shutdown,
                            "-m", __spec__.name if __spec__ else "impls.ranks", *module_args])
         # what torchrun --standalone sets: a local C10d store on a free port
         args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())

@@ -34,8 +34,10 @@ from . import recipe as recipe_lib
 from .build import Build
 from .files import clean_stale, write_text
 from .measure import PeakMemory, device_name, model_flops_per_step, peak_flops
+from .measure.peak import effective_peak
 from .measure import timing as timing_lib
 from .measure.comm import CommCounter
+from .measure.energy import EnergyMeter, record_fields as energy_fields
 from .parallel import ParallelDims
 from .recipe import BUDGET_FLOPS, LR_SCALINGS, MLM_CORRUPTIONS, SCHEDULES, Recipe, RecipeError
 
@@ -104,6 +106,7 @@ class Validated:
     dims: ParallelDims
     dataset: data_lib.TokenData
     source: "init_from_lib.Source | None" = None  # --init-from's weights, read and checked
+    meta: torch.nn.Module | None = None  # the model built on ``meta`` (no storage)
 
 
 def validate(r: Recipe, world_size: int = 1) -> Validated:
@@ -126,7 +129,9 @@ def validate(r: Recipe, world_size: int = 1) -> Validated:
                               f"({one_step:.3g} model FLOPs for {r.model}, batch "
                               f"{r.batch_size}×{plan.accum_steps}×{dims.dp}, seq_len {r.seq_len})")
         _check_step_count(r.flops_budget / one_step, r.flops_budget, f"{one_step:.3g} model FLOPs per step")
-    check_memory(r, meta, specs, plan, dims, world_size)  # before anything is allocated
+    planning = dist.planning() is not None  # a dry run for another device: its memory is checked by the planner
+    if not planning:
+        check_memory(r, meta, specs, plan, dims, world_size)  # before anything is allocated
     source = None
     if r.init_from is not None:  # read and checked here: a bad source fails before any work
         deferring = [s.name for s in specs if s.technique.defers_init]
@@ -136,9 +141,11 @@ def validate(r: Recipe, world_size: int = 1) -> Validated:
         if dims["pp"] > 1:
             raise RecipeError(f"init_from with pipeline stages (mesh pp={dims['pp']}) is not supported: the weights "
                               f"load into the whole model, and this rank builds only its stages; valid: pp=1")
-        source = init_from_lib.read(r.init_from)
-        init_from_lib.check(source, r, meta)
-    return Validated(specs, plan, dims, dataset, source)
+        # (planning: the weights may be an earlier benchmark run's output, not written yet)
+        if not (planning and not os.path.exists(r.init_from)):
+            source = init_from_lib.read(r.init_from)
+            init_from_lib.check(source, r, meta)
+    return Validated(specs, plan, dims, dataset, source, meta)
 
 
 def _check_step_count(steps: float, budget: float, per_step: str) -> None:
@@ -359,6 +366,7 @@ def measure_step(session: Session) -> StepMeasure:
     # Summed over ranks, not multiplied: tensor- or pipeline-parallel ranks count different work.
     flops = ctx.all_sum_int(counted["total"])
     frozen = ctx.all_sum_int(counted["frozen"])
+    by_dtype = _flops_by_dtype(session, counted)
     # Model FLOPs exclude recomputation and frozen modules.  Conditional computation runs less
     # than the dense formula says: there the counted FLOPs stand in (recompute included, if any).
     if plan.dense_compute:
@@ -366,7 +374,7 @@ def measure_step(session: Session) -> StepMeasure:
     else:
         model_flops = float(flops - frozen)
     if plan.seq_len_at is not None or plan.phase_at is not None:
-        return _measure_schedule(session, x0, y0, step_rows, activations, (flops, frozen, model_flops))
+        return _measure_schedule(session, x0, y0, step_rows, activations, (flops, frozen, model_flops), by_dtype)
     if r.steps is not None:
         total_steps = r.steps
     else:
@@ -378,28 +386,54 @@ def measure_step(session: Session) -> StepMeasure:
         _check_step_count(total_steps, r.flops_budget, f"{per_step:.3g} {r.budget_flops} FLOPs per step")
     engine.total_steps = total_steps
     session.build.total_steps = total_steps  # for hooks acting at a fraction of training
-    # The MFU denominator, probed (if not cached) before training and by rank 0 alone while the
-    # other ranks wait, so concurrent ranks never disturb the probe; they then read its cache.
-    peak_dtype = plan.autocast_dtype or torch.float32
-    peak = peak_flops(ctx.device, peak_dtype) if ctx.is_main else None
+    return StepMeasure(step_rows * r.seq_len, flops, frozen, model_flops, activations, total_steps,
+                       _peak(session, by_dtype))
+
+
+def _compute_dtype(plan) -> str:
+    """The run's compute dtype by name: the autocast dtype, else fp32."""
+    return str(plan.autocast_dtype or torch.float32).removeprefix("torch.")
+
+
+def _flops_by_dtype(session: Session, counted: dict) -> dict[str, int]:
+    """The step's counted FLOPs split by the dtype each op ran in, summed over ranks
+    ({dtype name: FLOPs}); FLOPs of ops without a classifiable operand (and all of them where an
+    engine does not split its count) are the run's compute dtype's (:func:`_compute_dtype`).
+    Gathered, not all-summed: ranks (pipeline stages) may see different dtypes."""
+    compute = _compute_dtype(session.plan)
+    local = counted.get("by_dtype") or {None: counted["total"]}
+    merged: dict[str, int] = {}
+    for part in session.ctx.all_gather_object({d: int(f) for d, f in local.items()}):
+        for d, f in part.items():
+            merged[d or compute] = merged.get(d or compute, 0) + f
+    return merged
+
+
+def _peak(session: Session, flops_by_dtype: dict[str, int]) -> dict:
+    """The MFU/HFU denominator: every dtype's peak FLOP/s (:func:`peak_flops`), weighed by the
+    step's counted FLOPs in that dtype (``flops_by_dtype``) into
+    peak_eff = Σ_d F_d / Σ_d (F_d / P_d) (:func:`impls.measure.peak.effective_peak`), so each GEMM
+    counts against the peak of the dtype it runs in: an fp8 run is not divided by the fp32 peak
+    (MFU above 100%), nor a bf16 + fp8 run by the bf16 one.  A one-dtype run's denominator is that
+    dtype's peak exactly, as before.  The peaks are probed (if not cached) before training by
+    rank 0 alone while the other ranks wait, so concurrent ranks never disturb the probe; they then
+    read its cache."""
+    ctx = session.ctx
+    if not any(f > 0 for f in flops_by_dtype.values()):  # nothing counted: the compute dtype's peak
+        flops_by_dtype = {_compute_dtype(session.plan): 1}
+
+    def probe() -> dict:
+        return {d: peak_flops(ctx.device, getattr(torch, d)) for d in sorted(flops_by_dtype)}
+
+    peaks = probe() if ctx.is_main else None
     ctx.barrier()
     if not ctx.is_main:
-        peak = peak_flops(ctx.device, peak_dtype)
-    return StepMeasure(step_rows * r.seq_len, flops, frozen, model_flops, activations, total_steps, peak)
+        peaks = probe()
+    return effective_peak(flops_by_dtype, peaks)
 
 
-def _peak(session: Session) -> dict:
-    """The MFU denominator, probed (if not cached) by rank 0 alone while the others wait."""
-    ctx, plan = session.ctx, session.plan
-    peak_dtype = plan.autocast_dtype or torch.float32
-    peak = peak_flops(ctx.device, peak_dtype) if ctx.is_main else None
-    ctx.barrier()
-    if not ctx.is_main:
-        peak = peak_flops(ctx.device, peak_dtype)
-    return peak
-
-
-def _measure_schedule(session: Session, x0, y0, step_rows: int, activations: int, full: tuple) -> StepMeasure:
+def _measure_schedule(session: Session, x0, y0, step_rows: int, activations: int, full: tuple,
+                      by_dtype: dict[str, int] | None = None) -> StepMeasure:
     """:func:`measure_step` under a per-step schedule of a "phase" value: the sequence length
     (``plan.seq_len_at``, sequence-length warm-up) or another value the model's cost depends on
     (``plan.phase_at``, with ``plan.in_phase(value)`` a context that puts the model into that
@@ -451,8 +485,11 @@ def _measure_schedule(session: Session, x0, y0, step_rows: int, activations: int
     n = total_steps
     mean = [sum(per_length[t][i] for t in lengths) / n for i in range(3)]
     tokens = step_rows * sum(lengths) / n if is_length else step_rows * r.seq_len
+    # The denominator weighs the dtypes by the full-length step's counted split (the lengths
+    # change the attention share a little, not which dtype a GEMM runs in).
+    by_dtype = by_dtype or {_compute_dtype(plan): 1}
     cost = StepMeasure(tokens, mean[0], mean[1], mean[2], activations, total_steps,
-                       _peak(session), lengths=lengths, per_length=dict(per_length), rows=step_rows,
+                       _peak(session, by_dtype), lengths=lengths, per_length=dict(per_length), rows=step_rows,
                        phase_is_length=is_length)
     return cost
 
@@ -537,6 +574,7 @@ def run(recipe: Recipe, ctx: dist.DistContext | None = None, *, save_every: int 
     # compilation of a compiled model, whose time is reported on its own.
     warmup = min(recipe.timing_warmup, total - start - 1)
     seconds, state_bytes, status, done = [], None, "ok", start
+    energy = EnergyMeter(ctx.device)  # NVML's energy counter around the timed steps (GPUs only)
     bar = _progress(total, ctx.is_main)
     bar.update(start)
 
@@ -559,7 +597,8 @@ def run(recipe: Recipe, ctx: dist.DistContext | None = None, *, save_every: int 
         # A step lasts as long as its slowest rank.
         return dict(first_step_seconds=seconds[0], step_seconds=ctx.all_max(timed),
                     load_start=load_start, load_end=timing_lib.load_average(),
-                    others=_other_cores(ctx, cpu_start, timing_lib.cpu_snapshot()))
+                    others=_other_cores(ctx, cpu_start, timing_lib.cpu_snapshot()),
+                    energy=ctx.all_gather_object(energy.summary()))
 
     with PeakMemory(ctx.device) as peak:
         for step in range(start, total):
@@ -570,7 +609,8 @@ def run(recipe: Recipe, ctx: dist.DistContext | None = None, *, save_every: int 
                     loss = timed_step(engine, batches, ctx.device, step, seconds)
                 comm = comm_check(session, counter.summary(), step)
             else:
-                loss = timed_step(engine, batches, ctx.device, step, seconds)
+                with energy.measuring(step - start >= warmup):  # the timed steps only
+                    loss = timed_step(engine, batches, ctx.device, step, seconds)
             window.append(loss)
             if clipping:
                 norms.append(engine.last_grad_norm)
@@ -824,9 +864,13 @@ def make_record(session: Session, cost: StepMeasure, curve: list, timing: dict, 
         tokens_per_second=cost.tokens_per_step / seconds_per_step,
         seconds_per_step=seconds_per_step,
         first_step_seconds=timing["first_step_seconds"],
+        # joules per timed step from NVML (None, and why, where there is no counter)
+        **energy_fields(timing.get("energy")),
         timed_steps=len(step_seconds),
         step_time=dict(**timing_lib.step_time_stats(step_seconds), samples=step_seconds),
         load=timing_lib.load_report(timing["load_start"], timing["load_end"], cores_in_use, timing.get("others")),
+        # peak_flops.value: each dtype's peak weighed by its share of the counted FLOPs
+        # (peak_flops.rule, peak_flops.by_dtype): Σ F_d / Σ (F_d / P_d), the dtype's peak in a one-dtype run
         mfu=cost.model_flops_per_step * achieved / cost.peak["value"],
         hfu=cost.flops_per_step * achieved / cost.peak["value"],
         memory=dict(**memory, activations_bytes=cost.activations_bytes, peak_bytes=int(peak.peak_bytes),

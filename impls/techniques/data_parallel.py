@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import dist
 from ..errors import ConfigError
 
 NAME = "data-parallel"
@@ -40,10 +41,10 @@ def configure(plan, options):
     if plan.device_type != "cuda":
         raise ConfigError(f"technique {NAME!r} cannot run on device {plan.device_type or 'cpu'!r}: torch.nn."
                           f"DataParallel splits a batch over >= 2 CUDA GPUs in one process (this machine has "
-                          f"{torch.cuda.device_count()}); use 'ddp' with --nproc N on CPUs")
-    if torch.cuda.device_count() < 2:
+                          f"{dist.cuda_device_count()}); use 'ddp' with --nproc N on CPUs")
+    if dist.cuda_device_count() < 2:
         raise ConfigError(f"technique {NAME!r} needs >= 2 CUDA GPUs in one process; this machine has "
-                          f"{torch.cuda.device_count()}")
+                          f"{dist.cuda_device_count()}")
 
 
 def check_mesh(dims, options):

@@ -34,12 +34,14 @@ import copy
 import torch
 import torch.nn as nn
 
+from .. import dist
 from ..errors import ConfigError
 
 NAME = "fp8"
 STAGE = "surgery"
 RANK = 60  # after every module-replacing surgery: convert the Linears the model ends up with
 OPTIONS = {"scaling": "tensorwise"}
+REQUIRES = ("torchao",)
 CHOICES = {"scaling": ("tensorwise", "rowwise", "rowwise_with_gw_hp")}
 CONFLICTS = {
     "int8": "both replace the block Linears' matmuls (float8 vs int8 GEMMs)",
@@ -59,12 +61,12 @@ def configure(plan, options):
     if device is not None and device != "cuda":
         raise ConfigError(f"fp8: {need}; this run's device is {device!r}")
     if device == "cuda":
-        if not torch.cuda.is_available():
+        if not dist.cuda_available():
             raise ConfigError("fp8: device cuda requested but torch sees no CUDA GPU")
-        capability = torch.cuda.get_device_capability()
+        capability = dist.cuda_capability()
         if capability < MIN_CAPABILITY:
             raise ConfigError(f"fp8: float8 GEMMs need CUDA compute capability >= {MIN_CAPABILITY[0]}."
-                              f"{MIN_CAPABILITY[1]}; {torch.cuda.get_device_name()} has "
+                              f"{MIN_CAPABILITY[1]}; {dist.cuda_name()} has "
                               f"{capability[0]}.{capability[1]}")
 
 

@@ -50,12 +50,14 @@ from collections import Counter
 import torch
 import torch.nn as nn
 
+from .. import dist
 from ..errors import ConfigError
 
 NAME = "int8"
 STAGE = "surgery"
 RANK = 60  # after every module-replacing surgery (moe, fuse, attention, mod): quantise the Linears they leave
 OPTIONS = {"forward": True, "grad_input": True, "grad_weight": True}
+REQUIRES = ("torchao",)
 CONFLICTS = {
     "qat": "both replace the block Linears (int8 training runs real int8 GEMMs; QAT fake-quantises fp32 ones)",
     "fp8": "both replace the block Linears' matmuls (int8 vs float8 GEMMs)",
@@ -79,9 +81,9 @@ def configure(plan, options):
     if device is not None and device not in DEVICES:
         raise ConfigError(f"int8: no int8 GEMM kernel on device {device!r} (torch._int_mm / torchao's Triton "
                           f"kernel run on {', '.join(DEVICES)})")
-    if device == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability() < (7, 5):
+    if device == "cuda" and dist.cuda_available() and dist.cuda_capability() < (7, 5):
         raise ConfigError(f"int8: int8 tensor-core GEMMs need CUDA compute capability >= 7.5, this GPU has "
-                          f"{torch.cuda.get_device_capability()}")
+                          f"{dist.cuda_capability()}")
 
 
 def _linear_shapes(cfg) -> list[tuple[str, int, int]]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import dist
 from ..errors import ConfigError
 from . import _pruning as P
 
@@ -38,6 +39,7 @@ STAGE = "surgery"
 RANK = 60  # masks the Linears the earlier surgeries leave
 OPTIONS = {"n": 2, "m": 4, "at": 0.0, "kernel": "dense"}
 CHOICES = {"kernel": ("dense", "semi_structured")}
+REQUIRES = lambda options: ("torchao",) if options["kernel"] == "semi_structured" else ()  # noqa: E731
 CONFLICTS = {**P.CONFLICTS, "prune": "both set the same pruning masks; use one", "gmp": "both set the same pruning "
              "masks; use one", "prune_structured": "prune_structured removes heads and neurons physically; "
              "combine them in separate runs"}
@@ -57,12 +59,18 @@ def configure(plan, options):
                               f"2:4 kernels (cuSPARSELt/CUTLASS) exist only for NVIDIA GPUs of compute capability "
                               f">= 8.0; this run's device is {plan.device_type or 'unknown'} (use kernel=dense, which "
                               f"trains the same masks without a speed claim)")
-        if torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 0):
+        if dist.cuda_available() and dist.cuda_capability() < (8, 0):
             raise ConfigError(f"prune_nm:kernel=semi_structured needs compute capability >= 8.0, this GPU has "
-                              f"{torch.cuda.get_device_capability()}")
-        if plan.autocast_dtype is None:
-            raise ConfigError("prune_nm:kernel=semi_structured: the 2:4 kernels take fp16/bf16 weights; add the bf16 "
-                              "or fp16 technique")
+                              f"{dist.cuda_capability()}")
+
+
+def check_recipe(recipe, options):
+    # Here, not in configure: configure runs in stage order, surgery (this technique) before
+    # precision, so the bf16/fp16 technique has not set the plan's autocast dtype yet there.
+    if options["kernel"] == "semi_structured" and not any(
+            t.partition(":")[0] in ("bf16", "fp16") for t in recipe.techniques):
+        raise ConfigError("prune_nm:kernel=semi_structured: the 2:4 kernels take fp16/bf16 weights; add the bf16 "
+                          "or fp16 technique")
 
 
 def check_model(cfg, seq_len, options):
