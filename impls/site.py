@@ -1382,7 +1382,8 @@ def tokens_section(loaded, copied: set, rel_plots: str) -> str:
 
 def build_front_page(html_dir: Path, runs_root: Path = Path("results/runs"),
                      plots_root: Path = Path("results/plots"), isoflop_root: Path = Path("results/isoflop"),
-                     runs: Path | None = None, previous: Path | None = None) -> list[str]:
+                     runs: Path | None = None, previous: Path | None = None,
+                     published_root: Path | None = None) -> list[str]:
     """Make etbench's report the site's front page, asv's pages alongside.
 
     asv's ``index.html`` (written by ``asv publish``) is moved to ``asv.html``; the new
@@ -1393,9 +1394,10 @@ def build_front_page(html_dir: Path, runs_root: Path = Path("results/runs"),
     static copies, the isoFLOP sweep of that commit, and links into asv's graphs.  With an
     earlier commit folder (``previous``, default the one before), ``compare.html`` compares the
     two.  The page names the plotting library's CDN URLs; ``vendor`` replaces them with local
-    copies.  Returns a summary.
+    copies.  Machines published under ``published_root`` (:mod:`impls.site_published`) get a
+    section and ``published.html``.  Returns a summary.
     """
-    from . import report
+    from . import report, site_published
 
     html_dir = Path(html_dir)
     index, asv_page = html_dir / "index.html", html_dir / ASV_PAGE
@@ -1486,6 +1488,9 @@ def build_front_page(html_dir: Path, runs_root: Path = Path("results/runs"),
     iso_dirs = sorted(p for p in Path(isoflop_root).glob(f"{commit}-*") if p.is_dir()) if Path(isoflop_root).is_dir() else []
     for iso_dir in iso_dirs:
         sections.append(_isoflop_section(iso_dir, html_dir, page, asv))
+    published = site_published.build(html_dir, published_root, commit=commit, runs_dir=runs, loaded=loaded,
+                                     plots_dir=plots_dir)
+    sections += [published.section] if published else []
 
     compare_line = ""
     summary = [f"front page: {len(families)} families, {len(loaded.runs)} runs, {len(loaded.refused)} refused, "
@@ -1500,6 +1505,7 @@ def build_front_page(html_dir: Path, runs_root: Path = Path("results/runs"),
         compare_line = (f' · <a href="compare.html">compare with {_esc(Path(previous).name)}</a> '
                         f'<span class="meta">({_esc(counts)})</span>')
         summary.append(f"compare.html: {commit} vs {Path(previous).name} ({counts})")
+    summary += [published.summary] if published else []
 
     devices = sorted({report._describe_device(k, n) or "?" for k, n in
                       zip(loaded.runs.get("device.type", []), loaded.runs.get("device.name", []))})
@@ -1510,6 +1516,7 @@ def build_front_page(html_dir: Path, runs_root: Path = Path("results/runs"),
     nav += '<a href="#compression">compression</a>' if compression else ""
     nav += '<a href="#tokens">data &amp; tokens</a>' if tokens else ""
     nav += "".join(f'<a href="#isoflop-{_esc(d.name)}">isoFLOP {_esc(d.name)}</a>' for d in iso_dirs)
+    nav += published.nav if published else ""
     scripts = "".join(f'<script src="{url}"></script>' for url in REPORT_CDN_ASSETS)
     specs_json = json.dumps(_json_safe(page.specs), separators=(",", ":")).replace("</", "<\\/")
     document = f"""<!doctype html>
@@ -1768,6 +1775,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_build.add_argument("--isoflop-root", type=Path, default=Path("results/isoflop"),
                          help="folder of isoFLOP sweeps, <commit>-<profile>/ (default: results/isoflop)")
     p_build.add_argument("--runs", type=Path, help="runs directory shown (default: the newest under --runs-root)")
+    p_build.add_argument("--published-root", type=Path, default=Path("results/published"),
+                         help="other machines' records (python -m impls.publish), shown beside this run; "
+                              "absent: no such section (default: results/published)")
     p_build.add_argument("--previous", type=Path,
                          help="runs directory compared against (default: the one before --runs)")
 
@@ -1800,7 +1810,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     return 2
             try:
                 lines = build_front_page(args.html_dir, args.runs_root, args.plots_root, args.isoflop_root,
-                                         args.runs, args.previous)
+                                         args.runs, args.previous, args.published_root)
             except NoRunsError as err:
                 lines = [f"{err}: the front page stays asv's (run `make bench` for etbench's report)"]
             for line in lines:
