@@ -535,9 +535,9 @@ def row_zero(check: Check) -> Outcome:
 
 
 def row_fsdp(check: Check) -> Outcome:
-    """FSDP2 (``fully_shard``) through the ``fsdp`` technique.  At one rank the technique refuses
-    (nothing to shard over): the row is REFUSED with its reason unless this machine has two GPUs,
-    where it runs ``etbench run --nproc 2 --technique fsdp``."""
+    """FSDP2 (``fully_shard``) through the ``fsdp`` technique where this machine has two GPUs
+    (``etbench run --nproc 2 --technique fsdp``); at one rank, where the technique refuses
+    (nothing to shard over), FSDP2's own path on a 1-rank mesh (:func:`_fsdp_one_rank`)."""
     import subprocess
 
     if check.cuda and check.torch.cuda.device_count() >= 2:
@@ -556,8 +556,79 @@ def row_fsdp(check: Check) -> Outcome:
         record = json.loads(out.read_text())
         return Outcome(f"2 ranks: {_tps(record):,.0f} tok/s, MFU {record['mfu']:.1%}",
                        dict(tokens_per_second=_tps(record), mfu=record["mfu"], world_size=2))
-    check.train("fsdp", check.recipe(["fsdp"]))  # refused by the technique at one rank
-    raise Failed("fsdp ran at one rank, where the technique should have refused")
+    try:
+        check.train("fsdp", check.recipe(["fsdp"]))  # refused by the technique at one rank
+    except Refused as e:
+        why = str(e)
+    else:
+        raise Failed("fsdp ran at one rank, where the technique should have refused")
+    return _fsdp_one_rank(check, why)
+
+
+def _fsdp_one_rank(check: Check, refusal: str) -> Outcome:
+    """FSDP2's own path at one rank, since the ``fsdp`` technique refuses dp=1 (``refusal``):
+    ``fully_shard`` per block and at the root over a 1-rank mesh, as the technique applies it
+    (bf16 ``MixedPrecisionPolicy`` on CUDA), trained on the same batches as the unwrapped model
+    (under bf16 autocast on CUDA): the losses must agree (fp32: to rounding; bf16: within 2%)."""
+    import copy
+    import time
+
+    import torch
+    import torch.distributed as tdist
+    import torch.nn.functional as F
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from . import dist, zoo
+
+    dist.shutdown()  # a process group left by an earlier row
+    if check.cuda:
+        torch.cuda.set_device(check.device)
+    tdist.init_process_group("nccl" if check.cuda else "gloo", store=tdist.HashStore(), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        name, batch, seq = ("gpt2", 8, 1024) if check.cuda else ("nano", 4, 64)
+        model = zoo.build(name, device=check.device)
+        ref = copy.deepcopy(model)
+        mesh = init_device_mesh(check.device.type, (1,))
+        kwargs = dict(mesh=mesh)
+        if check.cuda:
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for block in model.blocks:
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
+        opts = [torch.optim.AdamW(m.parameters(), lr=1e-4) for m in (model, ref)]
+        gen = torch.Generator(device="cpu").manual_seed(1)
+        data = torch.randint(model.cfg.vocab_size, (6, batch, seq + 1), generator=gen).to(check.device)
+        losses, seconds = {"fsdp": [], "plain": []}, []
+        for step, rows in enumerate(data):
+            x, y = rows[:, :-1], rows[:, 1:]
+            for (label, m), opt in zip((("fsdp", model), ("plain", ref)), opts):
+                if check.cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                ctx = torch.autocast("cuda", torch.bfloat16) if check.cuda and label == "plain" else contextlib.nullcontext()
+                with ctx:
+                    loss = F.cross_entropy(m(x).float().flatten(0, 1), y.flatten())
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if check.cuda:
+                    torch.cuda.synchronize()
+                if label == "fsdp" and step >= 2:
+                    seconds.append(time.perf_counter() - t0)
+                losses[label].append(float(loss))
+        gap = max(abs(a - b) / abs(b) for a, b in zip(losses["fsdp"], losses["plain"]))
+        limit = 2e-2 if check.cuda else 1e-5
+        if not gap <= limit:
+            raise Failed(f"fully_shard at one rank: losses differ from the unwrapped model's by {gap:.2e} "
+                         f"(relative; limit {limit:g})")
+        tps = batch * seq / (sum(seconds) / len(seconds))
+        return Outcome(f"fully_shard on a 1-rank mesh ({name}{', bf16 mp_policy' if check.cuda else ''}): losses "
+                       f"match the unwrapped model's within {gap:.1e}, {tps:,.0f} tok/s; the fsdp technique itself "
+                       f"refuses dp=1", dict(loss_gap=gap, tokens_per_second=tps, technique_refusal=refusal))
+    finally:
+        dist.shutdown()
 
 
 def row_comm(check: Check) -> Outcome:
@@ -649,7 +720,7 @@ ROWS = (
     Row("offload", "activation offload to host", row_offload, 15),
     Row("compile", "torch.compile (fuse:mode=compile)", row_compile, 60),
     Row("zero", "DeepSpeed ZeRO-1/3, ZeRO-2 + CPU Adam", row_zero, 60),
-    Row("fsdp", "FSDP2 (fully_shard)", row_fsdp, 1),
+    Row("fsdp", "FSDP2 (fully_shard)", row_fsdp, 15),
     Row("comm", "collectives at world size 1", row_comm, 5),
     Row("bnb", "bitsandbytes 8-bit AdamW", row_bnb, 15),
     Row("energy", "NVML energy per step", row_energy, 1),

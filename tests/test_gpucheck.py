@@ -23,7 +23,7 @@ from impls.measure import energy
 ROOT = Path(__file__).resolve().parents[1]
 #: Rows that cannot run on a CPU, and a phrase of the reason each gives.
 CPU_REFUSED = {"memory": "needs CUDA", "fp8": "fp8: float8 GEMMs need a CUDA GPU", "sparse24": "needs CUDA",
-               "offload": "nothing to offload", "fsdp": "needs a data-parallel size > 1",
+               "offload": "nothing to offload",
                "energy": "no NVML: this run's device is cpu"}
 
 
@@ -57,13 +57,16 @@ def test_cpu_check_passes_with_every_row_and_gpu_rows_refused(cpu_check):
     assert 0 < status["gpt2"]["numbers"]["mfu"] <= 1 and status["gpt2"]["numbers"]["tokens_per_second"] > 0
     assert status["peaks"]["numbers"]["fp32"]["measured"] > 0 and "fp8 refused" in status["peaks"]["reason"]
     assert status["comm"]["numbers"]["backend"] == "gloo"
+    # FSDP2 at one rank: the technique refuses dp=1, so fully_shard's own path runs on a 1-rank mesh
+    assert status["fsdp"]["numbers"]["loss_gap"] <= 1e-5
+    assert "needs a data-parallel size > 1" in status["fsdp"]["numbers"]["technique_refusal"]
     assert set(status["zero"]["numbers"]) == set(gpucheck.ZERO_VARIANTS)
     assert status["bnb"]["numbers"]["state_by_kind"]["8bit"]["bytes"] > 0
     # the table: printed and written, one line per row
     text = (out / "gpu-check.txt").read_text()
     for name in gpucheck.NAMES:
         assert any(line.startswith(f"{name} ") for line in text.splitlines()), name
-    assert "7 PASS, 0 FAIL, 6 REFUSED" in text and text.splitlines()[1] in proc.stdout
+    assert "8 PASS, 0 FAIL, 5 REFUSED" in text and text.splitlines()[1] in proc.stdout
     # the records the rows made; every run record has the energy fields
     baseline = json.loads((out / "records" / "baseline.json").read_text())
     assert baseline["energy_j_per_step"] is None and baseline["energy_note"] == "no NVML: this run's device is cpu"
