@@ -29,7 +29,8 @@ from pathlib import Path
 
 from . import recipe as recipe_lib
 from . import train
-from .errors import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_FAILED, EXIT_INTERRUPTED, ConfigError, WriteError
+from .errors import (EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_FAILED, EXIT_INTERRUPTED, ConfigError, OneLineParser,
+                     WriteError)
 from .files import check_distinct, check_writable, clean_stale, exclusive, same_file
 
 
@@ -381,18 +382,9 @@ def _cmd_report(args, argv) -> int:
     return report.main([*args.paths, "-o", args.out])
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse's errors (a flag's type, a missing or exclusive flag) as every other bad input:
-    one line on stderr and status 2, without the usage block (``--help`` shows it).  Its
-    subcommands' parsers are of this class too."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def parser() -> argparse.ArgumentParser:
     """The ``etbench`` parser (``isoflop`` is only listed here: it parses its own options)."""
-    top = _OneLineParser(prog="etbench", description=__doc__.split("\n")[0])
+    top = OneLineParser(prog="etbench", description=__doc__.split("\n")[0])
     sub = top.add_subparsers(dest="command", required=True)
     _run_parser(sub)
     p = sub.add_parser("compare", help="time variants interleaved (A B C, B C A, ...): speed-ups with 95%% intervals")

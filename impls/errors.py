@@ -11,12 +11,24 @@ traceback.
 Anything else that escapes is a bug and keeps its traceback.
 """
 
+import argparse
+
 #: Exit statuses of ``etbench`` (README: "Exit statuses").
 EXIT_OK = 0
 EXIT_FAILED = 1  # a write failed (WriteError), a rank died, or an unexpected error (traceback)
 EXIT_BAD_INPUT = 2  # ConfigError: nothing was done, nothing written
 EXIT_DIVERGED = 3  # the run diverged (non-finite loss); its record is written with that status
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT): one line, 128 + SIGINT as shells report it; no record written
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's errors (a flag's type, a missing or exclusive flag) as every other bad input:
+    one line on stderr and :data:`EXIT_BAD_INPUT`, without the usage block (``--help`` shows it).
+    Every command line of the suite (``etbench`` and its subcommands, ``python -m impls.X``)
+    parses with it."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
 
 
 class ConfigError(ValueError):

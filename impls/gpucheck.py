@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, ConfigError, WriteError
+from .errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, ConfigError, OneLineParser, WriteError
 
 REPO = Path(__file__).resolve().parents[1]
 PASS, FAIL, REFUSED = "PASS", "FAIL", "REFUSED"
@@ -859,9 +859,8 @@ def _version(package: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import _OneLineParser
 
-    p = _OneLineParser(prog="python -m impls.gpucheck", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="python -m impls.gpucheck", description=__doc__.split("\n")[0])
     add_arguments(p)
     try:
         args = p.parse_args(sys.argv[1:] if argv is None else argv)

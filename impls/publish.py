@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .errors import EXIT_BAD_INPUT, EXIT_FAILED, ConfigError, WriteError
+from .errors import EXIT_BAD_INPUT, EXIT_FAILED, ConfigError, OneLineParser, WriteError
 from .files import check_writable_dir, clean_stale, exclusive, write_bytes, write_text
 
 SCHEMA_VERSION = 1
@@ -362,13 +362,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse's errors as every other bad input: one line on stderr, status 2."""
-
-    def error(self, message: str):
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
-
-
 def _max_mb(text: str) -> float:
     try:
         return float(text)
@@ -377,7 +370,7 @@ def _max_mb(text: str) -> float:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(prog="python -m impls.publish", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m impls.publish", description=__doc__.split("\n\n")[0])
     p.add_argument("runs_dir", type=Path, help="folder of run records, e.g. results/runs/<commit>")
     p.add_argument("--plots", type=Path, help="the run's report folder (results/plots/<commit>): its "
                    f"{' and '.join(PLOT_FILES)} are published (default: that sibling of results/runs/<commit>)")
