@@ -41,10 +41,11 @@ import torch
 
 from . import dist
 from .measure import timing as timing_lib
+from .measure import device_name
 from .measure.comm import CommCounter
+from .provenance import SCHEMA_VERSION, provenance
 from .recipe import Recipe, RecipeError
 
-SCHEMA_VERSION = 1
 CI_METHOD = ("median of per-round values with the distribution-free 95% interval of order statistics "
              "(binomial coverage >= 95%); per-round values are the median step time of the round's steps, "
              "ratios taken within a round")
@@ -283,20 +284,14 @@ def measure(spec: Spec, ctx: dist.DistContext | None = None) -> dict:
     return dict(schema=SCHEMA_VERSION, kind="interleaved", baseline=base, rounds=spec.rounds,
                 steps_per_round=spec.steps, warmup_steps=spec.warmup, ci_method=CI_METHOD, order=orders,
                 load=timing_lib.load_report(load_start, load_end, cores, others),
-                device=dict(type=ctx.device.type, name=_device_name(ctx.device), threads=torch.get_num_threads()),
-                world_size=ctx.world_size, **train._provenance(), variants=variants)
+                device=dict(type=ctx.device.type, name=device_name(ctx.device), threads=torch.get_num_threads()),
+                world_size=ctx.world_size, **provenance(), variants=variants)
 
 
 def _summary(values: list[float]) -> dict:
     """Median over rounds with its interval (:func:`ratio_stats`), and every round's value."""
     stats = ratio_stats(values)
     return dict(stats, median=stats["value"])
-
-
-def _device_name(device: torch.device) -> str:
-    from .measure import device_name
-
-    return device_name(device)
 
 
 def summary_line(record: dict) -> str:

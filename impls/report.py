@@ -60,8 +60,8 @@ from matplotlib.figure import Figure
 
 from .errors import ConfigError, WriteError
 from .files import atomic_path, check_writable_dir, clean_stale_in, exclusive, write_text
+from .provenance import SCHEMA_VERSION  # the one definition, shared with the writers
 
-SCHEMA_VERSION = 1
 MIB = 1 << 20
 DPI = 120
 #: Characters of the dataset hash shown next to its name; enough to tell datasets apart.

@@ -17,8 +17,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -39,9 +37,9 @@ from .measure import timing as timing_lib
 from .measure.comm import CommCounter
 from .measure.energy import EnergyMeter, record_fields as energy_fields
 from .parallel import ParallelDims
+from .provenance import SCHEMA_VERSION, provenance
 from .recipe import BUDGET_FLOPS, LR_SCALINGS, MLM_CORRUPTIONS, SCHEDULES, Recipe, RecipeError
 
-SCHEMA_VERSION = 1
 
 __all__ = ["Recipe", "RecipeError", "Session", "Validated", "make_record", "measure_step", "prepare", "run",
            "validate", "write_record"]
@@ -833,7 +831,7 @@ def make_record(session: Session, cost: StepMeasure, curve: list, timing: dict, 
         label=recipe.label + (f"/ws{ctx.world_size}" if ctx.world_size > 1 else ""),
         status=status,
         recipe=dataclasses.asdict(recipe),
-        **_provenance(),
+        **provenance(),
         device=dict(type=ctx.device.type, name=device_name(ctx.device), threads=torch.get_num_threads()),
         world_size=ctx.world_size,
         mesh=dict(session.dims.sizes),
@@ -889,29 +887,6 @@ def make_record(session: Session, cost: StepMeasure, curve: list, timing: dict, 
     # refuses to plot a record that has any.
     record["consistency_errors"] = timing_lib.consistency_errors(record)
     return strict_json(record)  # as written: a diverged run's non-finite losses are null
-
-
-def _provenance() -> dict:
-    """git commit (``ETBENCH_GIT_COMMIT`` wins, for asv runs of other commits) and versions."""
-    repo = Path(__file__).resolve().parents[1]
-    commit, dirty = os.environ.get("ETBENCH_GIT_COMMIT"), None
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
-                                    check=True).stdout.strip()
-            dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                                        capture_output=True, text=True).stdout.strip())
-        except (OSError, subprocess.CalledProcessError):
-            commit = "unknown"
-    versions = dict(python=platform.python_version(), torch=str(torch.__version__))  # str: a TorchVersion would need torch to unpickle
-    for package in ("deepspeed", "etbench"):
-        try:
-            from importlib.metadata import version
-
-            versions[package] = version(package)
-        except Exception:  # not installed: say so rather than fail the run
-            versions[package] = None
-    return dict(git_commit=commit, git_dirty=dirty, versions=versions)
 
 
 def strict_json(value):

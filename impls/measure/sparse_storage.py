@@ -41,7 +41,6 @@ import torch
 
 from .memory import sparse_components, tensor_bytes
 
-SCHEMA_VERSION = 1
 FORMATS = ("coo", "csr", "bsr")
 VALUE_BYTES, INDEX_BYTES = 4, 8  # fp32 values, torch's int64 sparse indices
 
@@ -240,8 +239,8 @@ def measure(model: str = "small", which: str = "mlp.up", densities: list[float] 
             speed_densities: list[float] | None = None, tokens: int = 128, rounds: int = 7, block: int = 16,
             seed: int = 0, threads: int | None = 1) -> dict:
     """The ``sparse_storage`` record: bytes per format across densities and the speed ratios."""
-    from ..compare import _device_name
-    from ..train import _provenance
+    from ..provenance import SCHEMA_VERSION, provenance
+    from .peak import device_name
 
     m, n = zoo_matrix(model, which)
     if m % block or n % block:
@@ -252,8 +251,8 @@ def measure(model: str = "small", which: str = "mlp.up", densities: list[float] 
                   block=block, value_bytes=VALUE_BYTES, index_bytes=INDEX_BYTES, densities=densities,
                   bytes=measure_bytes(m, n, densities, block, seed),
                   speed=measure_speed(m, n, speed_densities, tokens, rounds, block, seed, threads=threads),
-                  device=dict(type="cpu", name=_device_name(torch.device("cpu")), threads=torch.get_num_threads()),
-                  **_provenance())
+                  device=dict(type="cpu", name=device_name(torch.device("cpu")), threads=torch.get_num_threads()),
+                  **provenance())
     return record
 
 
