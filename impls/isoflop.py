@@ -46,7 +46,7 @@ from . import recipe as recipe_lib
 from . import train, zoo
 from .errors import ConfigError, WriteError
 from .files import check_writable_dir, clean_stale_in, exclusive, write_text
-from .report import _new_figure, _write_figure
+from .report import new_figure, save_figure
 
 #: Variant name -> technique specs (``etbench run --technique`` syntax).
 VARIANTS: dict[str, list[str]] = {
@@ -743,7 +743,7 @@ def plot_isoflop(points: pd.DataFrame, fits: pd.DataFrame, n_col: str = "params"
     ok = points[points["status"] == "ok"]
     variants = list(dict.fromkeys(points["variant"]))
     palette = _budget_palette(points["budget"])
-    fig = _new_figure(4.2 * len(variants), 3.6)
+    fig = new_figure(4.2 * len(variants), 3.6)
     axes = fig.subplots(1, len(variants), sharey=True, squeeze=False)[0]
     for ax, variant in zip(axes, variants):
         for budget, colour in palette.items():
@@ -789,7 +789,7 @@ def plot_loss_vs_flops(points: pd.DataFrame, out_dir: Path):
                                  val_loss=c["val_loss"]))
     frame = pd.DataFrame(rows)
     variants = list(dict.fromkeys(points["variant"]))
-    fig = _new_figure(4.2 * len(variants), 3.6)
+    fig = new_figure(4.2 * len(variants), 3.6)
     axes = fig.subplots(1, len(variants), sharey=True, squeeze=False)[0]
     if frame.empty:
         return fig
@@ -812,7 +812,7 @@ def plot_loss_vs_flops(points: pd.DataFrame, out_dir: Path):
 
 def plot_step_time(comparison: pd.DataFrame):
     """Seconds per step of each variant's isoFLOP-optimal model, per budget (grouped bars)."""
-    fig = _new_figure(5.5, 3.6)
+    fig = new_figure(5.5, 3.6)
     ax = fig.subplots()
     if comparison.empty:
         return fig
@@ -841,7 +841,7 @@ def plot_routing(decisions, title: str = "routing decisions", token_labels: Sequ
     if arr.ndim != 2 or 0 in arr.shape:
         raise ConfigError(f"routing decisions must be a non-empty [layers, tokens] array, got shape {arr.shape}")
     layers, tokens = arr.shape
-    fig = _new_figure(min(14, 2 + tokens * 0.08), 1.2 + layers * 0.3)
+    fig = new_figure(min(14, 2 + tokens * 0.08), 1.2 + layers * 0.3)
     ax = fig.subplots()
     binary = np.isin(arr, (0.0, 1.0)).all()
     sns.heatmap(arr, ax=ax, cmap="Blues" if binary else "viridis", cbar=not binary,
@@ -858,7 +858,7 @@ def plot_routing(decisions, title: str = "routing decisions", token_labels: Sequ
 
 def write_figure(path: str | os.PathLike, figure) -> Path:
     """Write ``figure`` as PNG atomically."""
-    return _write_figure(Path(path), figure)
+    return save_figure(Path(path), figure)
 
 
 # --------------------------------------------------------------------------- analysis + CLI

@@ -496,7 +496,7 @@ def curve_frame(runs: pd.DataFrame) -> pd.DataFrame:
 # Summary table
 # --------------------------------------------------------------------------------------------
 
-def _describe_device(kind, name) -> str | None:
+def describe_device(kind, name) -> str | None:
     """``"cpu: AMD EPYC ..."`` from the record's device type and name, either of which may lack."""
     parts = [str(p) for p in (kind, name) if p is not None and not pd.isna(p)]
     return ": ".join(parts) or None
@@ -515,10 +515,10 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
         "params": runs["params"],
         "dataset": runs["dataset_key"],
         "world_size": runs["world_size"],
-        "device": [_describe_device(k, n) for k, n in zip(runs["device.type"], runs["device.name"])],
+        "device": [describe_device(k, n) for k, n in zip(runs["device.type"], runs["device.name"])],
         "tokens/s": runs["tokens_per_second"],
         "s/step": runs["seconds_per_step"],
-        "s/step median [95% CI]": [_median_ci(m, ci) for m, ci in zip(_column(runs, "step_time.median"),
+        "s/step median [95% CI]": [median_ci(m, ci) for m, ci in zip(_column(runs, "step_time.median"),
                                                                         _column(runs, "step_time.ci95"))],
         "noisy": [None if v is None or v != v else bool(v) for v in _column(runs, "load.noisy")],
         "MFU": runs["mfu"],
@@ -539,7 +539,7 @@ def _column(runs: pd.DataFrame, name: str) -> list:
     return list(runs[name]) if name in runs else [None] * len(runs)
 
 
-def _median_ci(median, ci) -> str | None:
+def median_ci(median, ci) -> str | None:
     if median is None or median != median or not isinstance(ci, (list, tuple)):
         return None
     return f"{median:.4g} [{ci[0]:.4g}, {ci[1]:.4g}]"
@@ -586,7 +586,7 @@ def markdown_table(table: pd.DataFrame, formats: dict | None = None) -> str:
 # Plots
 # --------------------------------------------------------------------------------------------
 
-def _new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     """A figure on the non-interactive Agg canvas, independent of pyplot's global state."""
     figure = Figure(figsize=(width, height), dpi=DPI, layout="tight")
     FigureCanvasAgg(figure)
@@ -614,7 +614,7 @@ def plot_loss_vs_flops(runs: pd.DataFrame) -> Figure:
 
     ncols = max(1, min(len(hashes), 3))
     nrows = max(1, math.ceil(len(hashes) / ncols))
-    figure = _new_figure(6.0 * ncols, 4.5 * nrows)
+    figure = new_figure(6.0 * ncols, 4.5 * nrows)
     with sns.axes_style("whitegrid"):
         axes = figure.subplots(nrows, ncols, squeeze=False).ravel()
     for ax in axes[len(hashes):]:
@@ -653,7 +653,7 @@ def plot_loss_vs_flops(runs: pd.DataFrame) -> Figure:
 def plot_throughput_memory(runs: pd.DataFrame) -> Figure:
     """Two panels sharing the run axis: tokens/s per run, and the exact memory breakdown
     (params, grads, optimizer state, activations) as stacked bars in MiB with the total."""
-    figure = _new_figure(14.0, 1.6 + 0.45 * max(len(runs), 1))
+    figure = new_figure(14.0, 1.6 + 0.45 * max(len(runs), 1))
     with sns.axes_style("whitegrid"):
         ax_speed, ax_memory = figure.subplots(1, 2, sharey=True)
     order = list(runs["run"])
@@ -689,7 +689,7 @@ def plot_throughput_memory(runs: pd.DataFrame) -> Figure:
     return figure
 
 
-def _comparison_key(runs: pd.DataFrame) -> pd.Series:
+def comparison_key(runs: pd.DataFrame) -> pd.Series:
     """Runs comparable with one another: same model and model_args, data, sequence length, FLOP
     budget, world size, starting weights and masked-LM task (rate and corruption: a masked-LM loss
     at another rate is another task) (batch may differ: accumulation keeps the effective batch with
@@ -730,7 +730,7 @@ def technique_comparison(runs: pd.DataFrame, interleaved: Sequence[dict] = ()) -
                 recipe = variant.get("recipe") or {}
                 key = _timing_key(variant.get("label"), recipe.get("mlm_rate"), recipe.get("mlm_corrupt"))
                 timed.setdefault(key, (_estimate(speedup), ci[0], ci[1]))
-    runs = runs.assign(_key=_comparison_key(runs))
+    runs = runs.assign(_key=comparison_key(runs))
     is_baseline = runs["recipe.techniques"].map(lambda t: isinstance(t, list) and not t) & (
         runs.get("recipe.optimizer", pd.Series("adamw", index=runs.index)) == "adamw")
     rows = []
@@ -756,7 +756,7 @@ def technique_comparison(runs: pd.DataFrame, interleaved: Sequence[dict] = ()) -
 def plot_technique_comparison(comparison: pd.DataFrame) -> Figure:
     """Three panels per technique, normalised to the baseline: speed ratio, the exact memory
     breakdown as stacked fractions of the baseline's total, and the loss delta at equal FLOPs."""
-    figure = _new_figure(16.0, 1.6 + 0.42 * max(len(comparison), 1))
+    figure = new_figure(16.0, 1.6 + 0.42 * max(len(comparison), 1))
     with sns.axes_style("whitegrid"):
         ax_speed, ax_memory, ax_loss = figure.subplots(1, 3, sharey=True)
     y = np.arange(len(comparison))
@@ -894,7 +894,7 @@ def interleaved_markdown(record: dict) -> str:
 def plot_interleaved(record: dict) -> Figure:
     """Speed-up vs the baseline with its 95% interval (log x), and memory ratios per component."""
     table = interleaved_table(record)
-    figure = _new_figure(14.0, 1.8 + 0.45 * max(len(table), 1))
+    figure = new_figure(14.0, 1.8 + 0.45 * max(len(table), 1))
     with sns.axes_style("whitegrid"):
         ax_speed, ax_memory = figure.subplots(1, 2, sharey=True)
     y = np.arange(len(table))
@@ -989,7 +989,7 @@ def _step_stats(run) -> dict:
     if not _is_number(median) or median != median:
         median = float(np.median(samples)) if samples else run.get("seconds_per_step")
     noisy = run.get("load.noisy")
-    return {"median": median, "ci": _median_ci(median, run.get("step_time.ci95")), "samples": samples,
+    return {"median": median, "ci": median_ci(median, run.get("step_time.ci95")), "samples": samples,
             "noisy": None if noisy is None or noisy != noisy else bool(noisy)}
 
 
@@ -1134,8 +1134,8 @@ def compare_markdown(table: pd.DataFrame, name_a: str, name_b: str) -> str:
     shown = table.assign(**{"ratio B/A [95% CI]": [_ratio_text(r) for _, r in table.iterrows()],
                             "noisy": ["**noisy**" if n else "" for n in table["noisy"]]})
     columns = ["record", "label", "A [95% CI]", "B [95% CI]", "ratio B/A [95% CI]", "verdict", "noisy"]
-    shown["A [95% CI]"] = [c or _fmt(v) for c, v in zip(shown["A [95% CI]"], shown["A s/step"])]
-    shown["B [95% CI]"] = [c or _fmt(v) for c, v in zip(shown["B [95% CI]"], shown["B s/step"])]
+    shown["A [95% CI]"] = [c or format_value(v) for c, v in zip(shown["A [95% CI]"], shown["A s/step"])]
+    shown["B [95% CI]"] = [c or format_value(v) for c, v in zip(shown["B [95% CI]"], shown["B s/step"])]
     head = (f"# s/step: B = {name_b} vs A = {name_a}\n\n{COMPARE_METHOD}. A ratio above 1 is slower. "
             "A change is reported only where the interval excludes 1; a record measured under load "
             "(noisy) needs re-measuring before a change is believed.\n\n"
@@ -1144,7 +1144,7 @@ def compare_markdown(table: pd.DataFrame, name_a: str, name_b: str) -> str:
                                                                 "B [95% CI]": "B s/step [95% CI]"}))
 
 
-def _fmt(value) -> str | None:
+def format_value(value) -> str | None:
     return None if value is None or not _is_number(value) or value != value else f"{value:.4g}"
 
 
@@ -1252,8 +1252,8 @@ def compare_html(table: pd.DataFrame, name_a: str, name_b: str, *, head_extra: s
     for _, r in table.iterrows():
         row = r.to_dict()
         row["ratio B/A [95% CI]"] = _ratio_text(r)
-        row["A s/step [95% CI]"] = r["A [95% CI]"] or _fmt(r["A s/step"])
-        row["B s/step [95% CI]"] = r["B [95% CI]"] or _fmt(r["B s/step"])
+        row["A s/step [95% CI]"] = r["A [95% CI]"] or format_value(r["A s/step"])
+        row["B s/step [95% CI]"] = r["B [95% CI]"] or format_value(r["B s/step"])
         row["A noisy"] = "noisy" if r["A noisy"] else ("" if r["A noisy"] is None else "quiet")
         row["B noisy"] = "noisy" if r["B noisy"] else ("" if r["B noisy"] is None else "quiet")
         rows.append(row)
@@ -1335,7 +1335,7 @@ def _missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def _nested(run, prefix: str) -> dict | None:
+def nested_block(run, prefix: str) -> dict | None:
     """The nested block ``prefix`` of a record, rebuilt from the run frame's flattened columns
     (``"model_states.formula.params"``); None where the record has none."""
     out: dict = {}
@@ -1420,7 +1420,7 @@ def data_parallel_frame(runs: pd.DataFrame) -> pd.DataFrame:
 
     rows = []
     for _, run in runs.iterrows():
-        block = _nested(run, "model_states")
+        block = nested_block(run, "model_states")
         if not block or not all(_is_number(block.get(k)) for k in ("psi", "n_d", "stage")):
             continue
         psi, n_d, stage = float(block["psi"]), int(block["n_d"]), int(block["stage"])
@@ -1441,7 +1441,7 @@ def data_parallel_frame(runs: pd.DataFrame) -> pd.DataFrame:
         if run.get("device.type") == "cpu" and _is_number(cpus) and cpus == cpus:
             per_rank = int(threads) if _is_number(threads) and threads == threads else 1
             oversubscribed = world_size * max(per_rank, 1) > cpus
-        comm = _nested(run, "comm")
+        comm = nested_block(run, "comm")
         comm_formula = None
         if comm:
             comm_formula = comm.get("formula") or (comm.get("check") or {}).get("formula")
@@ -1666,7 +1666,7 @@ def plot_model_states(frame: pd.DataFrame, lines: pd.DataFrame) -> Figure:
     (parameters, gradients, optimizer state, total): measured points per technique, the ZeRO
     formula of the same technique drawn as a line over them (``gid`` = the technique)."""
     palette = _technique_palette(frame["technique"])
-    figure = _new_figure(16.0, 4.4)
+    figure = new_figure(16.0, 4.4)
     with sns.axes_style("whitegrid"):
         axes = figure.subplots(1, len(DP_COMPONENTS))
     for ax, (key, title) in zip(axes, DP_COMPONENTS):
@@ -1697,7 +1697,7 @@ def plot_scaling_efficiency(table: pd.DataFrame) -> Figure:
     """Tokens/s per rank at N ranks ÷ 1 rank per technique, with the interval of
     :func:`scaling_efficiency`; oversubscribed CPU runs hollow and annotated."""
     palette = _technique_palette(table["technique"])
-    figure = _new_figure(9.0, 5.4)
+    figure = new_figure(9.0, 5.4)
     with sns.axes_style("whitegrid"):
         ax = figure.subplots()
     for technique, colour in palette.items():
@@ -1732,7 +1732,7 @@ def plot_comm_volume(table: pd.DataFrame) -> Figure:
     """Measured communication bytes per rank per step (bars) with the formula in the paper's
     convention (black |), the ring convention (red x) and the collective payloads (blue o)."""
     labels = [f"{t} · N={n}" for t, n in zip(table["technique"], table["n_d"])]
-    figure = _new_figure(11.0, 1.8 + 0.45 * max(len(table), 1))
+    figure = new_figure(11.0, 1.8 + 0.45 * max(len(table), 1))
     with sns.axes_style("whitegrid"):
         ax = figure.subplots()
     y = np.arange(len(table))
@@ -1758,7 +1758,7 @@ def plot_bus_bandwidth(bw: pd.DataFrame) -> Figure:
     """Bus bandwidth vs message size (log-log), one panel per world size, one line per scheme
     (nccl-tests' definitions; a parameter server's root link saturates as N grows)."""
     sizes = sorted(bw["world_size"].unique())
-    figure = _new_figure(5.5 * max(len(sizes), 1), 4.4)
+    figure = new_figure(5.5 * max(len(sizes), 1), 4.4)
     with sns.axes_style("whitegrid"):
         axes = figure.subplots(1, max(len(sizes), 1), squeeze=False).ravel()
     palette = _technique_palette(bw["scheme"])
@@ -1834,16 +1834,16 @@ def write_data_parallel(runs: pd.DataFrame, comm_records: Sequence[dict], out_di
     if not frame.empty:
         lines = model_states_lines(frame)
         written += [write_text(out_dir / f"{names['model_states']}.csv", frame.to_csv(index=False)),
-                    _write_figure(out_dir / f"{names['model_states']}.png", plot_model_states(frame, lines))]
+                    save_figure(out_dir / f"{names['model_states']}.png", plot_model_states(frame, lines))]
         if scaling["efficiency"].notna().any():
             written += [write_text(out_dir / f"{names['scaling']}.csv", scaling.to_csv(index=False)),
-                        _write_figure(out_dir / f"{names['scaling']}.png", plot_scaling_efficiency(scaling))]
+                        save_figure(out_dir / f"{names['scaling']}.png", plot_scaling_efficiency(scaling))]
         if not comm.empty:
             written += [write_text(out_dir / f"{names['comm']}.csv", comm.to_csv(index=False)),
-                        _write_figure(out_dir / f"{names['comm']}.png", plot_comm_volume(comm))]
+                        save_figure(out_dir / f"{names['comm']}.png", plot_comm_volume(comm))]
     if not bw.empty:
         written += [write_text(out_dir / f"{names['busbw']}.csv", bw.to_csv(index=False)),
-                    _write_figure(out_dir / f"{names['busbw']}.png", plot_bus_bandwidth(bw))]
+                    save_figure(out_dir / f"{names['busbw']}.png", plot_bus_bandwidth(bw))]
     written.append(write_text(out_dir / f"{names['memory']}.csv", memory.to_csv(index=False)))
     return written, data_parallel_markdown(frame, scaling, comm, memory)
 
@@ -1852,7 +1852,7 @@ def write_data_parallel(runs: pd.DataFrame, comm_records: Sequence[dict], out_di
 # Writing
 # --------------------------------------------------------------------------------------------
 
-def _write_figure(destination: Path, figure: Figure) -> Path:
+def save_figure(destination: Path, figure: Figure) -> Path:
     with atomic_path(destination) as temporary:
         figure.savefig(temporary, format="png", dpi=DPI)
     return destination
@@ -2016,7 +2016,7 @@ def _write_report_files(loaded: Loaded, out_dir: Path, peak_dir: Path) -> list[P
     tokens_written, tokens_section = write_tokens(runs, loaded.interleaved, out_dir)
     markdown += tokens_section
     written = [write_text(out_dir / "summary.csv", table.to_csv(index=False)),
-               write_text(out_dir / "summary.md", markdown + _peak_log_markdown(peak_dir)),
+               write_text(out_dir / "summary.md", markdown + peak_log_markdown(peak_dir)),
                *data_parallel_written, *model_parallel_written, *compression_written, *tokens_written]
     # One set of plots per benchmark family: dozens of runs in one axes would be unreadable.
     families = list(dict.fromkeys(runs["family"]))
@@ -2033,19 +2033,19 @@ def _write_report_files(loaded: Loaded, out_dir: Path, peak_dir: Path) -> list[P
 
 def _family_files(group: pd.DataFrame, interleaved: list[dict], out_dir: Path, suffix: str) -> list[Path]:
     """One family's loss-vs-FLOPs, throughput/memory and (with a baseline) technique comparison."""
-    written = [_write_figure(out_dir / f"loss_vs_flops{suffix}.png", plot_loss_vs_flops(group)),
-               _write_figure(out_dir / f"throughput_memory{suffix}.png", plot_throughput_memory(group))]
+    written = [save_figure(out_dir / f"loss_vs_flops{suffix}.png", plot_loss_vs_flops(group)),
+               save_figure(out_dir / f"throughput_memory{suffix}.png", plot_throughput_memory(group))]
     comparison = technique_comparison(group, interleaved)
     if len(comparison) > 1:
         written += [write_text(out_dir / f"technique_comparison{suffix}.csv", comparison.to_csv(index=False)),
-                    _write_figure(out_dir / f"technique_comparison{suffix}.png", plot_technique_comparison(comparison))]
+                    save_figure(out_dir / f"technique_comparison{suffix}.png", plot_technique_comparison(comparison))]
     return written
 
 
 def _interleaved_files(record: dict, out_dir: Path) -> list[Path]:
     name = interleaved_name(record)
     return [write_text(out_dir / f"{name}.csv", interleaved_table(record).to_csv(index=False)),
-            _write_figure(out_dir / f"{name}.png", plot_interleaved(record))]
+            save_figure(out_dir / f"{name}.png", plot_interleaved(record))]
 
 
 def _run_jobs(jobs: list[tuple]) -> list[list[Path]]:
@@ -2066,7 +2066,7 @@ def _run_jobs(jobs: list[tuple]) -> list[list[Path]]:
         return [future.result() for future in futures]
 
 
-def _peak_log_markdown(out_dir: Path) -> str:
+def peak_log_markdown(out_dir: Path) -> str:
     """The peak FLOP/s probed at the start and end of the benchmark run (``peak.json``, written
     by ``make bench``), as a paragraph under the table; empty when there is no log."""
     try:

@@ -47,18 +47,18 @@ DATA_KIND = "data_compression"  # impls.measure.data_throughput: token storage f
 STORAGE_KINDS = (STORAGE_KIND, DATA_KIND)
 
 
-def _techniques(run) -> list[str]:
+def run_techniques(run) -> list[str]:
     value = run.get("recipe.techniques")
     return list(value) if isinstance(value, (list, tuple)) else []
 
 
-def _main_technique(run) -> tuple[str, dict]:
+def main_technique(run) -> tuple[str, dict]:
     """(name, options) of the run's first technique that is not a reference precision/recompute
     setting -- the compression technique the run measures; ("baseline", {}) for none."""
     from . import techniques
 
     specs = []
-    for text in _techniques(run):
+    for text in run_techniques(run):
         try:
             specs.append(techniques.parse(text))
         except Exception:  # a record of another commit may name a technique this one lacks
@@ -73,9 +73,9 @@ def _knob(run, family: str, name: str, options: dict):
     if family not in KNOBS or name == "baseline":
         return None
     _, keys = KNOBS[family]
-    from .report import _nested
+    from .report import nested_block
 
-    notes = (_nested(run, "technique_notes") or {}).get(name) or {}
+    notes = (nested_block(run, "technique_notes") or {}).get(name) or {}
     for key in keys:
         value = notes.get(key)
         if value is not None and not (isinstance(value, float) and math.isnan(value)):
@@ -89,7 +89,7 @@ def _knob(run, family: str, name: str, options: dict):
 def compression_frame(runs: pd.DataFrame, interleaved: Sequence[dict] = ()) -> pd.DataFrame:
     """One row per run of a compression family, relative to that family's baseline (the run with
     no technique in the same comparison group, :func:`impls.report.technique_comparison`)."""
-    from .report import _comparison_key, technique_comparison
+    from .report import comparison_key, technique_comparison
 
     rows = []
     if runs.empty or "family" not in runs:
@@ -102,21 +102,21 @@ def compression_frame(runs: pd.DataFrame, interleaved: Sequence[dict] = ()) -> p
         if comparison.empty:
             continue
         by_run = {run["run"]: run for _, run in group.iterrows()}
-        keys = _comparison_key(group)
+        keys = comparison_key(group)
         bases = {}  # the first run without techniques of each group, as technique_comparison takes
         for i, run in group.iterrows():
-            if not _techniques(run) and run.get("recipe.optimizer", "adamw") == "adamw":
+            if not run_techniques(run) and run.get("recipe.optimizer", "adamw") == "adamw":
                 bases.setdefault(keys[i], run)
         for _, row in comparison.iterrows():
             run = by_run[row["run"]]
             base = bases.get(keys[group.index[group["run"] == row["run"]][0]])
-            name, options = _main_technique(run)
+            name, options = main_technique(run)
             init_from = run.get("recipe.init_from")
             model_args = ",".join(f"{c[len('recipe.model_args.'):]}={run[c]}" for c in sorted(run.index)
                                   if isinstance(c, str) and c.startswith("recipe.model_args.") and not _missing(run[c]))
             out = dict(family=family, run=row["run"], technique=name,
                        init_from=None if _missing(init_from) else init_from, model_args=model_args,
-                       techniques="+".join(_techniques(run)) or "baseline",
+                       techniques="+".join(run_techniques(run)) or "baseline",
                        knob=KNOBS.get(family, ("", ()))[0], knob_value=_knob(run, family, name, options),
                        final_val_loss=run.get("final_val_loss"), loss_delta=row["loss delta"],
                        speed_ratio=row["speed ratio"], speed_lo=row["speed ratio lo"], speed_hi=row["speed ratio hi"],
@@ -151,10 +151,10 @@ def _label(row) -> str:
 
 def plot_memory(frame: pd.DataFrame):
     """Stacked memory components per run, as fractions of the family baseline's total."""
-    from .report import _new_figure
+    from .report import new_figure
 
     frame = frame.reset_index(drop=True)
-    figure = _new_figure(11.0, 1.4 + 0.36 * max(len(frame), 1))
+    figure = new_figure(11.0, 1.4 + 0.36 * max(len(frame), 1))
     ax = figure.subplots()
     y = np.arange(len(frame))
     left = np.zeros(len(frame))
@@ -176,11 +176,11 @@ def plot_memory(frame: pd.DataFrame):
 def plot_loss_vs_knob(frame: pd.DataFrame, family: str, *, log_x: bool = False):
     """Loss at the family's budget vs its knob, one line per technique; the baseline as a
     horizontal line (and, for sparsity, the point at 0)."""
-    from .report import _new_figure
+    from .report import new_figure
 
     knob = KNOBS[family][0]
     rows = frame[frame["family"] == family]
-    figure = _new_figure(9.5, 4.2)
+    figure = new_figure(9.5, 4.2)
     ax = figure.subplots()
     base = rows[rows["technique"] == "baseline"]
     for technique, group in rows[rows["technique"] != "baseline"].groupby("technique", sort=True):
@@ -307,27 +307,27 @@ def markdown(frame: pd.DataFrame) -> str:
 def write_compression(runs: pd.DataFrame, interleaved: Sequence[dict], storage: Sequence[dict],
                       out_dir: Path) -> tuple[list[Path], str]:
     """Write the section's files; returns the written paths and the summary.md section."""
-    from .report import _write_figure
+    from .report import save_figure
 
     out_dir, written = Path(out_dir), []
     frame = compression_frame(runs, interleaved)
     section = markdown(frame)
     if not frame.empty:
         written.append(write_text(out_dir / "compression.csv", frame.to_csv(index=False)))
-        written.append(_write_figure(out_dir / "compression_memory.png", plot_memory(frame)))
+        written.append(save_figure(out_dir / "compression_memory.png", plot_memory(frame)))
         for family, name, log_x in (("pruning", "compression_loss_vs_sparsity.png", False),
                                     ("lowrank", "compression_loss_vs_rank.png", True)):
             rows = frame[(frame["family"] == family) & (frame["technique"] != "baseline")]
             if pd.to_numeric(rows["knob_value"], errors="coerce").notna().any():
-                written.append(_write_figure(out_dir / name, plot_loss_vs_knob(frame, family, log_x=log_x)))
+                written.append(save_figure(out_dir / name, plot_loss_vs_knob(frame, family, log_x=log_x)))
     for record in [r for r in storage if r.get("kind") == STORAGE_KIND][:1]:
         from .measure.sparse_storage import plot_sparse_crossover
 
-        written.append(_write_figure(out_dir / "compression_sparse_crossover.png", plot_sparse_crossover(record)))
+        written.append(save_figure(out_dir / "compression_sparse_crossover.png", plot_sparse_crossover(record)))
         section += storage_markdown(record)
     for record in [r for r in storage if r.get("kind") == DATA_KIND][:1]:
         from .measure.data_throughput import plot_data_compression
 
-        written.append(_write_figure(out_dir / "compression_data.png", plot_data_compression(record)))
+        written.append(save_figure(out_dir / "compression_data.png", plot_data_compression(record)))
         section += data_markdown(record)
     return written, section

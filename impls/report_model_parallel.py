@@ -219,7 +219,7 @@ def markdown(frame: pd.DataFrame, memory: pd.DataFrame) -> str:
 def write_model_parallel(interleaved: Sequence[dict], out_dir: Path) -> tuple[list[Path], str]:
     """Write the section's files; returns the written paths and the summary.md section (nothing
     when no record has a model-parallel layout)."""
-    from .report import _write_figure
+    from .report import save_figure
 
     frame = layouts_frame(interleaved)
     if frame.empty:
@@ -227,11 +227,11 @@ def write_model_parallel(interleaved: Sequence[dict], out_dir: Path) -> tuple[li
     out_dir, written = Path(out_dir), []
     written.append(write_text(out_dir / "model_parallel_layouts.csv", frame.to_csv(index=False)))
     if frame["layer_bytes"].notna().any():
-        written.append(_write_figure(out_dir / "model_parallel_activations.png", plot_activations(frame)))
+        written.append(save_figure(out_dir / "model_parallel_activations.png", plot_activations(frame)))
     if frame["microbatches"].notna().any():
-        written.append(_write_figure(out_dir / "model_parallel_bubble.png", plot_bubble(frame)))
+        written.append(save_figure(out_dir / "model_parallel_bubble.png", plot_bubble(frame)))
     memory = planner_memory()
     if not memory.empty:
         written += [write_text(out_dir / "model_parallel_memory.csv", memory.to_csv(index=False)),
-                    _write_figure(out_dir / "model_parallel_memory.png", plot_planner_memory(memory))]
+                    save_figure(out_dir / "model_parallel_memory.png", plot_planner_memory(memory))]
     return written, markdown(frame, memory)

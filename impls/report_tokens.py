@@ -54,9 +54,9 @@ def _missing(value) -> bool:
 
 
 def _notes(run, name: str) -> dict:
-    from .report import _nested
+    from .report import nested_block
 
-    return (_nested(run, "technique_notes") or {}).get(name) or {}
+    return (nested_block(run, "technique_notes") or {}).get(name) or {}
 
 
 def _first(notes: dict, keys: Sequence[str]):
@@ -111,8 +111,8 @@ def loss_at_equal_counted_flops(run, base) -> tuple[float, float]:
 
 def tokens_frame(runs: pd.DataFrame, interleaved: Sequence[dict] = ()) -> pd.DataFrame:
     """One row per technique run of the section's families, against its group's baseline."""
-    from .report import _comparison_key, technique_comparison
-    from .report_compression import _main_technique, _techniques
+    from .report import comparison_key, technique_comparison
+    from .report_compression import main_technique, run_techniques
 
     if runs.empty or "family" not in runs:
         return pd.DataFrame()
@@ -124,23 +124,23 @@ def tokens_frame(runs: pd.DataFrame, interleaved: Sequence[dict] = ()) -> pd.Dat
         comparison = technique_comparison(group, [r for r in interleaved if r.get("family") == family])
         if comparison.empty:
             continue
-        keys = _comparison_key(group)
+        keys = comparison_key(group)
         bases = {}
         for i, run in group.iterrows():
-            if not _techniques(run) and run.get("recipe.optimizer", "adamw") == "adamw":
+            if not run_techniques(run) and run.get("recipe.optimizer", "adamw") == "adamw":
                 bases.setdefault(keys[i], run)
         by_run = {run["run"]: (i, run) for i, run in group.iterrows()}
         for _, row in comparison.iterrows():
             i, run = by_run[row["run"]]
             base = bases.get(keys[i])
-            name, options = _main_technique(run)
+            name, options = main_technique(run)
             if name == "baseline" or base is None:
                 continue
             notes = _notes(run, name)
             counted, analytic = _first(notes, COUNTED_SAVED), _first(notes, ANALYTIC_SAVED)
             delta, at = loss_at_equal_counted_flops(run, base)
             rows.append(dict(
-                family=family, run=row["run"], technique=name, techniques=_short(_techniques(run)),
+                family=family, run=row["run"], technique=name, techniques=_short(run_techniques(run)),
                 knob=KNOBS.get(name, ("",))[0], knob_value=_knob(run, name, options),
                 budget_flops=run.get("recipe.budget_flops"), steps=run.get("steps"), baseline_steps=base.get("steps"),
                 counted_flops_saved=counted, analytic_flops_saved=analytic,
@@ -179,9 +179,9 @@ def mask_rate_speedups(interleaved: Sequence[dict]) -> pd.DataFrame:
 
 
 def plot_speedup_vs_mask_rate(frame: pd.DataFrame):
-    from .report import _new_figure
+    from .report import new_figure
 
-    figure = _new_figure(7.5, 4.2)
+    figure = new_figure(7.5, 4.2)
     ax = figure.subplots()
     x, y = frame["mask_rate"].to_numpy(float), frame["speedup"].to_numpy(float)
     err = np.array([y - frame["lo"].to_numpy(float), frame["hi"].to_numpy(float) - y])
@@ -199,9 +199,9 @@ def plot_speedup_vs_mask_rate(frame: pd.DataFrame):
 
 def plot_random_ltd_schedule(runs: pd.DataFrame):
     """Kept tokens per middle layer over the steps, one line per random-LTD run."""
-    from .report import _new_figure
+    from .report import new_figure
 
-    figure = _new_figure(8.5, 4.2)
+    figure = new_figure(8.5, 4.2)
     ax = figure.subplots()
     for _, run in runs.iterrows():
         notes = _notes(run, "random_ltd")
@@ -224,7 +224,7 @@ def plot_random_ltd_schedule(runs: pd.DataFrame):
 
 def plot_distill_sweep(frame: pd.DataFrame, runs: pd.DataFrame):
     """The distilled student's loss (equal student steps) over T, one line per α."""
-    from .report import _new_figure
+    from .report import new_figure
 
     rows = []
     for _, run in runs[runs["family"] == "distill"].iterrows():
@@ -232,7 +232,7 @@ def plot_distill_sweep(frame: pd.DataFrame, runs: pd.DataFrame):
         if notes and run.get("recipe.budget_flops", "model") == "model":
             rows.append(dict(T=notes.get("temperature"), alpha=notes.get("alpha"), loss=run.get("final_val_loss")))
     sweep = pd.DataFrame(rows)
-    figure = _new_figure(7.5, 4.2)
+    figure = new_figure(7.5, 4.2)
     ax = figure.subplots()
     for alpha, group in sweep.groupby("alpha"):
         group = group.sort_values("T")
@@ -272,7 +272,7 @@ def markdown(frame: pd.DataFrame) -> str:
 
 def write_tokens(runs: pd.DataFrame, interleaved: Sequence[dict], out_dir: Path) -> tuple[list[Path], str]:
     """Write the section's files; returns the written paths and the summary.md section."""
-    from .report import _write_figure
+    from .report import save_figure
 
     out_dir, written = Path(out_dir), []
     frame = tokens_frame(runs, interleaved)
@@ -280,12 +280,12 @@ def write_tokens(runs: pd.DataFrame, interleaved: Sequence[dict], out_dir: Path)
     if not frame.empty:
         written.append(write_text(out_dir / "tokens.csv", frame.to_csv(index=False)))
         if (frame["technique"] == "distill").sum() > 1:
-            written.append(_write_figure(out_dir / "tokens_distill_sweep.png", plot_distill_sweep(frame, runs)))
+            written.append(save_figure(out_dir / "tokens_distill_sweep.png", plot_distill_sweep(frame, runs)))
     speed = mask_rate_speedups(interleaved)
     if not speed.empty:
-        written.append(_write_figure(out_dir / "tokens_speedup_vs_mask_rate.png", plot_speedup_vs_mask_rate(speed)))
+        written.append(save_figure(out_dir / "tokens_speedup_vs_mask_rate.png", plot_speedup_vs_mask_rate(speed)))
     if not runs.empty and "family" in runs:
         ltd = runs[[bool(_notes(run, "random_ltd").get("schedule")) for _, run in runs.iterrows()]]
         if not ltd.empty:
-            written.append(_write_figure(out_dir / "tokens_random_ltd_schedule.png", plot_random_ltd_schedule(ltd)))
+            written.append(save_figure(out_dir / "tokens_random_ltd_schedule.png", plot_random_ltd_schedule(ltd)))
     return written, section

@@ -630,7 +630,7 @@ def _run_fields(run) -> dict:
         "model": _recipe_text(run, "model"), "batch": _recipe_text(run, "batch_size"),
         "seq_len": _recipe_text(run, "seq_len"), "world_size": run.get("world_size"),
         "tokens/s": run.get("tokens_per_second"),
-        "s/step [95% CI]": report._median_ci(median, ci) or report._fmt(run.get("seconds_per_step")),
+        "s/step [95% CI]": report.median_ci(median, ci) or report.format_value(run.get("seconds_per_step")),
         "MFU": run.get("mfu"), "HFU": run.get("hfu"),
         "noisy": {True: "NOISY", False: "quiet"}.get(_bool(run.get("load.noisy")), "not recorded"),
         "final val loss": run.get("final_val_loss"),
@@ -923,7 +923,7 @@ def _family_table(group, refused: list[dict], asv: AsvIndex, family: str) -> str
             "model": _recipe_text(run, "model"), "params": run.get("params"),
             "batch": run.get("recipe.batch_size"), "seq": run.get("recipe.seq_len"), "ranks": run.get("world_size"),
             "tokens/s": run.get("tokens_per_second"),
-            "s/step median [95% CI]": (report._median_ci(median, ci) or report._fmt(run.get("seconds_per_step")),
+            "s/step median [95% CI]": (report.median_ci(median, ci) or report.format_value(run.get("seconds_per_step")),
                                        median if median == median and median is not None else run.get("seconds_per_step")),
             "load": {True: "noisy", False: "quiet", None: "n/a"}[noisy],
             "MFU": run.get("mfu"), "HFU": run.get("hfu"),
@@ -1507,7 +1507,7 @@ def build_front_page(html_dir: Path, runs_root: Path = Path("results/runs"),
         summary.append(f"compare.html: {commit} vs {Path(previous).name} ({counts})")
     summary += [published.summary] if published else []
 
-    devices = sorted({report._describe_device(k, n) or "?" for k, n in
+    devices = sorted({report.describe_device(k, n) or "?" for k, n in
                       zip(loaded.runs.get("device.type", []), loaded.runs.get("device.name", []))})
     noisy_total = int(sum(1 for v in loaded.runs.get("load.noisy", []) if _bool(v)))
     downloads = " · ".join(f'<a href="{rel_plots}/{n}">{n}</a>' for n in ("summary.csv", "summary.md") if n in copied)

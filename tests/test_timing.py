@@ -77,7 +77,7 @@ def test_bench_probe_logs_start_and_end_and_flags_drift(tmp_path, monkeypatch):
     assert log["drift"]["float32"] == pytest.approx(-0.3) and log["drift"]["bfloat16"] == pytest.approx(-0.01)
     assert log["noisy"] is True and log["below_kept"]["float32"] == pytest.approx(-0.65)
     assert log["end"]["kept"]["float32"] == 200e9  # the denominator stays the best probe
-    text = report._peak_log_markdown(tmp_path)
+    text = report.peak_log_markdown(tmp_path)
     assert "float32 100.0 GFLOP/s" in text and "float32 -30.0%" in text and "**noisy**" in text
 
 
