@@ -253,7 +253,7 @@ def measure(spec: Spec, ctx: dist.DistContext | None = None) -> dict:
                 seconds.append(time.perf_counter() - t0)
                 step[name] += 1
             per_round[name].append(float(np.median(ctx.all_max(seconds))))
-    load_end, others = timing_lib.load_average(), train._other_cores(ctx, cpu_start, timing_lib.cpu_snapshot())
+    load_end, others = timing_lib.load_average(), train.cores_of_other_processes(ctx, cpu_start, timing_lib.cpu_snapshot())
     cores = min(os.cpu_count() or 1, torch.get_num_threads() * int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     tokens = {name: s.recipe.batch_size * s.plan.accum_steps * s.dims.dp * s.recipe.seq_len
               for name, s in sessions.items()}
@@ -364,5 +364,5 @@ def harness_overhead(recipe: Recipe, rounds: int = 7, steps: int = 5, ctx: dist.
                 model_flops_per_step=cost.model_flops_per_step, peak_flops=cost.peak,
                 load=timing_lib.load_report(load_start, timing_lib.load_average(),
                                             min(os.cpu_count() or 1, torch.get_num_threads()),
-                                            train._other_cores(ctx, cpu_start, timing_lib.cpu_snapshot())),
+                                            train.cores_of_other_processes(ctx, cpu_start, timing_lib.cpu_snapshot())),
                 mfu=dict(value=per_device / loop["value"], ci95=[per_device / loop["ci95"][1], per_device / loop["ci95"][0]]))

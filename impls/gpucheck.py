@@ -424,7 +424,7 @@ def row_flex(check: Check) -> Outcome:
                f"max err {error:.1e}; run {spec}: {_speed(record, base):.2f}x baseline tok/s")
     if error > tolerance:
         raise Failed(f"block-sparse output differs from the masked reference by {error:.3g} (> {tolerance})")
-    if check.cuda and attention._compiled_flex is None:
+    if check.cuda and attention.compiled_flex is None:
         raise Failed("the training run never reached FlexAttention (its compiled kernel was not built)")
     return Outcome(summary, numbers)
 

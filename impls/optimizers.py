@@ -63,7 +63,7 @@ MIN_8BIT_SIZE = 4096  # bitsandbytes' default: smaller tensors keep fp32 state
 LARS_TRUST_COEFFICIENT = 1.0  # η; the paper's 0.001 assumes every tensor is adapted (see _lars)
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def model_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay, seen = [], [], set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
@@ -75,25 +75,25 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def _sgd(model, lr, weight_decay):
     # foreach=True: one fused multi-tensor update, the fast path on both CPU and CUDA.
-    return torch.optim.SGD(_param_groups(model, weight_decay), lr=lr, momentum=0.9, foreach=True)
+    return torch.optim.SGD(model_param_groups(model, weight_decay), lr=lr, momentum=0.9, foreach=True)
 
 
 def _nesterov(model, lr, weight_decay):
-    return torch.optim.SGD(_param_groups(model, weight_decay), lr=lr, momentum=0.9, nesterov=True, foreach=True)
+    return torch.optim.SGD(model_param_groups(model, weight_decay), lr=lr, momentum=0.9, nesterov=True, foreach=True)
 
 
 def _adam(model, lr, weight_decay):
-    return torch.optim.Adam(_param_groups(model, weight_decay), lr=lr, betas=ADAM_BETAS, eps=1e-8, foreach=True)
+    return torch.optim.Adam(model_param_groups(model, weight_decay), lr=lr, betas=ADAM_BETAS, eps=1e-8, foreach=True)
 
 
 def _adamw(model, lr, weight_decay):
-    return torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=ADAM_BETAS, eps=1e-8, foreach=True)
+    return torch.optim.AdamW(model_param_groups(model, weight_decay), lr=lr, betas=ADAM_BETAS, eps=1e-8, foreach=True)
 
 
 def _adafactor(model, lr, weight_decay):
     # Defaults are the paper's: beta2_t = 1 - t^-0.8, update clipping d = 1, relative step
     # min(lr, 1/sqrt(t)) × max(1e-3, RMS(param)).  Weight decay: param *= 1 - lr·wd.
-    return torch.optim.Adafactor(_param_groups(model, weight_decay), lr=lr, foreach=True)
+    return torch.optim.Adafactor(model_param_groups(model, weight_decay), lr=lr, foreach=True)
 
 
 def _lamb(model, lr, weight_decay):
@@ -102,7 +102,7 @@ def _lamb(model, lr, weight_decay):
     # adam_debias=True: step size lr, as in the paper.  The library's default divides the step by
     # 1 - beta1^t *outside* the trust ratio, which makes the first steps up to 10x longer; in the
     # paper the bias corrections sit inside r = m/(sqrt(v)+eps), where the trust ratio cancels them.
-    return Lamb(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-6,
+    return Lamb(model_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-6,
                 weight_decouple=False, adam_debias=True, foreach=True)
 
 
@@ -113,20 +113,20 @@ def _lars(model, lr, weight_decay):
     # library gives vectors (biases, norms) plain momentum SGD at lr.  With the paper's η = 0.001
     # (and its lr of 1-30) the zero-initialised biases of a Transformer blow up; η = 1 puts lr on
     # the SGD scale for vectors and makes it the relative step of a matrix (as in LAMB).
-    return LARS(_param_groups(model, weight_decay), lr=lr, momentum=0.9, trust_coefficient=LARS_TRUST_COEFFICIENT,
+    return LARS(model_param_groups(model, weight_decay), lr=lr, momentum=0.9, trust_coefficient=LARS_TRUST_COEFFICIENT,
                 foreach=True)
 
 
 def _lion(model, lr, weight_decay):
     from pytorch_optimizer import Lion
 
-    return Lion(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.99), weight_decouple=True, foreach=True)
+    return Lion(model_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.99), weight_decouple=True, foreach=True)
 
 
 def _adamw8bit(model, lr, weight_decay):
     import bitsandbytes as bnb
 
-    return bnb.optim.AdamW8bit(_param_groups(model, weight_decay), lr=lr, betas=ADAM_BETAS, eps=1e-8,
+    return bnb.optim.AdamW8bit(model_param_groups(model, weight_decay), lr=lr, betas=ADAM_BETAS, eps=1e-8,
                                min_8bit_size=MIN_8BIT_SIZE)
 
 

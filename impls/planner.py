@@ -998,9 +998,21 @@ def run_cli(args) -> int:
 
 
 def main(argv=None) -> int:
-    from .cli import main as cli_main
+    """``python -m impls.planner``: the same options and one-line errors as ``etbench plan``,
+    without importing the CLI (the layers import downward only)."""
+    from .errors import EXIT_BAD_INPUT, EXIT_FAILED, ConfigError, OneLineParser, WriteError
 
-    return cli_main(["plan", *(sys.argv[1:] if argv is None else argv)])
+    parser = OneLineParser(prog="python -m impls.planner", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return run_cli(args)
+    except ConfigError as e:
+        print(f"etbench: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except WriteError as e:
+        print(f"etbench: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

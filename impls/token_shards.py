@@ -38,7 +38,7 @@ _TRAILER = struct.Struct("<QI8s")  # index offset, json length, magic
 DTYPES = ("uint8", "uint16", "uint32")
 DEFAULT_CHUNK_TOKENS = 1 << 16
 DEFAULT_LEVEL = 3
-_CACHE_CHUNKS = 16  # decompressed chunks kept (LRU): sequential readers reuse them
+CACHE_CHUNKS = 16  # decompressed chunks kept (LRU): sequential readers reuse them
 
 
 class ShardError(ConfigError):
@@ -173,7 +173,7 @@ class ZstdTokens:
         tokens = np.frombuffer(raw, dtype=self.dtype)
         self.decompressed_chunks += 1
         self._cache[i] = tokens
-        if len(self._cache) > _CACHE_CHUNKS:
+        if len(self._cache) > CACHE_CHUNKS:
             self._cache.popitem(last=False)
         return tokens
 

@@ -595,7 +595,7 @@ def run(recipe: Recipe, ctx: dist.DistContext | None = None, *, save_every: int 
         # A step lasts as long as its slowest rank.
         return dict(first_step_seconds=seconds[0], step_seconds=ctx.all_max(timed),
                     load_start=load_start, load_end=timing_lib.load_average(),
-                    others=_other_cores(ctx, cpu_start, timing_lib.cpu_snapshot()),
+                    others=cores_of_other_processes(ctx, cpu_start, timing_lib.cpu_snapshot()),
                     energy=ctx.all_gather_object(energy.summary()))
 
     with PeakMemory(ctx.device) as peak:
@@ -670,7 +670,7 @@ def _record_of_finished(session: Session, cost: StepMeasure, state: dict, ctx: d
                        steps_done=state["step"], comm=finished["comm"])
 
 
-def _other_cores(ctx: dist.DistContext, start: dict | None, end: dict | None) -> float | None:
+def cores_of_other_processes(ctx: dist.DistContext, start: dict | None, end: dict | None) -> float | None:
     """Cores other processes used during the run: the run's own CPU time is summed over its
     ranks (on one machine: several nodes would each see only their own ranks)."""
     if start is None or end is None:

@@ -141,12 +141,12 @@ def test_a_freed_parameter_storage_is_not_mistaken_for_a_parameter():
     """FSDP2 frees each block's gathered parameters after its forward; an activation of the same
     size may then get the same address.  Only a parameter storage that is still allocated is
     excluded from the activation bytes."""
-    from impls.measure.memory import _is_live_param, param_storages, storage_key
+    from impls.measure.memory import is_live_param, param_storages, storage_key
 
     weight = torch.nn.Parameter(torch.randn(8, 8))
     storages = param_storages([weight])
     key = storage_key(weight)
-    assert _is_live_param(storages, key)
+    assert is_live_param(storages, key)
     weight.untyped_storage().resize_(0)  # what FSDP2's reshard does to the unsharded parameter
-    assert not _is_live_param(storages, key)
-    assert not _is_live_param(storages, storage_key(torch.randn(8, 8)))
+    assert not is_live_param(storages, key)
+    assert not is_live_param(storages, storage_key(torch.randn(8, 8)))

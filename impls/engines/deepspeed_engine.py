@@ -98,7 +98,7 @@ def make_optimizer(name: str, module: torch.nn.Module, lr: float, weight_decay: 
     if offload and name in ("adam", "adamw"):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        groups = optimizers._param_groups(module, weight_decay)
+        groups = optimizers.model_param_groups(module, weight_decay)
         opt = DeepSpeedCPUAdam(groups, lr=lr, betas=optimizers.ADAM_BETAS, eps=1e-8, weight_decay=weight_decay,
                                adamw_mode=name == "adamw")
         return opt, f"deepspeed.ops.adam.DeepSpeedCPUAdam(adamw_mode={name == 'adamw'})"
@@ -153,7 +153,7 @@ class DeepSpeedEngine:
             described = f"DeepSpeed {config['optimizer']['type']}"
         # DeepSpeed's own optimizer (config "optimizer") is built over these groups (the recipe's
         # decay / no-decay split); a client optimizer already holds them.
-        groups = optimizers._param_groups(self.module, recipe.weight_decay) if optimizer is None else None
+        groups = optimizers.model_param_groups(self.module, recipe.weight_decay) if optimizer is None else None
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer, config=config,
                                                              model_parameters=groups, dist_init_required=False)
         notes["deepspeed_config_used"] = {k: v for k, v in config.items()}

@@ -13,7 +13,7 @@ Formats of one corpus (the same tokens in each):
 Bytes per token *on disk* are file sizes / tokens.  *In memory* is what the loader holds when the
 split is resident: ``itemsize`` for an in-memory or memory-mapped raw array (the page cache of a
 fully touched memmap), and for zstd the mapped compressed file plus its decompressed-chunk cache
-(:data:`impls.token_shards._CACHE_CHUNKS` chunks), divided by the tokens.  Integrity: each format
+(:data:`impls.token_shards.CACHE_CHUNKS` chunks), divided by the tokens.  Integrity: each format
 is loaded back through :func:`impls.data.load` and its content hash (sha256 of the token bytes,
 ``TokenData.content_hash``) compared with the raw form of the same dtype, and the batches compared
 element by element with the in-memory ones.
@@ -134,7 +134,7 @@ def storage_table(dataset: data_lib.TokenData, workdir: Path, batch_size: int, s
             memory = float(np.dtype(dtype).itemsize)
         else:
             store = loaded.train
-            cache = token_shards._CACHE_CHUNKS * store.chunk_tokens * store.itemsize
+            cache = token_shards.CACHE_CHUNKS * store.chunk_tokens * store.itemsize
             memory = (disk + 2 * cache) / n  # both splits' caches
         batch = loaded.batch("train", 7, batch_size, seq_len, seed=0)[0]
         loader = loader_throughput(loaded, batch_size, seq_len)
@@ -160,7 +160,7 @@ def measure(datasets: list[str], *, batch_size: int = 8, seq_len: int = 128, nee
     out = dict(kind=KIND, name="datacomp-storage", batch_size=batch_size, seq_len=seq_len, step_need=need,
                datasets={}, levels=list(levels), chunk_tokens=token_shards.DEFAULT_CHUNK_TOKENS,
                memory_note="raw: itemsize (memory-mapped or in-memory array); zstd: (compressed files + "
-                           f"{token_shards._CACHE_CHUNKS}-chunk decompressed cache per split) / tokens")
+                           f"{token_shards.CACHE_CHUNKS}-chunk decompressed cache per split) / tokens")
     with tempfile.TemporaryDirectory(prefix="etbench-datacomp-") as tmp:
         for i, spec in enumerate(datasets):
             dataset = data_lib.load(spec)

@@ -91,7 +91,7 @@ def param_storages(params: Iterable[torch.Tensor]) -> dict:
     return out
 
 
-def _is_live_param(params: dict, key: tuple) -> bool:
+def is_live_param(params: dict, key: tuple) -> bool:
     """Whether a saved tensor's storage ``key`` is a parameter's *now*.  A parameter storage that
     was freed since (FSDP2 frees its gathered parameters after each block's forward) may hand its
     address to an activation of the same size: that one is not a parameter."""
@@ -147,7 +147,7 @@ class SavedActivations:
                 self.per_module[i] += t.numel() * t.element_size()
             return
         key = storage_key(t)
-        if not _is_live_param(self._exclude, key):
+        if not is_live_param(self._exclude, key):
             if key not in self._seen:
                 self._seen.add(key)
                 self.bytes += key[1]

@@ -163,11 +163,11 @@ class Compressor:
     # ------------------------------------------------------------------ the rules
 
     def _is_param(self, t: torch.Tensor) -> bool:
-        from ..measure.memory import _is_live_param, param_storages, storage_key
+        from ..measure.memory import is_live_param, param_storages, storage_key
 
         if self._param_keys is None:
             self._param_keys = param_storages(self._params())
-        return _is_live_param(self._param_keys, storage_key(t))
+        return is_live_param(self._param_keys, storage_key(t))
 
     def why_not(self, t: torch.Tensor) -> str | None:
         """Why ``t`` is stored as it is (None: it is compressed)."""

@@ -145,7 +145,7 @@ def pattern(options: dict, causal: bool) -> Pattern:
     return Pattern(kind, size, options["blocks"] if kind == "block" else 1, causal)
 
 
-def _gather_mask(attn_mask: torch.Tensor, i: torch.Tensor, j: torch.Tensor, t: int) -> torch.Tensor:
+def gather_mask(attn_mask: torch.Tensor, i: torch.Tensor, j: torch.Tensor, t: int) -> torch.Tensor:
     """attn_mask[..., i, j] for index tensors i, j (clamped into range: out-of-range entries are
     masked by the pattern anyway); keeps attn_mask's leading broadcast dims."""
     return attn_mask[..., i.clamp(0, t - 1), j.clamp(0, t - 1)]
@@ -180,7 +180,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
     scores = qb @ kg.transpose(-2, -1)  # (B, H, nb, size, kw)
     j = j[:, None, :]  # (nb, 1, kw)
     allowed = pat.allows(i, j) & (j >= 0) & (j < t)  # (nb, size, kw)
-    ext = _gather_mask(attn_mask, i, j, t) if attn_mask is not None else None
+    ext = gather_mask(attn_mask, i, j, t) if attn_mask is not None else None
 
     if pat.strided:
         # Stride-th columns outside the local tiles: query (block c, residue r) sees key
@@ -197,7 +197,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
         scores = torch.cat([scores, scores_r], dim=-1)  # (B, H, nb, size, kw + nb)
         allowed = torch.cat([allowed, allowed_r], dim=-1)
         if ext is not None:
-            ext = torch.cat([ext, _gather_mask(attn_mask, ir, jr, t)], dim=-1)
+            ext = torch.cat([ext, gather_mask(attn_mask, ir, jr, t)], dim=-1)
 
     if ext is not None:
         if ext.dtype == torch.bool:
@@ -218,14 +218,14 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
 
 # --------------------------------------------------------------------------- FlexAttention (CUDA)
 
-_compiled_flex = None
+compiled_flex = None
 
 
 def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pat: Pattern, cache: dict | None = None,
                    compiled: bool = True) -> torch.Tensor:
     """``pat`` through FlexAttention (compiled on CUDA; ``compiled=False`` runs its eager
     forward, which also works on a CPU, for tests)."""
-    global _compiled_flex
+    global compiled_flex
     from torch.nn.attention.flex_attention import create_block_mask
     from torch.nn.attention.flex_attention import flex_attention as flex
 
@@ -237,9 +237,9 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pat: Patte
         if cache is not None:
             cache[key] = block_mask
     if compiled:
-        if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex, dynamic=False)
-        flex = _compiled_flex
+        if compiled_flex is None:
+            compiled_flex = torch.compile(flex, dynamic=False)
+        flex = compiled_flex
     return flex(q, k, v, block_mask=block_mask)
 
 

@@ -74,7 +74,7 @@ def _apply_replicate(build, options, group):
     import torch
     from torch.distributed._composable.replicate_with_fsdp import replicate
 
-    from .fsdp import _no_gradient_sync
+    from .fsdp import no_gradient_sync
 
     mesh = build.dims.mesh(build.device.type)["dp"]
     for part in build.model_parts:
@@ -83,7 +83,7 @@ def _apply_replicate(build, options, group):
         replicate(part, mesh=mesh)
     roots = list(build.model_parts)
     build.train_parts = roots
-    build.no_sync = lambda: _no_gradient_sync(roots)
+    build.no_sync = lambda: no_gradient_sync(roots)
     build.notes[NAME] = dict(dp=build.dims.dp, backend=torch.distributed.get_backend(group),
                              implementation="torch.distributed._composable.replicate_with_fsdp (DTensor parameters: "
                                             "DistributedDataParallel takes plain tensors)", buckets="one per block")

@@ -70,7 +70,7 @@ def check_mesh(dims, options):
 
 
 @contextlib.contextmanager
-def _no_gradient_sync(roots):
+def no_gradient_sync(roots):
     """Backward accumulates unsharded gradients locally, with no reduce-scatter."""
     for root in roots:
         root.set_requires_gradient_sync(False)
@@ -101,7 +101,7 @@ def apply(build, options):
         units += 1
     roots = list(build.model_parts)
     build.train_parts = roots  # FSDP2 shards in place: the model parts are what training calls
-    build.no_sync = lambda: _no_gradient_sync(roots)
+    build.no_sync = lambda: no_gradient_sync(roots)
     build.grad_shard_group = mesh.get_group()
     notes = dict(dp=build.dims.dp, units=units, reshard_after_forward=options["reshard_after_forward"],
                  offload=options["offload"], mp=options["mp"], backend=torch.distributed.get_backend(mesh.get_group()),

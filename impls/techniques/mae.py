@@ -58,7 +58,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError
 from ..zoo.model import Block
-from .mod import _gather_mask, _gather_rope
+from .mod import gather_mask, gather_rope
 
 NAME = "mae"
 STAGE = "surgery"
@@ -209,7 +209,7 @@ def install(build, model, options: dict) -> tuple[_State, Decoder]:
         x, rope, mask = args[0], args[1], (args[2] if len(args) > 2 else None)
         if rope is None and mask is None:
             return None
-        return (x, _gather_rope(rope, state.index), _gather_mask(mask, state.index, state.seq_len), *args[3:])
+        return (x, gather_rope(rope, state.index), gather_mask(mask, state.index, state.seq_len), *args[3:])
 
     def on_norm(module, args):
         if state.index is None:

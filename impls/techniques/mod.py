@@ -126,13 +126,13 @@ class _Rows:
         return self.rows
 
 
-def _gather_rope(rope, top):
+def gather_rope(rope, top):
     if rope is None:
         return None
     return tuple(_Rows(table[top].unsqueeze(1)) for table in rope)  # (B, 1, k, Q/2)
 
 
-def _gather_mask(attn_mask, top, t):
+def gather_mask(attn_mask, top, t):
     if attn_mask is None:
         return None
     m = attn_mask
@@ -210,7 +210,7 @@ class RoutedBlock(nn.Module):
             return out
         idx = top.unsqueeze(-1).expand(b, k, c)
         xs = x.gather(1, idx)  # (B, k, C)
-        ys = self.block(xs, _gather_rope(rope, top), _gather_mask(attn_mask, top, t)).to(xs.dtype)
+        ys = self.block(xs, gather_rope(rope, top), gather_mask(attn_mask, top, t)).to(xs.dtype)
         if learned:
             w = torch.sigmoid(logits.gather(1, top)).unsqueeze(-1)  # (B, k, 1), per token, in (0, 1)
             stats["weights"] = w.detach().squeeze(-1)

@@ -65,7 +65,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError
 from ..measure import model_flops_per_step
-from .mod import _gather_mask, _gather_rope
+from .mod import gather_mask, gather_rope
 
 NAME = "random_ltd"
 STAGE = "surgery"
@@ -154,7 +154,7 @@ class DropBlock(nn.Module):
         self.last_indices = keep
         idx = keep.unsqueeze(-1).expand(b, r, c)
         xs = x.gather(1, idx)  # (B, r, C)
-        ys = self.block(xs, _gather_rope(rope, keep), _gather_mask(attn_mask, keep, t)).to(x.dtype)
+        ys = self.block(xs, gather_rope(rope, keep), gather_mask(attn_mask, keep, t)).to(x.dtype)
         return x.scatter(1, idx, ys)  # dropped rows: x unchanged
 
 

@@ -78,7 +78,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..loss import IGNORE_INDEX
-from .mod import _gather_mask, _gather_rope
+from .mod import gather_mask, gather_rope
 
 NAME = "token_drop"
 STAGE = "surgery"
@@ -249,7 +249,7 @@ class DropEntry(nn.Module):
         s.importance = self.importance
         top = s.select(s.idx, s.targets)
         s.top, s.saved = top, x
-        s.rope, s.mask = _gather_rope(rope, top), _gather_mask(attn_mask, top, t)
+        s.rope, s.mask = gather_rope(rope, top), gather_mask(attn_mask, top, t)
         xs = x.gather(1, top.unsqueeze(-1).expand(b, top.shape[1], c))
         return self.block(xs, s.rope, s.mask)
 
