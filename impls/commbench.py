@@ -40,6 +40,7 @@ import re
 import time
 from dataclasses import dataclass
 
+from . import families
 from .errors import ConfigError
 
 SCHEMES = ("allreduce", "ps")
@@ -258,7 +259,7 @@ def measure(spec: Spec) -> dict:
         dist.all_reduce(own)
         others = other_cores(snap_start, snap_end, own_seconds=float(own.item()))
     return dict(
-        kind="comm",
+        kind=families.COMM,
         world_size=n,
         backend=str(dist.get_backend()),
         device=device_name(device),

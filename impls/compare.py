@@ -39,7 +39,7 @@ import time
 import numpy as np
 import torch
 
-from . import dist
+from . import dist, families
 from .measure import timing as timing_lib
 from .measure import device_name
 from .measure.comm import CommCounter
@@ -281,7 +281,7 @@ def measure(spec: Spec, ctx: dist.DistContext | None = None) -> dict:
             mesh=dict(sessions[name].dims.sizes),
             technique_notes=sessions[name].build.notes_for_record(),
         )
-    return dict(schema=SCHEMA_VERSION, kind="interleaved", baseline=base, rounds=spec.rounds,
+    return dict(schema=SCHEMA_VERSION, kind=families.INTERLEAVED, baseline=base, rounds=spec.rounds,
                 steps_per_round=spec.steps, warmup_steps=spec.warmup, ci_method=CI_METHOD, order=orders,
                 load=timing_lib.load_report(load_start, load_end, cores, others),
                 device=dict(type=ctx.device.type, name=device_name(ctx.device), threads=torch.get_num_threads()),
@@ -357,7 +357,7 @@ def harness_overhead(recipe: Recipe, rounds: int = 7, steps: int = 5, ctx: dist.
     stats = ratio_stats(ratios)
     loop = _summary(loop_seconds)
     per_device = cost.model_flops_per_step / ctx.world_size / cost.peak["value"]  # MFU × seconds/step
-    return dict(kind="harness_overhead", label=recipe.label, rounds=rounds, steps_per_round=steps,
+    return dict(kind=families.HARNESS_OVERHEAD, label=recipe.label, rounds=rounds, steps_per_round=steps,
                 ci_method=CI_METHOD, bare_seconds_per_step=_summary(bare_seconds),
                 loop_seconds_per_step=loop, ratio=stats,
                 overhead=dict(value=stats["value"] - 1, ci95=[c - 1 for c in stats["ci95"]]),

@@ -35,11 +35,12 @@ from pathlib import Path
 import numpy as np
 
 from .. import data as data_lib
+from .. import families
 from .. import token_shards
 from ..files import write_text
 
 LEVELS = (1, 3, 9)
-KIND = "data_compression"
+KIND = families.DATA_COMPRESSION
 
 
 def _flat(dataset: data_lib.TokenData, split: str) -> np.ndarray:

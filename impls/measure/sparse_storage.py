@@ -39,6 +39,7 @@ import time
 
 import torch
 
+from .. import families
 from .memory import sparse_components, tensor_bytes
 
 FORMATS = ("coo", "csr", "bsr")
@@ -247,7 +248,7 @@ def measure(model: str = "small", which: str = "mlp.up", densities: list[float] 
         raise ValueError(f"{model} {which} is {m}×{n}: not a multiple of the {block}×{block} BSR block")
     densities = densities or [0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.8, 1.0]
     speed_densities = speed_densities or [0.01, 0.05, 0.1, 0.2, 0.3, 0.5]
-    record = dict(schema=SCHEMA_VERSION, kind="sparse_storage", matrix=dict(model=model, weight=which, shape=[m, n]),
+    record = dict(schema=SCHEMA_VERSION, kind=families.SPARSE_STORAGE, matrix=dict(model=model, weight=which, shape=[m, n]),
                   block=block, value_bytes=VALUE_BYTES, index_bytes=INDEX_BYTES, densities=densities,
                   bytes=measure_bytes(m, n, densities, block, seed),
                   speed=measure_speed(m, n, speed_densities, tokens, rounds, block, seed, threads=threads),
