@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from impls import publish, site, site_published
+from impls import publish, site
+from impls.site import published as site_published
 from impls.files import exclusive
 from test_frontpage import results  # noqa: F401 - fixture
 from test_report import HASH_A, make_interleaved, make_record

@@ -7,7 +7,8 @@ import json
 import pandas as pd
 import pytest
 
-from impls import report, report_compression as rc, site
+from impls import report, site
+from impls.report import compression as rc
 
 from test_report import HASH_A, make_record
 

@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from impls import report, report_tokens as rt
+from impls import report
+from impls.report import tokens as rt
 
 from test_report import HASH_A, make_record
 

@@ -58,9 +58,9 @@ import seaborn as sns
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .errors import ConfigError, WriteError
-from .files import atomic_path, check_writable_dir, clean_stale_in, exclusive, write_text
-from .provenance import SCHEMA_VERSION  # the one definition, shared with the writers
+from ..errors import ConfigError, WriteError
+from ..files import atomic_path, check_writable_dir, clean_stale_in, exclusive, write_text
+from ..provenance import SCHEMA_VERSION  # the one definition, shared with the writers
 
 MIB = 1 << 20
 DPI = 120
@@ -209,7 +209,7 @@ def record_consistency_errors(record: dict) -> list[str]:
     the check run here."""
     errors = record.get("consistency_errors")
     if errors is None:
-        from .measure.timing import consistency_errors
+        from ..measure.timing import consistency_errors
 
         errors = consistency_errors(record)
     return [str(e) for e in errors or []]
@@ -357,7 +357,7 @@ def load_all(paths: Sequence[Path]) -> Loaded:
 
     Files that are none of these are skipped with a :class:`RecordWarning` naming the file.
     """
-    from .report_compression import STORAGE_KINDS
+    from .compression import STORAGE_KINDS
 
     records, sources, refused, interleaved, extra, comm, storage, skipped = [], [], [], [], [], [], [], []
 
@@ -381,7 +381,7 @@ def load_all(paths: Sequence[Path]) -> Loaded:
                 comm.append({**document, "source": str(path), "family": Path(path).parent.name})
                 continue
             if isinstance(document, dict) and document.get("kind") in STORAGE_KINDS:
-                from .report_compression import validate_storage
+                from .compression import validate_storage
 
                 validate_storage(document)
                 storage.append({**document, "source": str(path), "family": Path(path).parent.name})
@@ -1385,7 +1385,7 @@ def interleaved_parallel_runs(interleaved: Sequence[dict]) -> pd.DataFrame:
     one step and tokens/s from the interleaved rounds' median step time (its interval from theirs)."""
     rows = []
     for record in interleaved:
-        if record.get("family") == "model_parallel":  # its own section (impls.report_model_parallel)
+        if record.get("family") == "model_parallel":  # its own section (impls.report.model_parallel)
             continue
         for name, v in record.get("variants", {}).items():
             if not isinstance(v.get("model_states"), dict) or "error" in v["model_states"]:
@@ -1416,7 +1416,7 @@ def data_parallel_frame(runs: pd.DataFrame) -> pd.DataFrame:
     ``threads``, ``oversubscribed`` (CPU runs with ranks × threads > cores), ``comm_measured``
     (bytes per rank per step), ``comm_paper``, ``comm_ring``, ``comm_payload`` (the formula in the
     three conventions of :func:`impls.measure.model_states.comm_volume`)."""
-    from .measure import model_states as ms
+    from ..measure import model_states as ms
 
     rows = []
     for _, run in runs.iterrows():
@@ -1502,7 +1502,7 @@ def model_states_lines(frame: pd.DataFrame) -> pd.DataFrame:
     """The formula of each technique (its Ψ, stage, p_b, g_b, K) evaluated from 1 rank to the
     largest world size measured: columns ``technique``, ``n_d``, ``params``, ``grads``,
     ``optimizer``, ``total`` (bytes per rank)."""
-    from .measure import model_states as ms
+    from ..measure import model_states as ms
 
     rows = []
     for technique, group in frame[frame["covered"]].groupby("technique", sort=False):
@@ -1651,7 +1651,7 @@ def comm_bandwidth_frame(records: Sequence[dict]) -> pd.DataFrame:
 def data_parallel_memory_table(models: Sequence[str] = MEMORY_TABLE_MODELS,
                                n_ds: Sequence[int] = MEMORY_TABLE_N_DS, gpu_bytes: float = 80e9) -> pd.DataFrame:
     """:func:`impls.measure.model_states.memory_table` as a frame (Ψ counted on ``meta``)."""
-    from .measure import model_states as ms
+    from ..measure import model_states as ms
 
     return pd.DataFrame(ms.memory_table(tuple(models), tuple(n_ds), gpu_bytes))
 
@@ -1788,7 +1788,7 @@ def data_parallel_markdown(frame: pd.DataFrame, scaling: pd.DataFrame, comm: pd.
                            memory: pd.DataFrame) -> str:
     """The summary.md section: measured vs formula model states per run, scaling efficiency,
     communication volume, and the big-model memory table; empty without data-parallel data."""
-    from .measure import model_states as ms
+    from ..measure import model_states as ms
 
     if frame.empty and comm.empty and memory.empty:
         return ""
@@ -2003,15 +2003,15 @@ def _write_report_files(loaded: Loaded, out_dir: Path, peak_dir: Path) -> list[P
     parallel_runs = pd.concat([runs, interleaved_parallel_runs(loaded.interleaved)], ignore_index=True)
     data_parallel_written, data_parallel_section = write_data_parallel(parallel_runs, loaded.comm, out_dir)
     markdown += data_parallel_section
-    from .report_model_parallel import write_model_parallel
+    from .model_parallel import write_model_parallel
 
     model_parallel_written, model_parallel_section = write_model_parallel(loaded.interleaved, out_dir)
     markdown += model_parallel_section
-    from .report_compression import write_compression
+    from .compression import write_compression
 
     compression_written, compression_section = write_compression(runs, loaded.interleaved, loaded.storage, out_dir)
     markdown += compression_section
-    from .report_tokens import write_tokens
+    from .tokens import write_tokens
 
     tokens_written, tokens_section = write_tokens(runs, loaded.interleaved, out_dir)
     markdown += tokens_section
@@ -2144,6 +2144,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(path)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

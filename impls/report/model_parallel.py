@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .files import write_text
+from ..files import write_text
 
 FAMILY = "model_parallel"
 GIB = 2 ** 30
@@ -116,7 +116,7 @@ def bubble_curve(schedule: str, p: int, m: np.ndarray, v: int = 1) -> np.ndarray
 def schedule_bubbles(schedule: str, p: int, v: int, ms=(1, 2, 4, 8)) -> list[tuple[int, float]]:
     """(m, bubble) of torch's own action order for each m it accepts, replayed offline with
     t_b = 2·t_f (:func:`impls.engines.pipeline_engine.simulate`): no ranks needed."""
-    from .engines.pipeline_engine import planned_order, simulate
+    from ..engines.pipeline_engine import planned_order, simulate
 
     out = []
     for m in ms:
@@ -159,7 +159,7 @@ def plot_bubble(frame: pd.DataFrame):
 def planner_memory(models: Sequence[str] = PLANNER_MODELS, devices: int = PLANNER_DEVICES) -> pd.DataFrame:
     """Representative layouts of the planner's per-device memory: per model, the smallest-total
     layout of each (tp, pp, ZeRO stage) without checkpointing, plus DDP over all devices."""
-    from . import planner
+    from .. import planner
 
     frame = planner.memory_by_layout(list(models), devices, checkpointing=(False,))
     if frame.empty:
@@ -194,7 +194,7 @@ def plot_planner_memory(frame: pd.DataFrame):
 
 
 def markdown(frame: pd.DataFrame, memory: pd.DataFrame) -> str:
-    from .report import markdown_safe
+    from . import markdown_safe
 
     parts = ["", "## Model parallelism: tensor, sequence and pipeline parallel", ""]
     if not frame.empty:
@@ -219,7 +219,7 @@ def markdown(frame: pd.DataFrame, memory: pd.DataFrame) -> str:
 def write_model_parallel(interleaved: Sequence[dict], out_dir: Path) -> tuple[list[Path], str]:
     """Write the section's files; returns the written paths and the summary.md section (nothing
     when no record has a model-parallel layout)."""
-    from .report import save_figure
+    from . import save_figure
 
     frame = layouts_frame(interleaved)
     if frame.empty:

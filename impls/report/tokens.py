@@ -33,7 +33,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .files import write_text
+from ..files import write_text
 
 FAMILIES = ("seqlen", "distill", "mae", "ltd", "tokendrop")
 #: technique -> (knob name, note/option keys holding it, first found wins)
@@ -54,7 +54,7 @@ def _missing(value) -> bool:
 
 
 def _notes(run, name: str) -> dict:
-    from .report import nested_block
+    from . import nested_block
 
     return (nested_block(run, "technique_notes") or {}).get(name) or {}
 
@@ -111,8 +111,8 @@ def loss_at_equal_counted_flops(run, base) -> tuple[float, float]:
 
 def tokens_frame(runs: pd.DataFrame, interleaved: Sequence[dict] = ()) -> pd.DataFrame:
     """One row per technique run of the section's families, against its group's baseline."""
-    from .report import comparison_key, technique_comparison
-    from .report_compression import main_technique, run_techniques
+    from . import comparison_key, technique_comparison
+    from .compression import main_technique, run_techniques
 
     if runs.empty or "family" not in runs:
         return pd.DataFrame()
@@ -179,7 +179,7 @@ def mask_rate_speedups(interleaved: Sequence[dict]) -> pd.DataFrame:
 
 
 def plot_speedup_vs_mask_rate(frame: pd.DataFrame):
-    from .report import new_figure
+    from . import new_figure
 
     figure = new_figure(7.5, 4.2)
     ax = figure.subplots()
@@ -199,7 +199,7 @@ def plot_speedup_vs_mask_rate(frame: pd.DataFrame):
 
 def plot_random_ltd_schedule(runs: pd.DataFrame):
     """Kept tokens per middle layer over the steps, one line per random-LTD run."""
-    from .report import new_figure
+    from . import new_figure
 
     figure = new_figure(8.5, 4.2)
     ax = figure.subplots()
@@ -224,7 +224,7 @@ def plot_random_ltd_schedule(runs: pd.DataFrame):
 
 def plot_distill_sweep(frame: pd.DataFrame, runs: pd.DataFrame):
     """The distilled student's loss (equal student steps) over T, one line per α."""
-    from .report import new_figure
+    from . import new_figure
 
     rows = []
     for _, run in runs[runs["family"] == "distill"].iterrows():
@@ -252,7 +252,7 @@ def plot_distill_sweep(frame: pd.DataFrame, runs: pd.DataFrame):
 
 
 def markdown(frame: pd.DataFrame) -> str:
-    from .report import markdown_safe
+    from . import markdown_safe
 
     if frame.empty:
         return ""
@@ -272,7 +272,7 @@ def markdown(frame: pd.DataFrame) -> str:
 
 def write_tokens(runs: pd.DataFrame, interleaved: Sequence[dict], out_dir: Path) -> tuple[list[Path], str]:
     """Write the section's files; returns the written paths and the summary.md section."""
-    from .report import save_figure
+    from . import save_figure
 
     out_dir, written = Path(out_dir), []
     frame = tokens_frame(runs, interleaved)

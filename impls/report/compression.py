@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .files import write_text
+from ..files import write_text
 
 FAMILIES = ("pruning", "quant", "lowrank", "actmem", "sparse")
 #: family -> the knob its curves are drawn over, and the note/option keys that hold it (first found wins)
@@ -55,7 +55,7 @@ def run_techniques(run) -> list[str]:
 def main_technique(run) -> tuple[str, dict]:
     """(name, options) of the run's first technique that is not a reference precision/recompute
     setting -- the compression technique the run measures; ("baseline", {}) for none."""
-    from . import techniques
+    from .. import techniques
 
     specs = []
     for text in run_techniques(run):
@@ -73,7 +73,7 @@ def _knob(run, family: str, name: str, options: dict):
     if family not in KNOBS or name == "baseline":
         return None
     _, keys = KNOBS[family]
-    from .report import nested_block
+    from . import nested_block
 
     notes = (nested_block(run, "technique_notes") or {}).get(name) or {}
     for key in keys:
@@ -89,7 +89,7 @@ def _knob(run, family: str, name: str, options: dict):
 def compression_frame(runs: pd.DataFrame, interleaved: Sequence[dict] = ()) -> pd.DataFrame:
     """One row per run of a compression family, relative to that family's baseline (the run with
     no technique in the same comparison group, :func:`impls.report.technique_comparison`)."""
-    from .report import comparison_key, technique_comparison
+    from . import comparison_key, technique_comparison
 
     rows = []
     if runs.empty or "family" not in runs:
@@ -151,7 +151,7 @@ def _label(row) -> str:
 
 def plot_memory(frame: pd.DataFrame):
     """Stacked memory components per run, as fractions of the family baseline's total."""
-    from .report import new_figure
+    from . import new_figure
 
     frame = frame.reset_index(drop=True)
     figure = new_figure(11.0, 1.4 + 0.36 * max(len(frame), 1))
@@ -176,7 +176,7 @@ def plot_memory(frame: pd.DataFrame):
 def plot_loss_vs_knob(frame: pd.DataFrame, family: str, *, log_x: bool = False):
     """Loss at the family's budget vs its knob, one line per technique; the baseline as a
     horizontal line (and, for sparsity, the point at 0)."""
-    from .report import new_figure
+    from . import new_figure
 
     knob = KNOBS[family][0]
     rows = frame[frame["family"] == family]
@@ -214,7 +214,7 @@ def validate_storage(record: dict) -> None:
     """A ``sparse_storage`` record (:mod:`impls.measure.sparse_storage`) or a ``data_compression``
     record (:mod:`impls.measure.data_throughput`) has what the plot and the table read; else
     :class:`impls.report.RecordError` naming the missing part."""
-    from .report import RecordError
+    from . import RecordError
 
     if record.get("kind") == DATA_KIND:
         try:
@@ -245,7 +245,7 @@ def validate_storage(record: dict) -> None:
 def data_markdown(record: dict) -> str:
     """Bytes per token on disk and in memory per format, the loader's throughput over the training
     step's need, and whether every format read back the same tokens."""
-    from .report import markdown_text
+    from . import markdown_text
 
     lines = ["", "### Compressed training data (bytes per token, loader vs the training step's need)", "",
              "| data | format | disk B/token | memory B/token | disk ÷ int64 | loader tokens/s | loader ÷ step need "
@@ -264,7 +264,7 @@ def data_markdown(record: dict) -> str:
 
 def storage_markdown(record: dict) -> str:
     """The crossover densities: measured vs analytic bytes, and matmul speed."""
-    from .report import markdown_text
+    from . import markdown_text
 
     m, n = record["matrix"]["shape"]
     lines = ["", f"### Sparse storage ({record['matrix']['model']} {record['matrix']['weight']}, {m}×{n}, fp32 values)",
@@ -289,7 +289,7 @@ def storage_markdown(record: dict) -> str:
 
 
 def markdown(frame: pd.DataFrame) -> str:
-    from .report import markdown_safe
+    from . import markdown_safe
 
     if frame.empty:
         return ""
@@ -307,7 +307,7 @@ def markdown(frame: pd.DataFrame) -> str:
 def write_compression(runs: pd.DataFrame, interleaved: Sequence[dict], storage: Sequence[dict],
                       out_dir: Path) -> tuple[list[Path], str]:
     """Write the section's files; returns the written paths and the summary.md section."""
-    from .report import save_figure
+    from . import save_figure
 
     out_dir, written = Path(out_dir), []
     frame = compression_frame(runs, interleaved)
@@ -321,12 +321,12 @@ def write_compression(runs: pd.DataFrame, interleaved: Sequence[dict], storage: 
             if pd.to_numeric(rows["knob_value"], errors="coerce").notna().any():
                 written.append(save_figure(out_dir / name, plot_loss_vs_knob(frame, family, log_x=log_x)))
     for record in [r for r in storage if r.get("kind") == STORAGE_KIND][:1]:
-        from .measure.sparse_storage import plot_sparse_crossover
+        from ..measure.sparse_storage import plot_sparse_crossover
 
         written.append(save_figure(out_dir / "compression_sparse_crossover.png", plot_sparse_crossover(record)))
         section += storage_markdown(record)
     for record in [r for r in storage if r.get("kind") == DATA_KIND][:1]:
-        from .measure.data_throughput import plot_data_compression
+        from ..measure.data_throughput import plot_data_compression
 
         written.append(save_figure(out_dir / "compression_data.png", plot_data_compression(record)))
         section += data_markdown(record)

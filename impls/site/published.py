@@ -15,8 +15,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import publish, report
-from .files import write_bytes, write_text
+from .. import publish, report
+from ..files import write_bytes, write_text
 
 #: The site's folder for copies of the publications' provenance, and the compare page.
 HTML_SUBDIR = "published"

@@ -621,7 +621,7 @@ def _recipe_text(run, key: str) -> str:
 
 def _run_fields(run) -> dict:
     """Key record fields for a chart's tooltip."""
-    from . import report
+    from .. import report
 
     median, ci = run.get("step_time.median"), run.get("step_time.ci95")
     return {
@@ -659,7 +659,7 @@ def _legend_pick():
 
 def spec_loss_vs_flops(runs) -> list[dict]:
     """One Vega-Lite chart per dataset hash: validation loss vs cumulative FLOPs (log x)."""
-    from . import report
+    from .. import report
 
     specs = []
     curves = report.curve_frame(runs)
@@ -705,7 +705,7 @@ def spec_loss_vs_flops(runs) -> list[dict]:
 
 def spec_throughput(runs) -> dict:
     """Tokens/s per run with the 95% interval of its step time, and the exact memory breakdown."""
-    from . import report
+    from .. import report
 
     values, memory = [], []
     for _, run in runs.iterrows():
@@ -785,7 +785,7 @@ def spec_technique_comparison(comparison, runs) -> dict:
 
 def spec_interleaved(record: dict) -> dict:
     """Speed-up vs the baseline with its 95% interval (interleaved rounds), and memory ratios."""
-    from . import report
+    from .. import report
 
     table = report.interleaved_table(record)
     values, memory = [], []
@@ -908,7 +908,7 @@ class _Page:
 
 
 def _family_table(group, refused: list[dict], asv: AsvIndex, family: str) -> str:
-    from . import report
+    from .. import report
 
     rows, classes = [], []
     for _, run in group.iterrows():
@@ -953,7 +953,7 @@ def _family_table(group, refused: list[dict], asv: AsvIndex, family: str) -> str
 
 
 def _interleaved_block(record: dict, page: _Page, png: str | None) -> str:
-    from . import report
+    from .. import report
 
     table = report.interleaved_table(record)
     load = record.get("load") or {}
@@ -999,7 +999,7 @@ def _copy_files(src_dir: Path, dest_dir: Path, patterns: Sequence[str]) -> list[
 def _isoflop_section(iso_dir: Path, html_dir: Path, page: _Page, asv: AsvIndex) -> str:
     import pandas as pd
 
-    from . import report
+    from .. import report
 
     rel = f"{REPORT_SUBDIR}/isoflop-{iso_dir.name}"
     copied = set(_copy_files(iso_dir, html_dir / rel, ("*.png", "*.csv", "*.json")))
@@ -1077,7 +1077,7 @@ def _peak_paragraph(plots_dir: Path) -> str:
 def spec_dp_model_states(frame, lines) -> dict:
     """Per-rank model-state MiB vs world size, one panel per component: measured points and the
     ZeRO formula as lines (same colour per technique)."""
-    from . import report
+    from .. import report
 
     values = []
     for _, r in lines.iterrows():
@@ -1122,7 +1122,7 @@ def spec_dp_model_states(frame, lines) -> dict:
 
 def spec_dp_scaling(table) -> dict:
     """Scaling efficiency per technique with its interval; oversubscribed runs hollow."""
-    from . import report
+    from .. import report
 
     values = [{"technique": r["technique"], "n_d": r["n_d"], "efficiency": r["efficiency"], "lo": r["lo"],
                "hi": r["hi"], "reference": r["reference"], "tokens/s per rank": r["tokens_per_rank"],
@@ -1155,7 +1155,7 @@ def spec_dp_scaling(table) -> dict:
 
 def spec_dp_comm(table) -> dict:
     """Measured communication bytes per rank per step (bars) and the formula in three conventions."""
-    from . import report
+    from .. import report
 
     values = []
     for _, r in table.iterrows():
@@ -1220,8 +1220,8 @@ def spec_busbw(bw) -> dict:
 def data_parallel_memory_html(memory) -> str:
     """The big-model memory table (per-rank model-state GiB per model × technique × N_d, fits in the
     GPU, offload GPU/host GiB) as a sortable table, with its caveats."""
-    from . import report
-    from .measure import model_states as ms
+    from .. import report
+    from ..measure import model_states as ms
 
     rows = [{"model": r["model"], "Ψ": r["psi"], "technique": r["technique"], "N_d": r["n_d"],
              "params GiB": r["params_gib"], "grads GiB": r["grads_gib"], "optimizer GiB": r["optimizer_gib"],
@@ -1244,7 +1244,7 @@ def data_parallel_section(loaded, page: "_Page", copied: set, rel_plots: str) ->
     formulas, scaling efficiency, communication volume, bus bandwidth (``etbench comm`` records)
     and the big-model memory table; empty when the runs have no ``model_states`` block and there
     is no comm record."""
-    from . import report
+    from .. import report
 
     import pandas as pd
 
@@ -1282,12 +1282,12 @@ def data_parallel_section(loaded, page: "_Page", copied: set, rel_plots: str) ->
 
 
 def compression_section(loaded, copied: set, rel_plots: str) -> str:
-    """The front page's "Compression techniques" section (:mod:`impls.report_compression`): one
+    """The front page's "Compression techniques" section (:mod:`impls.report.compression`): one
     sortable table of every pruning, quantized-training, low-rank, activation-compression and
     sparse-storage run against its family's baseline, and the report's curves (loss vs sparsity,
     loss vs rank, memory by component, the sparse-format crossover); empty without such records."""
-    from . import report
-    from . import report_compression as rc
+    from .. import report
+    from ..report import compression as rc
 
     import pandas as pd
 
@@ -1334,13 +1334,13 @@ def compression_section(loaded, copied: set, rel_plots: str) -> str:
 
 
 def tokens_section(loaded, copied: set, rel_plots: str) -> str:
-    """The front page's "Data and token efficiency" section (:mod:`impls.report_tokens`): one
+    """The front page's "Data and token efficiency" section (:mod:`impls.report.tokens`): one
     sortable table of every sequence-length warm-up, distillation, masked-token-dropping,
     random-LTD and token-dropping run against its group's baseline -- FLOPs saved counted vs
     analytic, the loss difference at the budget and at equal counted FLOPs, the interleaved speed
     ratio -- and the section's figures; empty without such records."""
-    from . import report
-    from . import report_tokens as rt
+    from .. import report
+    from ..report import tokens as rt
 
     frame = rt.tokens_frame(loaded.runs, loaded.interleaved)
     if frame.empty:
@@ -1394,10 +1394,11 @@ def build_front_page(html_dir: Path, runs_root: Path = Path("results/runs"),
     static copies, the isoFLOP sweep of that commit, and links into asv's graphs.  With an
     earlier commit folder (``previous``, default the one before), ``compare.html`` compares the
     two.  The page names the plotting library's CDN URLs; ``vendor`` replaces them with local
-    copies.  Machines published under ``published_root`` (:mod:`impls.site_published`) get a
+    copies.  Machines published under ``published_root`` (:mod:`impls.site.published`) get a
     section and ``published.html``.  Returns a summary.
     """
-    from . import report, site_published
+    from .. import report
+    from . import published as site_published
 
     html_dir = Path(html_dir)
     index, asv_page = html_dir / "index.html", html_dir / ASV_PAGE
@@ -1823,6 +1824,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
