@@ -250,7 +250,7 @@ def test_a_report_that_fails_late_leaves_no_partial_files(tmp_path, monkeypatch,
     def broken(*args, **kwargs):
         raise RuntimeError("a plot failed")
 
-    monkeypatch.setattr(report, "plot_loss_vs_flops", broken)
+    monkeypatch.setattr(report.runs, "plot_loss_vs_flops", broken)  # where write_report looks it up
     fresh = tmp_path / "new" / "plots"
     with pytest.raises(RuntimeError):
         report.write_report([tmp_path / "runs"], fresh)

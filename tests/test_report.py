@@ -141,7 +141,9 @@ def test_write_report_outputs(results, tmp_path):
         written = report.write_report([results], out)
     # One set of plots per family (the folder a record sits in); the technique comparison where a
     # family holds a baseline and a technique run.
+    # The findings files (impls.report.findings: bf16 against its baseline).
     assert sorted(p.name for p in written) == [
+        "claims.csv", "findings.csv", "findings.json",
         "loss_vs_flops-other.png", "loss_vs_flops-results.png", "summary.csv", "summary.md",
         "technique_comparison-results.csv", "technique_comparison-results.png",
         "throughput_memory-other.png", "throughput_memory-results.png"]
@@ -152,7 +154,7 @@ def test_write_report_outputs(results, tmp_path):
     assert csv.loc["nano/adamw/fp32 (fp32)", "grads MiB"] == 2.0
     assert csv.loc["nano/adamw/bf16", "MFU"] == pytest.approx(0.31)
 
-    markdown = (out / "summary.md").read_text().splitlines()
+    markdown = (out / "summary.md").read_text().split("\n## Findings")[0].strip().splitlines()
     assert len(markdown) == 2 + 3
     assert markdown[0].startswith("| family | label | model | params | dataset |")
     bf16 = next(line for line in markdown if line.startswith("| results | nano/adamw/bf16 |"))
@@ -192,7 +194,7 @@ def test_cli_writes_report_and_reports_skipped_files(results, tmp_path, capsys):
     out = tmp_path / "cli"
     assert report.main([str(results), "-o", str(out)]) == 0
     captured = capsys.readouterr()
-    assert len(captured.out.splitlines()) == 8  # every written file, one per line
+    assert len(captured.out.splitlines()) == 8 + 3  # every written file, one per line (3: the findings)
     assert "warning: skipping" in captured.err and "broken.json" in captured.err
 
 
@@ -323,7 +325,7 @@ def test_write_report_includes_interleaved_and_refused(mixed, tmp_path):
     assert "### Interleaved comparison: technique (baseline baseline)" in markdown
     assert "| bf16 | nano+bf16 |" in markdown and "1.500 [1.400, 1.600]" in markdown
     # The refused record is not a row of the results table.
-    table_rows = [line for line in markdown.splitlines() if line.startswith("| technique |")]
+    table_rows = [line for line in markdown.split("\n## Findings")[0].splitlines() if line.startswith("| technique |")]
     assert len(table_rows) == 2 and not any("fp16" in line for line in table_rows)
 
 

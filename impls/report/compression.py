@@ -29,9 +29,18 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from .. import families
 from ..files import write_text
+from .figures import new_figure, save_figure
+from .records import Loaded
+from .records import validate_storage  # noqa: F401  (its home was this module)
+from .runs import comparison_key, main_technique, run_techniques, technique_comparison
+from .tables import markdown_safe, markdown_text
+from .values import is_missing, nested_block
 
-FAMILIES = ("pruning", "quant", "lowrank", "actmem", "sparse")
+#: The families of this section, from :mod:`impls.families` (``datacomp`` has no training runs,
+#: only its ``data_compression`` record).
+FAMILIES = families.of_section("compression")
 #: family -> the knob its curves are drawn over, and the note/option keys that hold it (first found wins)
 KNOBS = {
     "pruning": ("sparsity", ("overall_sparsity", "achieved_sparsity", "sparsity", "target_sparsity")),
@@ -42,39 +51,15 @@ KNOBS = {
 }
 COMPONENTS = {"memory.params_bytes": "params", "memory.grads_bytes": "grads",
               "memory.optimizer_bytes": "optimizer state", "memory.activations_bytes": "activations"}
-STORAGE_KIND = "sparse_storage"
-DATA_KIND = "data_compression"  # impls.measure.data_throughput: token storage formats, loader vs step
+STORAGE_KIND = families.SPARSE_STORAGE
+DATA_KIND = families.DATA_COMPRESSION  # impls.measure.data_throughput: token storage formats, loader vs step
 STORAGE_KINDS = (STORAGE_KIND, DATA_KIND)
-
-
-def run_techniques(run) -> list[str]:
-    value = run.get("recipe.techniques")
-    return list(value) if isinstance(value, (list, tuple)) else []
-
-
-def main_technique(run) -> tuple[str, dict]:
-    """(name, options) of the run's first technique that is not a reference precision/recompute
-    setting -- the compression technique the run measures; ("baseline", {}) for none."""
-    from .. import techniques
-
-    specs = []
-    for text in run_techniques(run):
-        try:
-            specs.append(techniques.parse(text))
-        except Exception:  # a record of another commit may name a technique this one lacks
-            name, _, _ = text.partition(":")
-            specs.append(techniques.TechniqueSpec(name, {}))
-    if not specs:
-        return "baseline", {}
-    return specs[0].name, dict(specs[0].options)
 
 
 def _knob(run, family: str, name: str, options: dict):
     if family not in KNOBS or name == "baseline":
         return None
     _, keys = KNOBS[family]
-    from . import nested_block
-
     notes = (nested_block(run, "technique_notes") or {}).get(name) or {}
     for key in keys:
         value = notes.get(key)
@@ -89,8 +74,6 @@ def _knob(run, family: str, name: str, options: dict):
 def compression_frame(runs: pd.DataFrame, interleaved: Sequence[dict] = ()) -> pd.DataFrame:
     """One row per run of a compression family, relative to that family's baseline (the run with
     no technique in the same comparison group, :func:`impls.report.technique_comparison`)."""
-    from . import comparison_key, technique_comparison
-
     rows = []
     if runs.empty or "family" not in runs:
         return pd.DataFrame()
@@ -113,9 +96,9 @@ def compression_frame(runs: pd.DataFrame, interleaved: Sequence[dict] = ()) -> p
             name, options = main_technique(run)
             init_from = run.get("recipe.init_from")
             model_args = ",".join(f"{c[len('recipe.model_args.'):]}={run[c]}" for c in sorted(run.index)
-                                  if isinstance(c, str) and c.startswith("recipe.model_args.") and not _missing(run[c]))
+                                  if isinstance(c, str) and c.startswith("recipe.model_args.") and not is_missing(run[c]))
             out = dict(family=family, run=row["run"], technique=name,
-                       init_from=None if _missing(init_from) else init_from, model_args=model_args,
+                       init_from=None if is_missing(init_from) else init_from, model_args=model_args,
                        techniques="+".join(run_techniques(run)) or "baseline",
                        knob=KNOBS.get(family, ("", ()))[0], knob_value=_knob(run, family, name, options),
                        final_val_loss=run.get("final_val_loss"), loss_delta=row["loss delta"],
@@ -135,24 +118,18 @@ def compression_frame(runs: pd.DataFrame, interleaved: Sequence[dict] = ()) -> p
 # --------------------------------------------------------------------------- plots
 
 
-def _missing(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
 def _label(row) -> str:
     """The run's techniques; for a reference run, what it is the reference of."""
     if row["techniques"] != "baseline":
         return row["techniques"]
     label = f"{row['family']} baseline"
-    if not _missing(row.get("init_from")):
+    if not is_missing(row.get("init_from")):
         label = f"{row['family']} full fine-tuning (from trained weights)"
     return label + (f" [{row['model_args']}]" if row.get("model_args") else "")
 
 
 def plot_memory(frame: pd.DataFrame):
     """Stacked memory components per run, as fractions of the family baseline's total."""
-    from . import new_figure
-
     frame = frame.reset_index(drop=True)
     figure = new_figure(11.0, 1.4 + 0.36 * max(len(frame), 1))
     ax = figure.subplots()
@@ -176,8 +153,6 @@ def plot_memory(frame: pd.DataFrame):
 def plot_loss_vs_knob(frame: pd.DataFrame, family: str, *, log_x: bool = False):
     """Loss at the family's budget vs its knob, one line per technique; the baseline as a
     horizontal line (and, for sparsity, the point at 0)."""
-    from . import new_figure
-
     knob = KNOBS[family][0]
     rows = frame[frame["family"] == family]
     figure = new_figure(9.5, 4.2)
@@ -193,10 +168,10 @@ def plot_loss_vs_knob(frame: pd.DataFrame, family: str, *, log_x: bool = False):
         ax.plot(x[order], y[order], marker="o", label=technique)
     for (_, ref), style in zip(base.iterrows(), ("--", ":", "-.")):
         loss = float(ref["final_val_loss"])
-        what = ("baseline: dense, from scratch" if _missing(ref.get("init_from"))
+        what = ("baseline: dense, from scratch" if is_missing(ref.get("init_from"))
                 else "full fine-tuning from the trained weights\n(LoRA's reference)")
         ax.axhline(loss, color="black", linestyle=style, linewidth=0.9, label=what)
-        if knob == "sparsity" and _missing(ref.get("init_from")):
+        if knob == "sparsity" and is_missing(ref.get("init_from")):
             ax.plot([0.0], [loss], marker="s", color="black")
     if log_x:
         ax.set_xscale("log", base=2)
@@ -210,43 +185,9 @@ def plot_loss_vs_knob(frame: pd.DataFrame, family: str, *, log_x: bool = False):
 # --------------------------------------------------------------------------- sparse storage
 
 
-def validate_storage(record: dict) -> None:
-    """A ``sparse_storage`` record (:mod:`impls.measure.sparse_storage`) or a ``data_compression``
-    record (:mod:`impls.measure.data_throughput`) has what the plot and the table read; else
-    :class:`impls.report.RecordError` naming the missing part."""
-    from . import RecordError
-
-    if record.get("kind") == DATA_KIND:
-        try:
-            for spec, data in record["datasets"].items():
-                for row in data["formats"]:
-                    row["format"], row["disk_bytes_per_token"], row["loader"]["tokens_per_s"]
-                    row["loader_vs_step_need"]
-            record["step_need"]["tokens_per_s"]
-        except (KeyError, TypeError) as exc:
-            raise RecordError(f"data_compression record lacks {exc}") from None
-        return
-    try:
-        densities = record["densities"]
-        patterns = record["bytes"]["patterns"]
-        for pattern in patterns.values():
-            for fmt, ratios in pattern["ratio_to_dense"].items():
-                if len(ratios) != len(densities):
-                    raise RecordError(f"bytes.{fmt}: {len(ratios)} values for {len(densities)} densities")
-        speed = record["speed"]
-        for fmt, stats in speed["time_ratio"].items():
-            if len(stats) != len(speed["densities"]) or any("value" not in s for s in stats):
-                raise RecordError(f"speed.time_ratio.{fmt} does not cover the speed densities")
-        record["matrix"]["shape"]
-    except (KeyError, TypeError) as exc:
-        raise RecordError(f"sparse_storage record lacks {exc}") from None
-
-
 def data_markdown(record: dict) -> str:
     """Bytes per token on disk and in memory per format, the loader's throughput over the training
     step's need, and whether every format read back the same tokens."""
-    from . import markdown_text
-
     lines = ["", "### Compressed training data (bytes per token, loader vs the training step's need)", "",
              "| data | format | disk B/token | memory B/token | disk ÷ int64 | loader tokens/s | loader ÷ step need "
              "| same hash and batches |", "|---|---|---|---|---|---|---|---|"]
@@ -264,8 +205,6 @@ def data_markdown(record: dict) -> str:
 
 def storage_markdown(record: dict) -> str:
     """The crossover densities: measured vs analytic bytes, and matmul speed."""
-    from . import markdown_text
-
     m, n = record["matrix"]["shape"]
     lines = ["", f"### Sparse storage ({record['matrix']['model']} {record['matrix']['weight']}, {m}×{n}, fp32 values)",
              "", "| pattern | format | bytes crossover (measured) | as torch builds it | analytic | measured ÷ analytic |",
@@ -289,8 +228,6 @@ def storage_markdown(record: dict) -> str:
 
 
 def markdown(frame: pd.DataFrame) -> str:
-    from . import markdown_safe
-
     if frame.empty:
         return ""
     cols = ["family", "techniques", "knob", "knob_value", "loss_delta", "speed_ratio", "speed_lo", "speed_hi",
@@ -304,14 +241,13 @@ def markdown(frame: pd.DataFrame) -> str:
         markdown_safe(table).to_markdown(index=False, floatfmt=".4g"), ""])
 
 
-def write_compression(runs: pd.DataFrame, interleaved: Sequence[dict], storage: Sequence[dict],
-                      out_dir: Path) -> tuple[list[Path], str]:
-    """Write the section's files; returns the written paths and the summary.md section."""
-    from . import save_figure
+def _first_of_kind(storage: Sequence[dict], kind: str) -> list[dict]:
+    """The first storage record of ``kind`` (a list of none or one): one measurement per report."""
+    return [r for r in storage if r.get("kind") == kind][:1]
 
+
+def _write_files(frame: pd.DataFrame, storage: Sequence[dict], out_dir: Path) -> list[Path]:
     out_dir, written = Path(out_dir), []
-    frame = compression_frame(runs, interleaved)
-    section = markdown(frame)
     if not frame.empty:
         written.append(write_text(out_dir / "compression.csv", frame.to_csv(index=False)))
         written.append(save_figure(out_dir / "compression_memory.png", plot_memory(frame)))
@@ -320,14 +256,44 @@ def write_compression(runs: pd.DataFrame, interleaved: Sequence[dict], storage: 
             rows = frame[(frame["family"] == family) & (frame["technique"] != "baseline")]
             if pd.to_numeric(rows["knob_value"], errors="coerce").notna().any():
                 written.append(save_figure(out_dir / name, plot_loss_vs_knob(frame, family, log_x=log_x)))
-    for record in [r for r in storage if r.get("kind") == STORAGE_KIND][:1]:
+    for record in _first_of_kind(storage, STORAGE_KIND):
         from ..measure.sparse_storage import plot_sparse_crossover
 
         written.append(save_figure(out_dir / "compression_sparse_crossover.png", plot_sparse_crossover(record)))
-        section += storage_markdown(record)
-    for record in [r for r in storage if r.get("kind") == DATA_KIND][:1]:
+    for record in _first_of_kind(storage, DATA_KIND):
         from ..measure.data_throughput import plot_data_compression
 
         written.append(save_figure(out_dir / "compression_data.png", plot_data_compression(record)))
-        section += data_markdown(record)
-    return written, section
+    return written
+
+
+def _section_markdown(frame: pd.DataFrame, storage: Sequence[dict]) -> str:
+    section = markdown(frame)
+    section += "".join(storage_markdown(record) for record in _first_of_kind(storage, STORAGE_KIND))
+    return section + "".join(data_markdown(record) for record in _first_of_kind(storage, DATA_KIND))
+
+
+def write_compression(runs: pd.DataFrame, interleaved: Sequence[dict], storage: Sequence[dict],
+                      out_dir: Path) -> tuple[list[Path], str]:
+    """Write the section's files; returns the written paths and the summary.md section."""
+    frame = compression_frame(runs, interleaved)
+    return _write_files(frame, storage, out_dir), _section_markdown(frame, storage)
+
+
+class CompressionSection:
+    """The compression section (:class:`impls.report.section.Section`): the training runs of the
+    families of :data:`FAMILIES` against their baselines, and the storage-format records."""
+
+    name = "compression"
+
+    def frame(self, loaded: Loaded) -> pd.DataFrame:
+        return compression_frame(loaded.runs, loaded.interleaved)
+
+    def figures(self, frame: pd.DataFrame, loaded: Loaded, out_dir: Path) -> list[Path]:
+        return _write_files(frame, loaded.storage, out_dir)
+
+    def markdown(self, frame: pd.DataFrame, loaded: Loaded) -> str:
+        return _section_markdown(frame, loaded.storage)
+
+
+SECTION = CompressionSection()

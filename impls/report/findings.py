@@ -28,6 +28,7 @@ tolerance is reported as ``differs`` with what the records say about it -- never
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -36,6 +37,10 @@ from pathlib import Path
 import pandas as pd
 
 from .. import families
+from ..files import write_text
+from ..provenance import SCHEMA_VERSION
+from .runs import comparison_key, describe_device, technique_comparison
+from .tables import markdown_safe, markdown_table
 
 #: Memory components compared, record column -> short name.
 COMPONENTS = {"memory.params_bytes": "params", "memory.grads_bytes": "grads",
@@ -111,8 +116,6 @@ def loss_delta_interval(run, base) -> tuple[float, float]:
 
 
 def _scale(run) -> dict:
-    from . import describe_device
-
     tokens = _number(run.get("tokens_per_step")) * _number(run.get("steps_done"))
     return {"device": describe_device(run.get("device.type"), run.get("device.name")),
             "model": run.get("recipe.model"), "parameters": _number(run.get("params")),
@@ -121,8 +124,6 @@ def _scale(run) -> dict:
 
 def _run_rows(group: pd.DataFrame, interleaved: Sequence[dict]) -> Iterator[dict]:
     """Rows of one family's training runs, each against its comparison group's baseline."""
-    from . import comparison_key, technique_comparison
-
     speeds = technique_comparison(group, interleaved)
     speed_of = {r["run"]: r for r in speeds.to_dict("records")} if not speeds.empty else {}
     group = group.assign(_key=comparison_key(group))
@@ -160,8 +161,6 @@ def _interleaved_rows(record: dict, known: set[str]) -> Iterator[dict]:
         ci = speed.get("ci95") or [math.nan, math.nan]
         recipe = variant.get("recipe") or {}
         device = record.get("device") or {}
-        from . import describe_device
-
         estimate = speed.get("value", speed.get("median"))  # records before 2026-11 have only the median
         yield {"family": record["family"], "variant": name, "speed": _number(estimate),
                "speed lo": _number(ci[0]), "speed hi": _number(ci[1]),
@@ -468,8 +467,6 @@ def claims_frame(checks: pd.DataFrame) -> pd.DataFrame:
 
 def markdown(findings: pd.DataFrame, claims: pd.DataFrame) -> str:
     """The two tables for summary.md."""
-    from . import markdown_safe, markdown_table
-
     parts = ["\n## Findings: what each technique buys (× its family baseline)\n"]
     if not findings.empty:
         shown = findings.drop(columns=["source", "label"])
@@ -480,30 +477,51 @@ def markdown(findings: pd.DataFrame, claims: pd.DataFrame) -> str:
     return "\n".join(parts) + "\n"
 
 
-def write_findings(loaded, out_dir: Path) -> tuple[list[Path], str]:
-    """``findings.csv``, ``claims.csv`` and ``findings.json`` (both tables, the single checks, the
-    schema version and the claim definitions) in ``out_dir``; returns the files and the markdown."""
-    import json
+def _json_rows(frame: pd.DataFrame) -> list[dict]:
+    return [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+            for row in frame.to_dict("records")]
 
-    from ..files import write_text
-    from ..provenance import SCHEMA_VERSION
 
-    findings = findings_frame(loaded)
-    checks = claim_checks(loaded)
-    claims = claims_frame(checks)
-
-    def records(frame: pd.DataFrame) -> list[dict]:
-        return [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-                for row in frame.to_dict("records")]
-
+def write_files(out_dir: Path, findings: pd.DataFrame, checks: pd.DataFrame, claims: pd.DataFrame) -> list[Path]:
+    """``findings.csv``, ``claims.csv`` and ``findings.json`` (both tables, every single check, the
+    schema version and what each column means) in ``out_dir``, for citation."""
     document = {"schema": SCHEMA_VERSION, "kind": "findings",
                 "columns": {"speed": "baseline time per token ÷ the variant's, interleaved rounds, 95% interval",
                             "memory": "each component ÷ the baseline's (exact bytes)",
                             "flops/step": "counted FLOPs per step ÷ the baseline's",
                             "counted/analytic": "counted FLOPs ÷ analytic model FLOPs (6N + 12LHQT)",
                             "loss delta": "final validation loss − the baseline's at the same model-FLOP budget"},
-                "findings": records(findings), "claims": records(claims), "checks": records(checks)}
-    written = [write_text(out_dir / "findings.csv", findings.to_csv(index=False)),
-               write_text(out_dir / "claims.csv", claims.to_csv(index=False)),
-               write_text(out_dir / "findings.json", json.dumps(document, indent=1, allow_nan=False) + "\n")]
-    return written, markdown(findings, claims)
+                "findings": _json_rows(findings), "claims": _json_rows(claims), "checks": _json_rows(checks)}
+    return [write_text(out_dir / "findings.csv", findings.to_csv(index=False)),
+            write_text(out_dir / "claims.csv", claims.to_csv(index=False)),
+            write_text(out_dir / "findings.json", json.dumps(document, indent=1, allow_nan=False) + "\n")]
+
+
+def write_findings(loaded, out_dir: Path) -> tuple[list[Path], pd.DataFrame, pd.DataFrame]:
+    """Compute both tables and write their files into ``out_dir``; returns the files, the findings
+    and the claims."""
+    findings, checks = findings_frame(loaded), claim_checks(loaded)
+    claims = claims_frame(checks)
+    return write_files(Path(out_dir), findings, checks, claims), findings, claims
+
+
+class FindingsSection:
+    """The report's findings section (:class:`impls.report.section.Section`): the files for
+    citation and the two tables at the end of ``summary.md``."""
+
+    name = "findings"
+
+    def frame(self, loaded) -> pd.DataFrame:
+        return findings_frame(loaded)
+
+    def figures(self, frame: pd.DataFrame, loaded, out_dir: Path) -> list[Path]:
+        if frame.empty:
+            return []
+        checks = claim_checks(loaded)
+        return write_files(out_dir, frame, checks, claims_frame(checks))
+
+    def markdown(self, frame: pd.DataFrame, loaded) -> str:
+        return markdown(frame, claims_frame(claim_checks(loaded))) if not frame.empty else ""
+
+
+SECTION = FindingsSection()

@@ -24,9 +24,14 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from .. import families
 from ..files import write_text
+from .figures import save_figure
+from .records import Loaded
+from .tables import markdown_safe
 
-FAMILY = "model_parallel"
+#: The families of this section, from :mod:`impls.families`.
+FAMILIES = families.of_section("model_parallel")
 GIB = 2 ** 30
 PLANNER_MODELS = ("gpt2-xl", "llama-7b")
 PLANNER_DEVICES = 64
@@ -36,7 +41,7 @@ LAYOUT_GRID = ((2, 1), (8, 1), (1, 2), (1, 8), (2, 4), (8, 8))
 
 def _is_model_parallel(record: dict, variant: dict) -> bool:
     mesh = variant.get("mesh") or (variant.get("recipe") or {}).get("mesh") or {}
-    return record.get("family") == FAMILY or any(mesh.get(d, 1) > 1 for d in ("tp", "pp"))
+    return record.get("family") in FAMILIES or any(mesh.get(d, 1) > 1 for d in ("tp", "pp"))
 
 
 def layouts_frame(interleaved: Sequence[dict]) -> pd.DataFrame:
@@ -194,8 +199,6 @@ def plot_planner_memory(frame: pd.DataFrame):
 
 
 def markdown(frame: pd.DataFrame, memory: pd.DataFrame) -> str:
-    from . import markdown_safe
-
     parts = ["", "## Model parallelism: tensor, sequence and pipeline parallel", ""]
     if not frame.empty:
         cols = ["layout", "world_size", "tp", "pp", "params_bytes", "activations_bytes", "layer_vs_formula",
@@ -216,22 +219,44 @@ def markdown(frame: pd.DataFrame, memory: pd.DataFrame) -> str:
     return "\n".join(parts)
 
 
-def write_model_parallel(interleaved: Sequence[dict], out_dir: Path) -> tuple[list[Path], str]:
-    """Write the section's files; returns the written paths and the summary.md section (nothing
-    when no record has a model-parallel layout)."""
-    from . import save_figure
-
-    frame = layouts_frame(interleaved)
-    if frame.empty:
-        return [], ""
+def _write_files(frame: pd.DataFrame, memory: pd.DataFrame, out_dir: Path) -> list[Path]:
     out_dir, written = Path(out_dir), []
     written.append(write_text(out_dir / "model_parallel_layouts.csv", frame.to_csv(index=False)))
     if frame["layer_bytes"].notna().any():
         written.append(save_figure(out_dir / "model_parallel_activations.png", plot_activations(frame)))
     if frame["microbatches"].notna().any():
         written.append(save_figure(out_dir / "model_parallel_bubble.png", plot_bubble(frame)))
-    memory = planner_memory()
     if not memory.empty:
         written += [write_text(out_dir / "model_parallel_memory.csv", memory.to_csv(index=False)),
                     save_figure(out_dir / "model_parallel_memory.png", plot_planner_memory(memory))]
-    return written, markdown(frame, memory)
+    return written
+
+
+def write_model_parallel(interleaved: Sequence[dict], out_dir: Path) -> tuple[list[Path], str]:
+    """Write the section's files; returns the written paths and the summary.md section (nothing
+    when no record has a model-parallel layout)."""
+    frame = layouts_frame(interleaved)
+    if frame.empty:
+        return [], ""
+    memory = planner_memory()
+    return _write_files(frame, memory, out_dir), markdown(frame, memory)
+
+
+class ModelParallelSection:
+    """The model-parallel section (:class:`impls.report.section.Section`): the interleaved
+    comparisons with a tensor- or pipeline-parallel layout, and the planner's memory at scale
+    (only when some record has such a layout)."""
+
+    name = "model_parallel"
+
+    def frame(self, loaded: Loaded) -> pd.DataFrame:
+        return layouts_frame(loaded.interleaved)
+
+    def figures(self, frame: pd.DataFrame, loaded: Loaded, out_dir: Path) -> list[Path]:
+        return [] if frame.empty else _write_files(frame, planner_memory(), out_dir)
+
+    def markdown(self, frame: pd.DataFrame, loaded: Loaded) -> str:
+        return "" if frame.empty else markdown(frame, planner_memory())
+
+
+SECTION = ModelParallelSection()

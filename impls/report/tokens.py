@@ -33,9 +33,16 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from .. import families
 from ..files import write_text
+from .figures import new_figure, save_figure
+from .records import Loaded
+from .runs import comparison_key, main_technique, run_techniques, technique_comparison
+from .tables import markdown_safe
+from .values import is_missing, nested_block
 
-FAMILIES = ("seqlen", "distill", "mae", "ltd", "tokendrop")
+#: The families of this section, from :mod:`impls.families`.
+FAMILIES = families.of_section("tokens")
 #: technique -> (knob name, note/option keys holding it, first found wins)
 KNOBS = {
     "seqlen_warmup": ("warm-up fraction", ("steps",)),
@@ -49,20 +56,14 @@ COUNTED_SAVED = ("counted_flops_saved", "flops_saved_counted")
 ANALYTIC_SAVED = ("analytic_flops_saved", "flops_saved_analytic")
 
 
-def _missing(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
 def _notes(run, name: str) -> dict:
-    from . import nested_block
-
     return (nested_block(run, "technique_notes") or {}).get(name) or {}
 
 
 def _first(notes: dict, keys: Sequence[str]):
     for key in keys:
         value = notes.get(key)
-        if not _missing(value):
+        if not is_missing(value):
             return value
     return None
 
@@ -70,7 +71,7 @@ def _first(notes: dict, keys: Sequence[str]):
 def _knob(run, name: str, options: dict) -> str | None:
     if name == "mae":  # the mask rate is the recipe's: the baseline of the pair has it too
         rate = run.get("recipe.mlm_rate")
-        return None if _missing(rate) else f"{rate:g}"
+        return None if is_missing(rate) else f"{rate:g}"
     if name not in KNOBS:
         return None
     notes = _notes(run, name)
@@ -111,9 +112,6 @@ def loss_at_equal_counted_flops(run, base) -> tuple[float, float]:
 
 def tokens_frame(runs: pd.DataFrame, interleaved: Sequence[dict] = ()) -> pd.DataFrame:
     """One row per technique run of the section's families, against its group's baseline."""
-    from . import comparison_key, technique_comparison
-    from .compression import main_technique, run_techniques
-
     if runs.empty or "family" not in runs:
         return pd.DataFrame()
     rows = []
@@ -179,8 +177,6 @@ def mask_rate_speedups(interleaved: Sequence[dict]) -> pd.DataFrame:
 
 
 def plot_speedup_vs_mask_rate(frame: pd.DataFrame):
-    from . import new_figure
-
     figure = new_figure(7.5, 4.2)
     ax = figure.subplots()
     x, y = frame["mask_rate"].to_numpy(float), frame["speedup"].to_numpy(float)
@@ -199,8 +195,6 @@ def plot_speedup_vs_mask_rate(frame: pd.DataFrame):
 
 def plot_random_ltd_schedule(runs: pd.DataFrame):
     """Kept tokens per middle layer over the steps, one line per random-LTD run."""
-    from . import new_figure
-
     figure = new_figure(8.5, 4.2)
     ax = figure.subplots()
     for _, run in runs.iterrows():
@@ -224,8 +218,6 @@ def plot_random_ltd_schedule(runs: pd.DataFrame):
 
 def plot_distill_sweep(frame: pd.DataFrame, runs: pd.DataFrame):
     """The distilled student's loss (equal student steps) over T, one line per α."""
-    from . import new_figure
-
     rows = []
     for _, run in runs[runs["family"] == "distill"].iterrows():
         notes = _notes(run, "distill")
@@ -252,8 +244,6 @@ def plot_distill_sweep(frame: pd.DataFrame, runs: pd.DataFrame):
 
 
 def markdown(frame: pd.DataFrame) -> str:
-    from . import markdown_safe
-
     if frame.empty:
         return ""
     cols = ["family", "techniques", "knob_value", "budget_flops", "steps", "baseline_steps", "counted_flops_saved",
@@ -270,13 +260,8 @@ def markdown(frame: pd.DataFrame) -> str:
         markdown_safe(table).to_markdown(index=False, floatfmt=".4g"), ""])
 
 
-def write_tokens(runs: pd.DataFrame, interleaved: Sequence[dict], out_dir: Path) -> tuple[list[Path], str]:
-    """Write the section's files; returns the written paths and the summary.md section."""
-    from . import save_figure
-
+def _write_files(frame: pd.DataFrame, runs: pd.DataFrame, interleaved: Sequence[dict], out_dir: Path) -> list[Path]:
     out_dir, written = Path(out_dir), []
-    frame = tokens_frame(runs, interleaved)
-    section = markdown(frame)
     if not frame.empty:
         written.append(write_text(out_dir / "tokens.csv", frame.to_csv(index=False)))
         if (frame["technique"] == "distill").sum() > 1:
@@ -288,4 +273,29 @@ def write_tokens(runs: pd.DataFrame, interleaved: Sequence[dict], out_dir: Path)
         ltd = runs[[bool(_notes(run, "random_ltd").get("schedule")) for _, run in runs.iterrows()]]
         if not ltd.empty:
             written.append(save_figure(out_dir / "tokens_random_ltd_schedule.png", plot_random_ltd_schedule(ltd)))
-    return written, section
+    return written
+
+
+def write_tokens(runs: pd.DataFrame, interleaved: Sequence[dict], out_dir: Path) -> tuple[list[Path], str]:
+    """Write the section's files; returns the written paths and the summary.md section."""
+    frame = tokens_frame(runs, interleaved)
+    return _write_files(frame, runs, interleaved, out_dir), markdown(frame)
+
+
+class TokensSection:
+    """The data- and token-efficiency section (:class:`impls.report.section.Section`): the training
+    runs of :data:`FAMILIES` against their baselines, and the ``mae`` interleaved comparisons."""
+
+    name = "tokens"
+
+    def frame(self, loaded: Loaded) -> pd.DataFrame:
+        return tokens_frame(loaded.runs, loaded.interleaved)
+
+    def figures(self, frame: pd.DataFrame, loaded: Loaded, out_dir: Path) -> list[Path]:
+        return _write_files(frame, loaded.runs, loaded.interleaved, out_dir)
+
+    def markdown(self, frame: pd.DataFrame, loaded: Loaded) -> str:
+        return markdown(frame)
+
+
+SECTION = TokensSection()
