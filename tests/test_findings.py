@@ -115,7 +115,8 @@ def test_variant_names():
 
 
 def test_write_findings_files(runs, tmp_path):
-    written, markdown = F.write_findings(_loaded(runs), tmp_path / "out")
+    written, findings, claims = F.write_findings(_loaded(runs), tmp_path / "out")
+    markdown = F.markdown(findings, claims)
     names = sorted(p.name for p in written)
     assert names == ["claims.csv", "findings.csv", "findings.json"]
     document = json.loads((tmp_path / "out" / "findings.json").read_text())
@@ -125,3 +126,39 @@ def test_write_findings_files(runs, tmp_path):
     csv = pd.read_csv(tmp_path / "out" / "findings.csv")
     assert list(csv.columns) == list(F.FINDINGS_COLUMNS)
     assert "## Claims checked" in markdown and "ZeRO model states per rank" in markdown
+
+
+def test_the_report_writes_the_findings(runs, tmp_path):
+    """``python -m impls.report`` writes the findings files and ends summary.md with both tables;
+    summary.csv is the runs' table as before."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        written = report.write_report([runs], tmp_path / "plots")
+    names = {p.name for p in written}
+    assert {"findings.csv", "claims.csv", "findings.json", "summary.csv", "summary.md"} <= names
+    summary = (tmp_path / "plots" / "summary.md").read_text()
+    assert "## Findings: what each technique buys" in summary and "## Claims checked" in summary
+    assert len(pd.read_csv(tmp_path / "plots" / "summary.csv")) == 3
+
+
+def test_site_section_opens_the_page_with_both_tables(runs, tmp_path):
+    """The front page's first section: the filterable findings table (family links into its
+    section), the claims table, and the three citation files beside index.html."""
+    from types import SimpleNamespace
+
+    from impls import site
+    from impls.site.sections.findings import FindingsSection
+
+    assert site.SECTIONS[0].name == "findings"
+    html_dir = tmp_path / "html"
+    html_dir.mkdir()
+    rendered = FindingsSection().html(SimpleNamespace(loaded=_loaded(runs), html_dir=html_dir))
+    assert [a for a, _ in rendered.anchors] == ["findings", "claims"]
+    text = rendered.html
+    assert 'data-filter-for="findings-table"' in text and 'data-filter id=' in text
+    assert '<a href="#family-parallel"' in text and "1.5 [1.4, 1.6]" in text
+    assert "ZeRO model states per rank" in text and "differs: 1 of 3" in text
+    assert sorted(p.name for p in html_dir.iterdir()) == ["claims.csv", "findings.csv", "findings.json"]
+    nothing = report.Loaded(pd.DataFrame(columns=["family", "label"]), [], [], [], [], [], [])
+    empty = FindingsSection().html(SimpleNamespace(loaded=nothing, html_dir=html_dir))
+    assert empty.html == "" and empty.anchors == []

@@ -3,6 +3,7 @@ records, with asv's page moved alongside.  No browser, no network: rendering is 
 end-to-end test in test_site.py."""
 from __future__ import annotations
 
+import html
 import json
 import re
 
@@ -197,3 +198,160 @@ def test_front_page_data_parallel_section(results):
     assert ">NO<" in llama_ddp and ">100.41<" in llama_ddp
     llama_z3 = next(r for r in rows if ">llama-7b<" in r and ">ZeRO-3 P_os+g+p<" in r and 'data-sort="8"' in r)
     assert ">yes<" in llama_z3 and ">12.55<" in llama_z3
+
+
+# --------------------------------------------------------------------------------------------
+# Families from impls.families: navigation, headings, asv links; the model-parallel section
+# --------------------------------------------------------------------------------------------
+
+def make_mp_interleaved() -> dict:
+    """An interleaved comparison of the ``model_parallel`` family on 2 ranks: DDP, TP, TP+SP
+    (activations per layer against the count and the paper) and a 1F1B pipeline (bubble)."""
+    import copy
+
+    from test_report import make_interleaved
+
+    record = make_interleaved("model_parallel")
+    record["world_size"], record["baseline"] = 2, "ddp"
+    base = record["variants"]["baseline"]
+
+    def layout(label, mesh, speed, *, layer=None, pp=None):
+        v = copy.deepcopy(base)
+        v.update(label=label, mesh=mesh, layer_activations=layer, technique_notes={"pp": pp} if pp else {},
+                 speedup={"value": speed, "median": speed, "ci95": [0.9 * speed, 1.1 * speed]},
+                 memory={"params_bytes": 800_000 / mesh["tp"] / mesh["pp"], "grads_bytes": 1, "optimizer_bytes": 2,
+                         "activations_bytes": 8_000_000 / mesh["tp"] / mesh["pp"]},
+                 comm={"calls": {"all_reduce": 2 * mesh["tp"]}, "bytes_per_step": 1_000_000.0, "ratio": 1.0})
+        v["recipe"]["techniques"] = [label] if label != "ddp" else []
+        return v
+
+    def layer(measured, paper, implementation, sp):
+        return {"measured_bytes_per_layer": measured, "implementation_formula_bytes": measured,
+                "measured_over_implementation": 1.0, "paper_reduction_vs_no_parallelism": paper,
+                "implementation_reduction_vs_no_parallelism": implementation, "sp": sp}
+
+    pp = {"schedule": "1f1b", "pp": 2, "chunks": 1, "microbatches": 4, "bubble_formula": 0.2,
+          "schedule_bubble_max": 0.2, "measured_idle": [0.31, 0.35], "stash": [2, 1]}
+    record["variants"] = {
+        "ddp": layout("ddp", {"tp": 1, "pp": 1, "dp": 2}, 1.0, layer=layer(2_000_000, 1.0, 1.0, False)),
+        "tp": layout("tp", {"tp": 2, "pp": 1, "dp": 1}, 0.5, layer=layer(1_250_000, 0.6, 0.625, False)),
+        "tp-sp": layout("tp-sp", {"tp": 2, "pp": 1, "dp": 1}, 0.4, layer=layer(1_100_000, 0.5, 0.55, True)),
+        "pp-1f1b": layout("pp-1f1b", {"tp": 1, "pp": 2, "dp": 1}, 0.45, pp=pp),
+    }
+    return record
+
+
+PARALLEL_BENCHMARKS = {
+    "bench_parallel.DataParallelSharding.track_seconds_per_mtok": {
+        "params": [["'ddp'", "'zero3-bf16'"], ["2"]], "param_names": ["technique", "world_size"]},
+    "bench_model_parallel.ModelParallel.track_bubble_measured": {
+        "params": [["'ddp'", "'pp-1f1b'"], ["2"]], "param_names": ["layout", "world_size"]},
+    "bench_comm.CommBandwidth.track_busbw": {
+        "params": [["'allreduce'", "'ps'"], ["2"]], "param_names": ["scheme", "world_size"]},
+}
+
+
+@pytest.fixture
+def parallel_results(results):
+    """``results`` plus a baseline run, a data-parallel and a model-parallel comparison, a comm
+    record, the model-parallel report files, and their classes in asv's index.json."""
+    from test_report import make_comm_record, make_interleaved
+
+    newest = results / "runs" / "bbbbbbbbbbbb"
+    for family, name, record in (("baseline", "baseline-nano-ws1", _record("nano/adamw/base", 900.0)),
+                                 ("parallel", "compare-ws2", make_interleaved("parallel")),
+                                 ("model_parallel", "compare-ws2", make_mp_interleaved()),
+                                 ("comm", "comm-ws2", make_comm_record())):
+        (newest / family).mkdir()
+        (newest / family / f"{name}.json").write_text(json.dumps(record))
+    plots = results / "plots" / "bbbbbbbbbbbb"
+    (plots / "model_parallel_bubble.png").write_bytes(b"\x89PNG fake")
+    (plots / "model_parallel_layouts.csv").write_text("layout\nddp\n")
+    index = results / "html" / "index.json"
+    benchmarks = json.loads(index.read_text())["benchmarks"]
+    index.write_text(json.dumps({"benchmarks": {**benchmarks, **PARALLEL_BENCHMARKS}}))
+    return results
+
+
+def _section(page: str, section_id: str) -> str:
+    return re.search(rf'<section class="family" id="{section_id}">(.*?)</section>', page, re.S).group(1)
+
+
+def test_nav_follows_the_families_table(parallel_results):
+    """Every family with records is in the navigation once, in the table's order, by its title,
+    linked to its own section or (comm: no section of its own) its report section's; each
+    family's heading shows its title and question."""
+    from impls import families
+
+    _build(parallel_results)
+    page = (parallel_results / "html" / "index.html").read_text()
+    nav = re.search(r'<nav class="families">(.*?)</nav>', page, re.S).group(1)
+    family_links, _, section_links = nav.partition('<span class="sections">')
+    links = re.findall(r'<a href="#([^"]+)" title="[^"]*">([^<]+)</a>', family_links)
+    expected = ["baseline", "technique", "parallel", "comm", "model_parallel"]
+    assert [title for _, title in links] == [families.title(name) for name in expected]
+    assert [anchor for anchor, _ in links] == ["family-baseline", "family-technique", "family-parallel",
+                                               "data-parallel", "family-model_parallel"]
+    assert re.findall(r'href="#([^"]+)"', section_links) == ["data-parallel", "model-parallel", "isoflop-bbbbbbbbbbbb-quick"]
+    # The family sections come in the same order, each headed by its title and its question.
+    assert re.findall(r'<section class="family" id="family-([^"]+)">', page) == ["baseline", "technique", "parallel",
+                                                                                  "model_parallel"]
+    for name in ("baseline", "technique", "parallel", "model_parallel"):
+        family = families.get(name)
+        head = _section(page, f"family-{name}")
+        assert head.startswith(f'<h2>{html.escape(family.title)} <span class="family-name">{name}</span></h2>'
+                               f'<p class="question">{html.escape(family.question, quote=True)}</p>')
+    # comm has no section of its own: its title and question head the data-parallel section.
+    assert f"<b>Collective bandwidth</b>: {html.escape(families.get('comm').question)}" in _section(page, "data-parallel")
+
+
+def test_asv_links_of_parallel_model_parallel_and_comm(parallel_results):
+    """The families ASV_FAMILIES used to miss get their asv history links (from the table's classes)."""
+    _build(parallel_results)
+    page = (parallel_results / "html" / "index.html").read_text()
+    for section, name in (("family-parallel", "bench_parallel.DataParallelSharding.track_seconds_per_mtok"),
+                          ("family-model_parallel", "bench_model_parallel.ModelParallel.track_bubble_measured"),
+                          ("data-parallel", "bench_comm.CommBandwidth.track_busbw")):
+        assert f'<p class="links">asv history: <a href="asv.html#{name}">' in _section(page, section)
+
+
+def test_model_parallel_section_charts_table_and_files(parallel_results):
+    from impls.report import model_parallel
+
+    summary = _build(parallel_results)
+    html_dir = parallel_results / "html"
+    page = (html_dir / "index.html").read_text()
+    section = _section(page, "model-parallel")
+    specs = _specs(page)
+    charts = re.findall(r'<div class="chart" id="(chart-\d+)"></div>', section)
+    assert len(charts) == 3 and f"{len(specs)} interactive charts" in summary[1]
+    by_title = {specs[c]["title"]["text"]: specs[c] for c in charts}
+    activations = by_title["Activation bytes per layer per rank: TP vs TP+SP"]["data"]["values"]
+    measured = {v["layout"]: v["KiB"] for v in activations if v["what"].startswith("measured")}
+    assert measured == pytest.approx({"ddp (ws2)": 2_000_000 / 1024, "tp (ws2)": 1_250_000 / 1024,
+                                      "tp-sp (ws2)": 1_100_000 / 1024})
+    paper = {v["layout"]: v["KiB"] for v in activations if v["what"].startswith("paper")}
+    assert paper["tp-sp (ws2)"] == pytest.approx(0.5 * 2_000_000 / 1024)  # unsharded × Korthikanti's ratio
+    bubble = by_title["Pipeline bubble vs micro-batches"]["data"]["values"]
+    formula = [v for v in bubble if v["kind"] == "formula"]
+    assert all(v["bubble"] == pytest.approx(1 / (v["m"] + 1)) for v in formula)  # (p−1)/(m+p−1), p = 2
+    assert [(v["m"], v["bubble"]) for v in bubble if v["kind"] == "measured"] == [(4, 0.35)]
+    assert {v["m"] for v in bubble if v["kind"] == "replayed"} >= {2, 4, 8}
+    planner = by_title[f"Planner: per-device memory on {model_parallel.PLANNER_DEVICES} devices"]["data"]["values"]
+    assert {v["model"] for v in planner} == set(model_parallel.PLANNER_MODELS)
+    # The static PNG that exists is linked, the others are not; the layouts' CSV is copied and linked.
+    assert 'href="report/bbbbbbbbbbbb/model_parallel_bubble.png">static PNG' in section
+    assert "model_parallel_activations.png" not in section
+    assert (html_dir / "report" / "bbbbbbbbbbbb" / "model_parallel_layouts.csv").is_file()
+    assert 'href="report/bbbbbbbbbbbb/model_parallel_layouts.csv"' in section
+    table = re.search(r"<table class=\"sortable\" id='model-parallel-layouts'>(.*?)</table>", section, re.S).group(1)
+    assert len(re.findall(r"<tr>", table)) == 1 + 4  # header + 4 layouts
+    assert "2.22 [2.02, 2.47]" in table  # 1F1B: time per token ÷ DDP = 1/0.45 with its interval
+    assert "<table class=\"sortable\" id='model-parallel-planner'>" in section
+    assert "NaN" not in json.dumps(specs)
+
+
+def test_sections_follow_the_families_table():
+    from impls import families
+
+    assert [s.name for s in site.SECTIONS] == list(families.SECTIONS)

@@ -22,6 +22,8 @@ import pytest
 
 import asv
 from impls import site
+from impls.site import vendor as site_vendor
+from test_frontpage import parallel_results, results  # noqa: F401 - fixtures
 from test_frontpage import results as frontpage_results  # noqa: F401 - fixture
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -60,13 +62,13 @@ def fake_registry(tmp_path, monkeypatch):
         "README.md": b"not copied",
     })
     (cache / "fakelib-1.0.0.tgz").write_bytes(tgz)
-    monkeypatch.setattr(site, "PACKAGE_INTEGRITY", {"fakelib@1.0.0": site._sri(tgz, "sha512")})
-    monkeypatch.setattr(site, "CDN_ASSETS", {
+    monkeypatch.setattr(site_vendor, "PACKAGE_INTEGRITY", {"fakelib@1.0.0": site.sri(tgz, "sha512")})
+    monkeypatch.setattr(site_vendor, "CDN_ASSETS", {
         CDN_JS: site.Asset("fakelib@1.0.0", "dist/fakelib.min.js"),
         CDN_CSS: site.Asset("fakelib@1.0.0", "dist/fakelib.min.css", exact=False,
                             note="test", companions=("fonts/",)),
     })
-    monkeypatch.setattr(site.shutil, "which", lambda name: None)
+    monkeypatch.setattr(site_vendor.shutil, "which", lambda name: None)
     return cache
 
 
@@ -85,7 +87,7 @@ def _write_site(html_dir: Path, js_integrity: str) -> None:
 
 def test_vendor_rewrites_cdn_links_to_local_copies(tmp_path, fake_registry):
     html_dir = tmp_path / "html"
-    _write_site(html_dir, site._sri(JS_BYTES, "sha256"))
+    _write_site(html_dir, site.sri(JS_BYTES, "sha256"))
 
     vendored = site.vendor_offline(html_dir, fake_registry)
 
@@ -133,7 +135,7 @@ def test_vendor_refuses_unknown_external_url_without_touching_html(tmp_path, fak
 
 def test_vendor_rejects_copy_that_differs_from_cdn_hash(tmp_path, fake_registry):
     html_dir = tmp_path / "html"
-    _write_site(html_dir, site._sri(b"other bytes", "sha256"))
+    _write_site(html_dir, site.sri(b"other bytes", "sha256"))
     with pytest.raises(site.SiteError, match="does not match the integrity hash"):
         site.vendor_offline(html_dir, fake_registry)
 
@@ -322,3 +324,44 @@ def test_front_page_plots_are_drawn_offline_by_the_vendored_library(asv_project,
     os.remove(html_dir / "vendor" / "vega-embed-7.3.0" / "build" / "vega-embed.min.js")
     with pytest.raises(site.SiteError, match="vega-embed\\) did not load"):
         site.check_site(html_dir, chromium=chromium)
+
+
+def test_model_parallel_charts_are_drawn_offline(asv_project, parallel_results, tmp_path):
+    """The model-parallel section's charts count in the check: every chart of the page, these
+    three included, drawn as SVG by the vendored vega-embed."""
+    try:
+        chromium = site.find_chromium()
+    except site.SiteError as err:
+        pytest.skip(str(err))
+    html_dir = tmp_path / "site"
+    shutil.copytree(asv_project / "html", html_dir)
+    site.build_front_page(html_dir, parallel_results / "runs", parallel_results / "plots", parallel_results / "isoflop")
+    try:
+        site.vendor_offline(html_dir, VENDOR_CACHE)
+    except site.FetchError as err:
+        pytest.skip(f"npm registry not reachable: {err}")
+    page = (html_dir / "index.html").read_text()
+    section = page[page.index('<section class="family" id="model-parallel">'):]
+    assert section.count('<div class="chart"') >= 3
+    n = page.count('<div class="chart"')
+    summary = site.check_site(html_dir, chromium=chromium)
+    assert summary[1].startswith(f"front page: {n} of {n} charts drawn as SVG")
+
+
+def _front_dom(charts: str) -> str:
+    return f'<html><body>{charts}<table class="sortable"></table></body></html>'
+
+
+def test_check_front_page_wants_every_chart_marked_rendered():
+    source = '<script type="application/json" id="etbench-specs">{"chart-1": {}, "chart-2": {}}</script>'
+    drawn = '<div class="chart" id="chart-{}" data-rendered="yes"><svg class="marks"></svg></div>'
+    ok = _front_dom(drawn.format(1) + drawn.format(2))
+    assert site.check_front_page(ok, source).startswith("front page: 2 of 2 charts drawn")
+    # A chart element that vega-embed never finished (a spec missing from the block, or still
+    # pending) fails the check even when the counts of the spec block are met.
+    pending = _front_dom(drawn.format(1) + drawn.format(2) + '<div class="chart" id="chart-3"></div>')
+    with pytest.raises(site.SiteError, match="1 of 3 front-page charts were not drawn \\(first: chart-3\\)"):
+        site.check_front_page(pending, source)
+    failed = _front_dom(drawn.format(1) + '<div class="chart" id="chart-2" data-error="Error: bad"></div>')
+    with pytest.raises(site.SiteError, match="failed to render"):
+        site.check_front_page(failed, source)

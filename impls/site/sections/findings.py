@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from .. import families
-from .. import report
-from ..report import findings as rf
+from ... import families, report
+from ...report import findings as rf
+from .base import Rendered, SectionContext
 
 #: Filters the rows of every ``table[data-filter]`` by the text typed into the input whose
 #: ``data-filter-for`` names the table (case-insensitive substring of the row's text).
@@ -78,7 +78,7 @@ def findings_rows(frame: pd.DataFrame) -> list[dict]:
     for r in frame.to_dict("records"):
         family = r["family"]
         rows.append({
-            "family": f'<a href="#family-{_esc(family)}">{_esc(families.title(family))}</a>',
+            "family": f'<a href="#family-{_esc(family)}" title="{_esc(families.title(family))}">{_esc(family)}</a>',
             "variant": r["variant"],
             "speed ×": _interval(r["speed"], r["speed lo"], r["speed hi"], "{:.3g}"),
             **{f"{c} ×": r[c] for c in ("params", "grads", "optimizer", "activations", "peak")},
@@ -103,9 +103,7 @@ def claims_rows(frame: pd.DataFrame) -> list[dict]:
 
 def section(loaded, html_dir: Path) -> str:
     """The findings section's HTML; writes the three citation files into ``html_dir``."""
-    written, _ = rf.write_findings(loaded, Path(html_dir))
-    findings = rf.findings_frame(loaded)
-    claims = rf.claims_frame(rf.claim_checks(loaded))
+    written, findings, claims = rf.write_findings(loaded, Path(html_dir))
     if findings.empty and claims.empty:
         return ""
     parts = ['<section class="findings" id="findings"><h2>What each technique buys here</h2>',
@@ -132,3 +130,16 @@ def section(loaded, html_dir: Path) -> str:
             table_id="claims-table") + "</div>")
     parts.append("</section>")
     return "".join(parts)
+
+
+class FindingsSection:
+    """Report section ``findings``: first on the page, the one-screen answer."""
+
+    name = "findings"
+
+    def html(self, ctx: SectionContext) -> Rendered:
+        text = section(ctx.loaded, ctx.html_dir)
+        if not text:
+            return Rendered()
+        return Rendered(text, [("findings", "findings"), ("claims", "claims checked")] if "id=\"claims\"" in text
+                        else [("findings", "findings")])
