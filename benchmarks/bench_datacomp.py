@@ -9,6 +9,7 @@ tokens read from zstd files are compared at the same budget (same batches: same 
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -54,10 +55,7 @@ def prepare_data(root: Path | None = None) -> Path:
     return root
 
 
-def _recipe(**overrides) -> dict:
-    s = SETTINGS
-    return {**dict(model=s["model"], data=s["data"], batch_size=s["batch_size"], seq_len=s["seq_len"], lr=s["lr"],
-                   device=common.PROFILE["device"]), **overrides}
+_recipe = functools.partial(common.family_recipe, SETTINGS)
 
 
 def _track(*path: str, unit: str):
@@ -92,12 +90,13 @@ class DataCompression:
     param_names = ["data", "format"]
 
     def setup_cache(self):
+        from impls import datacomp
         from impls.measure import data_throughput
 
         if common.dry_run():
             return _plan_throughput()
-        record = data_throughput.measure(SETTINGS["datasets"], batch_size=SETTINGS["batch_size"],
-                                         seq_len=SETTINGS["seq_len"], model=SETTINGS["model"])
+        record = datacomp.measure(SETTINGS["datasets"], batch_size=SETTINGS["batch_size"],
+                                  seq_len=SETTINGS["seq_len"], model=SETTINGS["model"])
         path = data_throughput.write(record, common.runs_dir())
         return json.loads(path.read_text())
 
@@ -111,11 +110,10 @@ class DataCompression:
 
 if common.profile_name() != "quick":  # two trainings do not fit the quick profile's 15 s
 
-    class DataTraining:
+    class DataTraining(common.BudgetedRuns):
         """The baseline on in-memory data vs the same tokens read from zstd files, same budget."""
 
         params = list(VARIANTS)
-        param_names = ["variant"]
 
         def setup_cache(self):
             if not common.dry_run():  # a dry run writes nothing: the recipes are planned on the profile's data
@@ -125,13 +123,6 @@ if common.profile_name() != "quick":  # two trainings do not fit the quick profi
                     for name, (techniques, overrides) in VARIANTS.items()}
 
         setup_cache.timeout = 3600
-
-        track_seconds_per_mtok = common.seconds_per_mtok
-        track_val_loss_at_budget = common.tracked_field("final_val_loss", unit="nats/token")
-        track_params_bytes = common.tracked_field("memory", "params_bytes", unit="bytes")
-        track_grads_bytes = common.tracked_field("memory", "grads_bytes", unit="bytes")
-        track_optimizer_bytes = common.tracked_field("memory", "optimizer_bytes", unit="bytes")
-        track_activations_bytes = common.tracked_field("memory", "activations_bytes", unit="bytes")
 
     @common.speed_tracks
     class DataSpeed:

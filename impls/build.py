@@ -89,7 +89,7 @@ class Frozen(nn.Module):
 @dataclass
 class Build:
     dims: ParallelDims
-    plan: object  # impls.techniques.Plan
+    plan: object  # impls.techniques.StepPlan
     device: torch.device
     model_parts: list[nn.Module]
     train_parts: list[nn.Module] = field(default_factory=list)

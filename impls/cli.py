@@ -10,14 +10,27 @@
     etbench comm --nproc 4 --sizes 4K,1M,64M --out comm.json  # ring all-reduce vs parameter server
     etbench plan --model llama-7b --devices 64 --device-mem 80GiB --device-flops 989e12 --link-gbps 400 \
         --global-batch 1024 --seq-len 2048 [--json plan.json]   # layouts ranked by a predicted step time
+    etbench gpu-check --out DIR      # every CUDA path once: a PASS / FAIL / REFUSED table
+    etbench model-states --models gpt2-xl llama-7b   # per-rank model-state memory under DDP and ZeRO
+    etbench publish RUNS_DIR --machine NAME          # another machine's records under results/published/
+    etbench site build|vendor|check HTML_DIR         # the benchmark site (make site)
+    etbench bench-time --machine M --commit SHA      # where the time of a make bench went
+    etbench wheelhouse build|install DIR             # offline wheels (make wheelhouse, make setup)
+    etbench deepspeed-ops                            # build DeepSpeed's JIT ops (make setup)
+
+Every ``python -m impls.X`` command is also an ``etbench`` command (:data:`MODULE_COMMANDS`), the
+same parser either way: ``etbench NAME ARGS`` hands ``ARGS`` to the module's own ``main``
+(:data:`DELEGATED`), imported only when that command runs.  ``python -m impls.ranks`` is the one
+exception: internal plumbing that starts a rank (see :mod:`impls.ranks`).
 
 Exit statuses: 0 done; 2 bad input (one line on stderr, before any work, nothing written: unknown
-names, invalid values, an output path that cannot be written, a checkpoint that does not fit);
+names, invalid values, an output path that cannot be written, a training state (``--resume``) that
+does not fit);
 1 a failure during the work (a write that failed, e.g. a full disk: one line naming the path and
 the OS error, the previous file intact; a rank that died; an unexpected error, with its
 traceback); 3 the run diverged (its record is written with ``status: "diverged at step N"``;
-``--allow-divergence`` exits 0 instead); 130 interrupted (Ctrl-C: one line, naming the checkpoint to
-``--resume`` from if there is one; no record written, no traceback from any rank).
+``--allow-divergence`` exits 0 instead); 130 interrupted (Ctrl-C: one line, naming the training-state
+file to ``--resume`` from if there is one; no record written, no traceback from any rank).
 """
 from __future__ import annotations
 
@@ -49,7 +62,10 @@ def _run_parser(sub) -> None:
     _force_argument(p)
     p.add_argument("--out", help="write the JSON record here (atomically)")
     p.add_argument("--save-every", type=int, metavar="N", help="save the training state every N steps")
-    p.add_argument("--checkpoint", help="training-state file for --save-every (default: OUT with .state.pt)")
+    p.add_argument("--checkpoint", metavar="STATE_FILE",
+                   help="where --save-every writes the training state (model, optimizer, RNG, step: the file "
+                        "--resume reads; not activation checkpointing, which is --technique checkpoint) "
+                        "(default: OUT with .state.pt)")
     p.add_argument("--resume", metavar="PATH", help="continue from a training state saved by --save-every")
     _timeout_argument(p)
     p.add_argument("--allow-divergence", action="store_true",
@@ -191,29 +207,29 @@ def _cmd_run(args, argv) -> int:
     if args.checkpoint is not None and args.save_every is None:
         raise recipe_lib.RecipeError(f"--checkpoint {args.checkpoint!r} is written only with --save-every N (the "
                                      f"steps between saves); give --save-every, or drop --checkpoint")
-    checkpoint = args.checkpoint if args.checkpoint is not None else (
+    state_file = args.checkpoint if args.checkpoint is not None else (
         str(Path(args.out).with_suffix(".state.pt")) if args.out else None)
     if args.save_every is not None:
-        if checkpoint is None:
+        if state_file is None:
             raise recipe_lib.RecipeError("--save-every needs --checkpoint PATH or --out FILE")
         if args.save_every < 1:
             raise recipe_lib.RecipeError(f"--save-every must be >= 1, got {args.save_every}")
-        args.saving_to = checkpoint  # named by the line of an interrupted run (_interrupted)
+        args.saving_to = state_file  # named by the line of an interrupted run (_interrupted)
     # Every path the run will write, before any work: a run is never lost to an unwritable path.
     writes = [args.out] if args.out is not None else []
     for path in writes:
         check_writable(path)
     if args.save_every is not None:
-        writes.append(checkpoint)
-        check_writable(checkpoint)
-        if args.out is not None and same_file(args.out, checkpoint):
-            raise recipe_lib.RecipeError(f"--checkpoint {checkpoint!r} is the --out record's path; give another")
-    # Nothing read may be overwritten: the record over the checkpoint it resumes from, over the
-    # record --init-from names... (the checkpoint may be the --resume file: that is how a run goes on).
+        writes.append(state_file)
+        check_writable(state_file)
+        if args.out is not None and same_file(args.out, state_file):
+            raise recipe_lib.RecipeError(f"--checkpoint {state_file!r} is the --out record's path; give another")
+    # Nothing read may be overwritten: the record over the training state it resumes from, over the
+    # record --init-from names... (the state file may be the --resume file: that is how a run goes on).
     inputs = _run_inputs(recipe, args.resume)
     check_distinct({"--out": args.out}, inputs)
     if args.save_every is not None:
-        check_distinct({"--checkpoint": checkpoint}, {k: v for k, v in inputs.items() if k != "--resume"})
+        check_distinct({"--checkpoint": state_file}, {k: v for k, v in inputs.items() if k != "--resume"})
     if args.nproc > 1 and not _is_rank():
         train.validate(recipe, world_size=args.nproc)  # fail here, once, before starting ranks
         if args.resume:
@@ -222,13 +238,13 @@ def _cmd_run(args, argv) -> int:
             clean_stale(*writes)
             return _relaunch_under_torchrun(argv, args.nproc)
     with _writer_lock(*writes):
-        return _run_here(args, recipe, checkpoint, writes)
+        return _run_here(args, recipe, state_file, writes)
 
 
-def _run_here(args, recipe, checkpoint, writes) -> int:
+def _run_here(args, recipe, state_file, writes) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         clean_stale(*writes)  # temporaries of a process killed mid-write
-    record = train.run(recipe, save_every=args.save_every, checkpoint=checkpoint, resume=args.resume)
+    record = train.run(recipe, save_every=args.save_every, checkpoint=state_file, resume=args.resume)
     status = 0
     if int(os.environ.get("RANK", "0")) == 0:
         if args.out:
@@ -376,14 +392,55 @@ def _cmd_gpu_check(args, argv) -> int:
     return gpucheck.run_cli(args)
 
 
-def _cmd_report(args, argv) -> int:
-    from . import report
+def _cmd_deepspeed_ops(args, argv) -> int:
+    from .engines import deepspeed_ops
 
-    return report.main([*args.paths, "-o", args.out])
+    return deepspeed_ops.main()
+
+
+#: Commands whose module parses its own arguments: ``etbench NAME ARGS...`` is ``python -m MODULE
+#: ARGS...`` (the module's ``main(ARGS)``: one parser per command), the module imported only when
+#: its command runs.  Name -> (module, the line ``etbench --help`` shows).
+DELEGATED = {
+    "isoflop": ("impls.isoflop", "isoFLOP sweep: train sizes × budgets × variants, fit optima (see --help)"),
+    "report": ("impls.report", "plots and tables from run records, or --compare two runs directories (see --help)"),
+    "site": ("impls.site", "the benchmark site: build, vendor (CDN assets made local), check (see --help)"),
+    "publish": ("impls.publish", "publish another machine's records under results/published/ (see --help)"),
+    "bench-time": ("impls.benchtime", "where the time of a make bench went, per family and phase (see --help)"),
+    "model-states": ("impls.measure.model_states",
+                     "per-rank model-state memory of zoo models under DDP and ZeRO 1/2/3 (see --help)"),
+    "wheelhouse": ("impls.wheelhouse", "build or install an offline folder of wheels (see --help)"),
+}
+
+#: Every ``python -m impls.X`` entry point and its ``etbench`` command (``tests/test_cli_commands.py``
+#: fails on an entry point missing here, except the internal ones it lists with their reasons).
+MODULE_COMMANDS = {module: name for name, (module, _) in DELEGATED.items()} | {
+    "impls.planner": "plan", "impls.gpucheck": "gpu-check", "impls.engines.deepspeed_ops": "deepspeed-ops"}
+
+
+def _delegate(name: str, rest: list[str]) -> int:
+    """``etbench NAME REST...``: the module's own ``main(REST)``; what escapes it is reported as
+    every command's is (one line and status 2 for bad input, 1 for a failed write, 130 for Ctrl-C)."""
+    import importlib
+
+    module = importlib.import_module(DELEGATED[name][0])
+    try:
+        return module.main(rest)
+    except ConfigError as e:
+        return _fail(EXIT_BAD_INPUT, str(e))
+    except WriteError as e:
+        return _fail(EXIT_FAILED, str(e))
+    except KeyboardInterrupt:
+        return _interrupted(None, 0.0)
+    except Exception as e:  # out of memory (an isoflop point): one line, status 1
+        if _out_of_memory(e):
+            return _fail(EXIT_FAILED, _out_of_memory_line(e))
+        raise
 
 
 def parser() -> argparse.ArgumentParser:
-    """The ``etbench`` parser (``isoflop`` is only listed here: it parses its own options)."""
+    """The ``etbench`` parser (the :data:`DELEGATED` commands are only listed here: their modules
+    parse their own options)."""
     top = OneLineParser(prog="etbench", description=__doc__.split("\n")[0])
     sub = top.add_subparsers(dest="command", required=True)
     _run_parser(sub)
@@ -409,18 +466,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--bench-log", metavar="JSON",
                    help="re-probe fp32 and bf16 (and fp8 on GPUs that have it) and log them for a benchmark run")
     p.add_argument("--phase", choices=("start", "end"), help="with --bench-log: which end of the run (default start)")
-    sub.add_parser("isoflop", help="isoFLOP sweep: train sizes × budgets × variants, fit optima (see --help)")
     p = sub.add_parser("plan", help="auto-parallel planner: layouts ranked by a predicted step time (see --help)")
     from . import planner
 
     planner.add_arguments(p)
-    p = sub.add_parser("report", help="plots and tables from run records")
-    p.add_argument("paths", nargs="+")
-    p.add_argument("-o", "--out", default="results/plots")
     p = sub.add_parser("gpu-check", help="every CUDA path once: a PASS / FAIL / REFUSED table (see --help)")
     from . import gpucheck
 
     gpucheck.add_arguments(p)
+    sub.add_parser("deepspeed-ops", help="build DeepSpeed's JIT-compiled ops once (make setup runs it)",
+                   description="Build DeepSpeed's JIT-compiled ops (CPUAdam, the shared-memory collectives) into "
+                               "the extensions cache; an op that cannot build is recorded with its reason, and the "
+                               "techniques that need it refuse with that reason (impls.engines.deepspeed_ops).")
+    for name, (_, summary) in DELEGATED.items():
+        sub.add_parser(name, help=summary)
     return top
 
 
@@ -451,8 +510,8 @@ def collective_of(exc: BaseException) -> str:
 
 
 def _interrupted(args, started: float) -> int:
-    """Ctrl-C: ``etbench: interrupted``, naming the checkpoint to resume from if the run has one
-    (saved by this run, else the one it resumed from), instead of a traceback; status 130."""
+    """Ctrl-C: ``etbench: interrupted``, naming the training-state file to resume from if the run
+    has one (saved by this run, else the one it resumed from), instead of a traceback; status 130."""
     def written(path) -> bool:  # by this command
         try:
             return path is not None and os.stat(path).st_mtime >= started
@@ -469,24 +528,11 @@ def _interrupted(args, started: float) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["isoflop"]:  # its own parser: the sweep engine owns its options
-        from . import isoflop
-
-        try:
-            return isoflop.main(argv[1:])
-        except ConfigError as e:
-            return _fail(EXIT_BAD_INPUT, str(e))
-        except WriteError as e:
-            return _fail(EXIT_FAILED, str(e))
-        except KeyboardInterrupt:
-            return _interrupted(None, 0.0)
-        except Exception as e:  # out of memory in a point: one line, status 1
-            if _out_of_memory(e):
-                return _fail(EXIT_FAILED, _out_of_memory_line(e))
-            raise
+    if argv[:1] and argv[0] in DELEGATED:  # its own parser: the module owns its options
+        return _delegate(argv[0], argv[1:])
     args = parser().parse_args(argv)
-    commands = {"run": _cmd_run, "compare": _cmd_compare, "comm": _cmd_comm, "zoo": _cmd_zoo, "peak": _cmd_peak, "report": _cmd_report,
-                "plan": _cmd_plan, "gpu-check": _cmd_gpu_check}
+    commands = {"run": _cmd_run, "compare": _cmd_compare, "comm": _cmd_comm, "zoo": _cmd_zoo, "peak": _cmd_peak,
+                "plan": _cmd_plan, "gpu-check": _cmd_gpu_check, "deepspeed-ops": _cmd_deepspeed_ops}
     started = time.time()
     try:
         return commands[args.command](args, argv)

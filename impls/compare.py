@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 
@@ -43,6 +42,7 @@ from . import dist, families
 from .measure import timing as timing_lib
 from .measure import device_name
 from .measure.comm import CommCounter
+from .measure.timing import median_interval, ratio_stats, t975  # noqa: F401 (also compare.t975, as before)
 from .provenance import SCHEMA_VERSION, provenance
 from .recipe import Recipe, RecipeError
 
@@ -57,46 +57,6 @@ SPEC_OWNED_FIELDS = {
              "'steps' (per round), 'rounds' and 'warmup' instead",
     "flops_budget": "a comparison times a fixed number of steps; drop flops_budget",
 }
-
-# Two-sided 95% Student-t quantiles t(0.975, df) for df = 1..30; beyond, the normal 1.96 is
-# within 2% (no scipy dependency for 30 numbers).
-_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-         2.045, 2.042]
-
-
-def t975(df: int) -> float:
-    return _T975[df - 1] if df <= len(_T975) else 1.96
-
-
-def median_interval(n: int) -> tuple[int, int, float]:
-    """1-based ranks (k, n-k+1) of the order statistics bracketing the median with coverage >= 95%
-    (the largest k with P(Binomial(n, 1/2) < k) <= 2.5%), and the exact coverage.  Below 6 values
-    no pair reaches 95%: the extremes are returned with their (lower) coverage."""
-    k, tail = 1, 0.5 ** n  # tail = P(X < k) for k = 1
-    while k < n // 2:
-        nxt = tail + math.comb(n, k) * 0.5 ** n
-        if nxt > 0.025:
-            break
-        k, tail = k + 1, nxt
-    return k, n - k + 1, 1 - 2 * tail
-
-
-def ratio_stats(per_round: list[float]) -> dict:
-    """Median of positive per-round values with its order-statistic 95% interval; the geometric
-    mean and its Student-t interval (on logs) beside them."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        x = np.log(np.asarray(per_round, dtype=float))
-    if x.size == 0 or not np.all(np.isfinite(x)):
-        raise ValueError(f"ratios must be positive and finite, got {per_round}")
-    ordered = np.sort(np.exp(x))
-    lo, hi, coverage = median_interval(x.size)
-    mean = float(x.mean())
-    half = t975(x.size - 1) * float(x.std(ddof=1)) / math.sqrt(x.size) if x.size > 1 else 0.0
-    return dict(value=float(np.median(ordered)), ci95=[float(ordered[lo - 1]), float(ordered[hi - 1])],
-                coverage=coverage, geomean=math.exp(mean), geomean_ci95=[math.exp(mean - half), math.exp(mean + half)],
-                n=int(x.size), per_round=[float(v) for v in per_round])
-
 
 @dataclasses.dataclass
 class Spec:

@@ -33,8 +33,9 @@ RECORD_KINDS = {
 }
 
 #: Report sections (one module each under impls/report/): the families each renders beyond the
-#: generic per-family tables and figures.
-SECTIONS = ("runs", "data_parallel", "model_parallel", "compression", "tokens", "isoflop")
+#: generic per-family tables and figures, in the site's order (``findings`` opens the page: it reads
+#: every family and owns none).
+SECTIONS = ("findings", "runs", "data_parallel", "model_parallel", "compression", "tokens", "isoflop")
 
 
 @dataclasses.dataclass(frozen=True)

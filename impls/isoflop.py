@@ -46,7 +46,7 @@ from . import recipe as recipe_lib
 from . import train, zoo
 from .errors import ConfigError, WriteError
 from .files import check_writable_dir, clean_stale_in, exclusive, write_text
-from .report import new_figure, save_figure
+from .figures import new_figure, save_figure
 
 #: Variant name -> technique specs (``etbench run --technique`` syntax).
 VARIANTS: dict[str, list[str]] = {

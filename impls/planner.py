@@ -712,7 +712,10 @@ def enumerate_layouts(devices: int, global_batch: int, *, schedules=SCHEDULES, c
 
 
 @dataclass
-class Plan:
+class LayoutRanking:
+    """What :func:`plan` returns: its inputs, the layouts that divide and fit ranked by predicted
+    step time (best first), and the others with the reason each was rejected."""
+
     model: str
     hardware: Hardware
     seq_len: int
@@ -733,7 +736,7 @@ class Plan:
 
 def plan(model: str, hw: Hardware, *, seq_len: int, global_batch: int, precision: str = "mixed",
          attention: str = "stored", overlap: str = "dp", bucket_mb: float = 25.0, layouts=None,
-         model_overrides: dict | None = None, **enum) -> Plan:
+         model_overrides: dict | None = None, **enum) -> LayoutRanking:
     """Predict every layout (:func:`enumerate_layouts` unless ``layouts``) and rank the ones that
     divide and fit by predicted step time, best first; the others are :class:`Rejected`."""
     check_inputs(model, hw, seq_len, global_batch, precision, attention, overlap, model_overrides)
@@ -746,7 +749,7 @@ def plan(model: str, hw: Hardware, *, seq_len: int, global_batch: int, precision
                               f"--checkpointing on|off)")
     counts = model_counts(model, **(model_overrides or {}))
     prec = PRECISIONS[precision]
-    result = Plan(model, hw, seq_len, global_batch, prec, attention, overlap)
+    result = LayoutRanking(model, hw, seq_len, global_batch, prec, attention, overlap)
     for layout in layouts if layouts is not None else enumerate_layouts(hw.devices, global_batch, **enum):
         why = divisibility(counts.cfg, layout, global_batch)
         if why:
@@ -936,7 +939,7 @@ def _gib(x: float) -> str:
     return f"{x / GIB:.1f}"
 
 
-def table(result: Plan, top: int = 15) -> str:
+def table(result: LayoutRanking, top: int = 15) -> str:
     """The ranked layouts as a plain-text table."""
     head = (f"{'#':>3}  {'layout':<42} {'mem GiB':>8} {'param':>6} {'grad':>6} {'optim':>6} {'act':>6}  "
             f"{'step s':>8} {'comp':>7} {'tp':>6} {'pp':>6} {'bubble':>7} {'dp exp':>7} {'bub%':>5} {'MFU':>5}")
@@ -951,7 +954,7 @@ def table(result: Plan, top: int = 15) -> str:
     return "\n".join(lines)
 
 
-def report(result: Plan, top: int = 15, show_rejected: int = 10) -> str:
+def report(result: LayoutRanking, top: int = 15, show_rejected: int = 10) -> str:
     hw = result.hardware
     counts = model_counts(result.model)
     lines = [f"etbench plan: {result.model} (Psi {counts.psi:,}), {hw.devices} devices x {hw.device_mem / GIB:.1f} GiB, "

@@ -61,7 +61,7 @@ _STAGING = ".staging."
 
 
 @dataclass
-class Plan:
+class PublishPlan:
     """What a publication copies, checked completely before anything is written."""
 
     runs_dir: Path
@@ -161,7 +161,7 @@ def default_plots_dir(runs_dir: Path) -> Path | None:
 
 
 def plan(runs_dir: Path, plots_dir: Path | None, machine: str, date: str | None, root: Path, *,
-         force: bool = False, max_mb: float = DEFAULT_MAX_MB, plots_given: bool = True) -> Plan:
+         force: bool = False, max_mb: float = DEFAULT_MAX_MB, plots_given: bool = True) -> PublishPlan:
     """Check every input and list what would be copied (raises ConfigError; nothing is written)."""
     runs_dir, root = Path(runs_dir), Path(root)
     name = folder_name(check_machine(machine), check_date(date))
@@ -205,7 +205,8 @@ def plan(runs_dir: Path, plots_dir: Path | None, machine: str, date: str | None,
         raise ConfigError(f"{str(destination)!r} is published already; give --force to replace it, or another "
                           f"--machine or --date")
     check_writable_dir(root)
-    return Plan(runs_dir, Path(plots_dir) if plots_dir else None, destination, records, plot_files, skipped, others)
+    return PublishPlan(runs_dir, Path(plots_dir) if plots_dir else None, destination, records, plot_files, skipped,
+                       others)
 
 
 def classify(runs_dir: Path, candidates: Sequence[Path]) -> tuple[list[Path], list[dict]]:
@@ -278,7 +279,7 @@ def read_json(path: Path):
         return None
 
 
-def provenance(p: Plan, machine: str, date: str, profile: str | None, command: str) -> dict:
+def provenance(p: PublishPlan, machine: str, date: str, profile: str | None, command: str) -> dict:
     """What the records say about the machine and the run, and where they came from."""
     documents = {path.relative_to(p.runs_dir).as_posix(): read_json(path) for path in p.records}
     plots = {path.name: read_json(path) for path in p.plot_files}
@@ -307,7 +308,7 @@ def provenance(p: Plan, machine: str, date: str, profile: str | None, command: s
     }
 
 
-def write(p: Plan, prov: dict, *, force: bool = False) -> Path:
+def write(p: PublishPlan, prov: dict, *, force: bool = False) -> Path:
     """Assemble the folder under a hidden name beside its destination and rename it into place
     (replacing the old one only with ``force``), under an exclusive lock on the destination."""
     destination = p.destination

@@ -1,6 +1,6 @@
 """Several ranks on this machine: ``etbench run --nproc N`` (and ``etbench compare --nproc N``).
 
-The parent checks everything it can (recipe, data, output paths, a checkpoint to resume) before
+The parent checks everything it can (recipe, data, output paths, a training state to resume) before
 starting any rank, then runs torch's elastic agent in-process (what ``torchrun --standalone``
 runs) over ``python -m impls.cli ...`` without ``--nproc``.  What a user sees when something
 fails is one line, once:
@@ -34,10 +34,15 @@ Process lifetime:
 * Ctrl-C (SIGINT) of the launcher: the agent stops the ranks with SIGINT, which kills a rank at
   once and quietly (:func:`become_rank` restores its default action: no ``KeyboardInterrupt``
   traceback per rank), and the launcher prints one line and exits with status 130; writes are
-  atomic, so the last checkpoint stays resumable;
+  atomic, so the last saved training state stays resumable;
 * more ranks than CPU cores (or CUDA devices) are refused before any work (:func:`check_fit`)
   unless ``--oversubscribe``: oversubscribed ranks take turns on the cores and every collective
   waits for the slowest, so such a run can crawl (100 ranks on 2 cores made no progress in 120 s).
+
+``python -m impls.ranks MODULE ARGS...`` is internal plumbing, not a command: it is how
+:func:`launch` starts each rank (:func:`become_rank`, then ``MODULE`` run as ``__main__``), with
+the environment the agent sets; so it has no ``etbench`` subcommand (``tests/test_cli_commands.py``
+lists it among the entry points that are not commands, with this reason).
 """
 from __future__ import annotations
 

@@ -51,7 +51,7 @@ def _world_size(ctx: dist.DistContext | None) -> int:
     return ctx.world_size if ctx else int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def check_recipe_fields(r: Recipe, world_size: int = 1) -> tuple[list[techniques.TechniqueSpec], techniques.Plan]:
+def check_recipe_fields(r: Recipe, world_size: int = 1) -> tuple[list[techniques.TechniqueSpec], techniques.StepPlan]:
     """The checks that need no data and no built model: names, every field's type and range
     (:func:`impls.recipe.check_values`), the model config's fields, technique options and
     combinations, the mesh, and techniques that would change nothing in the model's config.
@@ -100,7 +100,7 @@ def model_overrides(r: Recipe, dataset: data_lib.TokenData) -> dict:
 @dataclass
 class Validated:
     specs: list[techniques.TechniqueSpec]
-    plan: techniques.Plan
+    plan: techniques.StepPlan
     dims: ParallelDims
     dataset: data_lib.TokenData
     source: "init_from_lib.Source | None" = None  # --init-from's weights, read and checked
@@ -178,7 +178,7 @@ _KEEP_BLOCK_STATES = frozenset({
     "zero-redundancy"})
 
 
-def memory_footprint(r: Recipe, meta: torch.nn.Module, specs: list[techniques.TechniqueSpec], plan: techniques.Plan,
+def memory_footprint(r: Recipe, meta: torch.nn.Module, specs: list[techniques.TechniqueSpec], plan: techniques.StepPlan,
                      dims: ParallelDims, device: torch.device) -> "footprint.Footprint":
     """The predicted peak bytes of one rank of ``r`` (:func:`impls.measure.footprint.predict`),
     from the model built on ``meta`` and the validated techniques, plan and mesh."""
@@ -197,7 +197,7 @@ def memory_footprint(r: Recipe, meta: torch.nn.Module, specs: list[techniques.Te
         states_on_device=not (device.type == "cuda" and any(v == "cpu" for s in specs for v in s.options.values())))
 
 
-def check_memory(r: Recipe, meta: torch.nn.Module, specs: list[techniques.TechniqueSpec], plan: techniques.Plan,
+def check_memory(r: Recipe, meta: torch.nn.Module, specs: list[techniques.TechniqueSpec], plan: techniques.StepPlan,
                  dims: ParallelDims, world_size: int) -> None:
     """Refuse ``r`` before any work when its predicted peak memory per rank (a lower bound) exceeds
     what its device has: on a CPU the host's available memory, shared by the ranks on this host;
@@ -252,7 +252,7 @@ class Batches:
 class Session:
     """What a run trains: the validated recipe's build, engine, data and process context."""
     recipe: Recipe
-    plan: techniques.Plan
+    plan: techniques.StepPlan
     ctx: dist.DistContext
     dataset: data_lib.TokenData
     build: Build
@@ -536,14 +536,16 @@ def run(recipe: Recipe, ctx: dist.DistContext | None = None, *, save_every: int 
         checkpoint: str | os.PathLike | None = None, resume: str | os.PathLike | None = None) -> dict:
     """Validate ``recipe``, train, and return the run record (identical on every rank).
 
-    ``save_every`` N steps, the full training state goes to ``checkpoint`` (atomically);
-    ``resume`` continues from such a file, ending bit-identical to an uninterrupted run.
+    ``save_every`` N steps, the full training state goes to ``checkpoint`` (atomically): the path of
+    the training-state file (:mod:`impls.training_state`; the CLI's ``--checkpoint``), which has
+    nothing to do with activation checkpointing (the ``checkpoint`` technique); ``resume``
+    continues from such a file, ending bit-identical to an uninterrupted run.
 
     Divergence is a status, not an exception: at the first step whose training loss (or an
     evaluation's validation loss) is not finite, on any rank, training stops (what follows a NaN
     is NaN: more steps would cost time and measure nothing), the curve gets that step with its
     non-finite loss, and the record's ``status`` says ``diverged at step N`` (``ok`` otherwise).
-    The checkpoint keeps the last finite state.
+    The state file keeps the last finite state.
     """
     t_start = time.perf_counter()
     if save_every is not None and (save_every < 1 or checkpoint is None):

@@ -1,10 +1,13 @@
-"""Training-state checkpoint and resume: a run killed after step k and resumed from its
-checkpoint ends bit-identical to an uninterrupted run.
+"""The training-state file (``--save-every`` / ``--checkpoint STATE_FILE`` / ``--resume``): a run killed
+after step k and resumed from its state file ends bit-identical to an uninterrupted run.  (Not
+activation checkpointing, which is the ``checkpoint`` technique; error messages call this file a
+"checkpoint", the word users know for it.)
 
 The state is everything the rest of the run depends on: model and optimizer (and loss-scaler)
 state (for an engine whose state is sharded over the data-parallel ranks, every rank's shard,
-gathered to rank 0 so the checkpoint is still one atomic file), the step reached (which is also the data position, since batches are a pure function of
-the step), the loss curve so far and the RNG states.  Rank 0 writes it atomically (temporary file
+gathered to rank 0 so the state is still one atomic file), the step reached (which is also the
+data position, since batches are a pure function of the step), the loss curve so far and the RNG
+states.  Rank 0 writes it atomically (temporary file
 + rename), with a SHA-256 of the payload; loading refuses a file that is corrupt, not an etbench
 checkpoint, or written by a different recipe, naming the differing fields.
 """

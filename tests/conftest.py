@@ -52,6 +52,6 @@ def engine_over(model, plan=None, recipe=None, total_steps: int = 10, engine_cla
     from impls.engines import TorchEngine
     from impls.recipe import Recipe
 
-    build = Build(dims=ParallelDims(1, {"dp": 1}), plan=plan or techniques.Plan(),
+    build = Build(dims=ParallelDims(1, {"dp": 1}), plan=plan or techniques.StepPlan(),
                   device=next(model.parameters()).device, model_parts=[model], materialized=True)
     return (engine_class or TorchEngine)(build, recipe or Recipe(), total_steps)

@@ -1,5 +1,5 @@
 """Every data-parallel technique's measured traffic per step against the formula of the
-collectives it declares (``Plan.sharding_stage``, ``comm_stage``, ``comm_param_bytes``), through
+collectives it declares (``StepPlan.sharding_stage``, ``comm_stage``, ``comm_param_bytes``), through
 an interleaved comparison on 2 gloo ranks: DDP 2Ψ, FSDP2 3Ψ, FSDP2 keeping the gathered
 parameters 2Ψ, FSDP2 with bf16 all-gathers 2Ψ·2 + Ψ·4 bytes -- each × (n−1)/n."""
 from __future__ import annotations

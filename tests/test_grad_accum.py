@@ -6,7 +6,7 @@ import torch
 
 from conftest import engine_over, loss_of
 from impls import train, zoo
-from impls.techniques import Plan
+from impls.techniques import StepPlan
 
 
 def _padded_batch(rows=8, seq_len=32, vocab=256):
@@ -21,7 +21,7 @@ def _padded_batch(rows=8, seq_len=32, vocab=256):
 
 
 def _grads(model, accum_steps, x, y):
-    engine = engine_over(copy.deepcopy(model), Plan(accum_steps=accum_steps), total_steps=1)
+    engine = engine_over(copy.deepcopy(model), StepPlan(accum_steps=accum_steps), total_steps=1)
     loss = engine.forward_backward(x, y)
     return loss, {n: p.grad.clone() for n, p in engine.module.named_parameters()}
 

@@ -7,7 +7,7 @@ import torch
 from conftest import engine_over
 from impls import train
 from impls.engines import TorchEngine
-from impls.techniques import Plan
+from impls.techniques import StepPlan
 
 
 class Probe(torch.nn.Module):
@@ -35,7 +35,7 @@ def _engine(model, plan):
 
 
 def _fp16(scaling):
-    return Plan(autocast_dtype=torch.float16, loss_scaling=scaling)
+    return StepPlan(autocast_dtype=torch.float16, loss_scaling=scaling)
 
 
 def test_fp16_without_scaling_loses_small_gradients_and_scaling_keeps_them():
@@ -43,7 +43,7 @@ def test_fp16_without_scaling_loses_small_gradients_and_scaling_keeps_them():
     x, y = torch.randn(8, 16), torch.zeros(8, 16, dtype=torch.long)
     gain = 2.0**-30  # gradient per output element: far below fp16's smallest subnormal 2^-24
     grads = {}
-    for name, plan in (("fp32", Plan()), ("fp16", _fp16(False)), ("fp16+scaling", _fp16(True))):
+    for name, plan in (("fp32", StepPlan()), ("fp16", _fp16(False)), ("fp16+scaling", _fp16(True))):
         engine = _engine(Probe(gain), plan)
         engine.forward_backward(x, y)
         grad = engine.module.layer.weight.grad

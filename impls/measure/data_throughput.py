@@ -21,8 +21,9 @@ element by element with the in-memory ones.
 Loader throughput is tokens per second of :meth:`impls.data.TokenData.batch` for a training batch
 (``batch_size`` x ``seq_len``, a fresh random index per call, as the training loop asks);
 the step's need is the tokens per second one baseline training step consumes
-(``tokens_per_step / median step time``), measured here on a nano model or read from a baseline
-record.  Their ratio says whether the loader could ever be the bottleneck (it must be >> 1).
+(``tokens_per_step / median step time``), measured on a nano model or read from a baseline record
+by :func:`impls.datacomp.step_need` (training is a layer above ``measure``: the need is passed in).
+Their ratio says whether the loader could ever be the bottleneck (it must be >> 1).
 """
 from __future__ import annotations
 
@@ -78,33 +79,6 @@ def loader_throughput(dataset: data_lib.TokenData, batch_size: int, seq_len: int
                 seconds_per_batch=elapsed / n)
 
 
-def step_need(model: str = "nano", data: str = "synthetic", batch_size: int = 8, seq_len: int = 128,
-              steps: int = 6, record: dict | None = None) -> dict:
-    """Tokens per second one baseline training step consumes: from ``record`` (a run record:
-    ``tokens_per_step / step_time.median``) or measured on ``steps`` steps (the first untimed),
-    from the *fastest* timed step: the most the step could ever ask of the loader, so the
-    loader/need ratio is a lower bound even when a burst of load slows some steps."""
-    if record is not None:
-        median = record["step_time"]["median"]
-        return dict(tokens_per_s=record["tokens_per_step"] / median, tokens_per_step=record["tokens_per_step"],
-                    step_seconds=median, source=f"record {record.get('name', '?')}")
-    import statistics
-
-    from .. import train
-    from ..recipe import Recipe
-
-    session = train.prepare(Recipe(model=model, data=data, batch_size=batch_size, seq_len=seq_len,
-                                   steps=steps, device="cpu"))
-    seconds: list[float] = []
-    for step in range(steps):
-        train.timed_step(session.engine, session.batches, session.ctx.device, step, seconds)
-    fastest, median = min(seconds[1:]), statistics.median(seconds[1:])
-    tokens = batch_size * seq_len
-    return dict(tokens_per_s=tokens / fastest, tokens_per_step=tokens, step_seconds=fastest,
-                median_step_seconds=median,
-                source=f"measured: {steps - 1} timed steps of {model}, batch {batch_size} x {seq_len}, cpu")
-
-
 def storage_table(dataset: data_lib.TokenData, workdir: Path, batch_size: int, seq_len: int,
                   levels=LEVELS) -> list[dict]:
     """One row per format of ``dataset``: bytes/token on disk and in memory, loader throughput,
@@ -153,11 +127,13 @@ def storage_table(dataset: data_lib.TokenData, workdir: Path, batch_size: int, s
     return rows
 
 
-def measure(datasets: list[str], *, batch_size: int = 8, seq_len: int = 128, need: dict | None = None,
-            model: str = "nano", levels=LEVELS) -> dict:
-    """The ``data_compression`` record: every format of every dataset, and loader vs step need."""
+def measure(datasets: list[str], *, need: dict, batch_size: int = 8, seq_len: int = 128, levels=LEVELS) -> dict:
+    """The ``data_compression`` record: every format of every dataset, and loader vs step need.
+
+    ``need`` is the training step's demand (``tokens_per_s`` and how it was obtained): measured by
+    training, which is a layer above this module, with :func:`impls.datacomp.step_need`
+    (:func:`impls.datacomp.measure` does both)."""
     t0 = time.perf_counter()
-    need = need or step_need(model=model, data=datasets[0], batch_size=batch_size, seq_len=seq_len)
     out = dict(kind=KIND, name="datacomp-storage", batch_size=batch_size, seq_len=seq_len, step_need=need,
                datasets={}, levels=list(levels), chunk_tokens=token_shards.DEFAULT_CHUNK_TOKENS,
                memory_note="raw: itemsize (memory-mapped or in-memory array); zstd: (compressed files + "

@@ -21,7 +21,7 @@ fp32 training (parameters fp32, autocast or not): p_b = g_b = 4 and K is the opt
 state, no master copy: 4Ψ + 4Ψ + 8Ψ for Adam.
 
 K of each etbench optimizer (``impls.optimizers``), fp32 parameters; with low-precision
-parameters (``Plan.low_precision_params``) the fp32 master copy adds 4:
+parameters (``StepPlan.low_precision_params``) the fp32 master copy adds 4:
 
 =========  =========  =====================================================================
 optimizer  K (fp32)   note

@@ -29,7 +29,7 @@ crossover (linear interpolation of sparse - dense bytes between grid densities) 
 against the formula.  Speed: ``torch.sparse.mm(coo, X)``, ``csr @ X``, ``bsr @ X`` against
 ``W @ X`` on the same X (n × tokens), in rounds; within a round every (density, format) is timed
 in a rotated order, the ratio sparse/dense is taken within the round at the same density, and
-summarised over rounds with :func:`impls.compare.ratio_stats` (median + order-statistic 95%
+summarised over rounds with :func:`impls.measure.timing.ratio_stats` (median + order-statistic 95%
 interval).  The speed crossover is the density where the median ratio crosses 1.
 """
 from __future__ import annotations
@@ -198,7 +198,7 @@ def measure_speed(m: int, n: int, densities: list[float], tokens: int, rounds: i
 
 
 def _measure_speed(m, n, densities, tokens, rounds, block, seed, pattern) -> dict:
-    from ..compare import ratio_stats
+    from .timing import ratio_stats
 
     x = torch.randn(n, tokens, generator=torch.Generator().manual_seed(seed + 1))
     weights = {}
@@ -227,7 +227,7 @@ def _measure_speed(m, n, densities, tokens, rounds, block, seed, pattern) -> dic
                 dense_seconds=[_median(seconds[d, "dense"]) for d in densities],
                 time_ratio=ratios, crossover=crossover,
                 ci_method="per-round ratio sparse/dense at the same density, median over rounds with the "
-                          "order-statistic 95% interval (impls.compare.ratio_stats)")
+                          "order-statistic 95% interval (impls.measure.timing.ratio_stats)")
 
 
 def _median(values: list[float]) -> float:
@@ -278,12 +278,10 @@ def write(record: dict, path) -> None:
 def plot_sparse_crossover(record: dict):
     """Bytes ÷ dense vs density per format (unstructured and block patterns, the dense line at 1,
     the analytic crossovers marked), and sparse×dense time ÷ dense time vs density with intervals."""
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: no global backend switch, no figure left open
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_bytes, ax_speed) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    ax_bytes, ax_speed = fig.subplots(1, 2)
     densities = record["densities"]
     styles = {"unstructured": "-", "block": ":"}
     colors = {"coo": "C0", "csr": "C1", "bsr": "C2"}

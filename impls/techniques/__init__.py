@@ -55,9 +55,10 @@ class TechniqueModule(Protocol):
     the two cannot be combined), ``MESH_DIMS`` (mesh dimensions it shards over), ``DEFERS_INIT``
     (bool), ``DATA_PARALLEL`` (bool: an
     engine-stage technique that reduces gradients over dp itself, so no default ``ddp`` is added),
-    ``configure(plan, options)`` (engine settings, run at validation time, before any
-    model exists), ``check_mesh(dims, options)`` (refuse a mesh it cannot use, also before any
-    work), ``check_model(cfg, seq_len, options)`` (refuse, from the model's config and the
+    ``configure(plan, options)`` (engine settings on the :class:`StepPlan`, run at validation
+    time, before any model exists), ``check_mesh(dims, options)`` (refuse a mesh it cannot use,
+    also before any work), ``check_recipe(recipe, options)`` (refuse recipe fields it cannot
+    serve, such as an optimizer its engine cannot run, before any work), ``check_model(cfg, seq_len, options)`` (refuse, from the model's config and the
     sequence length, options under which it would change nothing in this model or could not
     apply to it — so no run is a baseline labelled with the technique) and ``apply(build,
     options)`` (changes to the build), ``REQUIRES`` (the optional packages it imports: a tuple of
@@ -125,7 +126,7 @@ REGISTRY: dict[str, Technique] = _discover()
 
 
 @dataclass
-class Plan:
+class StepPlan:
     """How the engine executes a step, as configured by the techniques (defaults: fp32, one
     micro-batch).  ``notes`` collects facts a technique wants in the run record."""
 
@@ -250,14 +251,14 @@ def usable_mesh_dims(specs: list[TechniqueSpec]) -> set[str]:
     return {d for s in specs for d in s.technique.mesh_dims}
 
 
-def configure(specs: list[TechniqueSpec], device_type: str | None = None) -> Plan:
-    """The :class:`Plan` of ``specs`` (no model needed: runs at validation time)."""
+def configure(specs: list[TechniqueSpec], device_type: str | None = None) -> StepPlan:
+    """The :class:`StepPlan` of ``specs`` (no model needed: runs at validation time)."""
     check_combination(specs)
     for spec in specs:
         for item in spec.technique.requires(spec.options):
             dist, why = (item, "") if isinstance(item, str) else item
             requires.require(f"technique {str(spec)!r}", dist, note=why)
-    plan = Plan(device_type=device_type)
+    plan = StepPlan(device_type=device_type)
     for spec in ordered(specs):
         spec.technique.configure(plan, spec.options)
     return plan
