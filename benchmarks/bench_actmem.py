@@ -12,6 +12,8 @@ not a variant here.
 """
 from __future__ import annotations
 
+import functools
+
 from . import common
 
 SETTINGS = {
@@ -32,26 +34,15 @@ VARIANTS = {
 SPEED_VARIANTS = ["baseline", "actcompress-bf16", "actcompress-fp8", "actcompress-int8"]
 
 
-def _recipe(**overrides) -> dict:
-    s = SETTINGS
-    return {**dict(model=s["model"], data=s["data"], batch_size=s["batch_size"], seq_len=s["seq_len"], lr=s["lr"],
-                   device=common.PROFILE["device"]), **overrides}
+_recipe = functools.partial(common.family_recipe, SETTINGS)
+#: a track_ of technique_notes["actcompress"][key] (NaN for variants without it, or without the measurement)
+_note = functools.partial(common.technique_note, "actcompress", optional=True)
 
 
-def _note(key: str, unit: str):
-    """A track_ method returning technique_notes["actcompress"][key] (NaN for variants without it)."""
-    def track(self, records, variant):
-        return records[(variant,)]["technique_notes"].get("actcompress", {}).get(key, float("nan"))
-
-    track.unit = unit
-    return track
-
-
-class ActMem:
+class ActMem(common.BudgetedRuns):
     """Each variant trained to the same model-FLOP budget as the baseline."""
 
     params = list(VARIANTS)
-    param_names = ["variant"]
 
     def setup_cache(self):
         return {(name,): common.train_record(f"actmem-{name}", techniques=techniques,
@@ -59,13 +50,6 @@ class ActMem:
                 for name, (techniques, overrides) in VARIANTS.items()}
 
     setup_cache.timeout = 1800
-
-    track_val_loss_at_budget = common.tracked_field("final_val_loss", unit="nats/token")
-    track_seconds_per_mtok = common.seconds_per_mtok
-    track_params_bytes = common.tracked_field("memory", "params_bytes", unit="bytes")
-    track_grads_bytes = common.tracked_field("memory", "grads_bytes", unit="bytes")
-    track_optimizer_bytes = common.tracked_field("memory", "optimizer_bytes", unit="bytes")
-    track_activations_bytes = common.tracked_field("memory", "activations_bytes", unit="bytes")
 
     def track_activations_vs_baseline(self, records, variant):
         """Saved-activation bytes ÷ the baseline's (same batch, same meter)."""

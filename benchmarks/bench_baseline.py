@@ -27,7 +27,7 @@ def _recipe(model: str) -> dict:
                 batch_size=P["batch_size"], seq_len=seq_len, device=P["device"])
 
 
-class BaselineTraining:
+class BaselineTraining(common.BudgetedRuns):
     """One training run per (model, world size) to a fixed counted-FLOP budget."""
 
     params = (MODELS, WORLD_SIZES)
@@ -44,13 +44,6 @@ class BaselineTraining:
         why = common.unsupported_world_size(world_size)
         if why:
             raise NotImplementedError(why)
-
-    track_seconds_per_mtok = common.seconds_per_mtok
-    track_val_loss_at_budget = common.tracked_field("final_val_loss", unit="nats/token")
-    track_params_bytes = common.tracked_field("memory", "params_bytes", unit="bytes")
-    track_grads_bytes = common.tracked_field("memory", "grads_bytes", unit="bytes")
-    track_optimizer_bytes = common.tracked_field("memory", "optimizer_bytes", unit="bytes")
-    track_activations_bytes = common.tracked_field("memory", "activations_bytes", unit="bytes")
 
 
 _STEP_SESSIONS: dict = {}  # model -> (session, batch), per benchmark process

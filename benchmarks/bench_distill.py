@@ -23,6 +23,7 @@ with its teacher interleaved (the teacher's forward is the extra time per step).
 """
 from __future__ import annotations
 
+import functools
 import json
 
 from . import common
@@ -58,10 +59,7 @@ VARIANTS = {
 }
 
 
-def _recipe(**overrides) -> dict:
-    s = SETTINGS
-    return {**dict(model=s["model"], model_args=dict(s["model_args"]), data=s["data"], batch_size=s["batch_size"], seq_len=s["seq_len"], lr=s["lr"],
-                   device=common.PROFILE["device"], flops_budget=s["flops_budget"]), **overrides}
+_recipe = functools.partial(common.family_recipe, SETTINGS, "model_args", "flops_budget")
 
 
 def teacher_path():
@@ -89,11 +87,10 @@ def _train_teacher() -> dict:
     return json.loads(out.read_text())
 
 
-class Distill:
+class Distill(common.BudgetedRuns):
     """The student alone and with its teacher, at equal student steps and at equal counted FLOPs."""
 
     params = list(VARIANTS)
-    param_names = ["variant"]
 
     def setup_cache(self):
         teacher = _train_teacher()
@@ -106,13 +103,7 @@ class Distill:
 
     setup_cache.timeout = 1800
 
-    track_seconds_per_mtok = common.seconds_per_mtok
     track_counted_flops_per_token = common.counted_flops_per_token
-    track_val_loss_at_budget = common.tracked_field("final_val_loss", unit="nats/token")
-    track_params_bytes = common.tracked_field("memory", "params_bytes", unit="bytes")
-    track_grads_bytes = common.tracked_field("memory", "grads_bytes", unit="bytes")
-    track_optimizer_bytes = common.tracked_field("memory", "optimizer_bytes", unit="bytes")
-    track_activations_bytes = common.tracked_field("memory", "activations_bytes", unit="bytes")
     track_frozen_bytes = common.tracked_field("memory", "frozen_bytes", unit="bytes")
     track_steps = common.tracked_field("steps", unit="steps")
     track_flops_per_step = common.tracked_field("flops_per_step", unit="FLOPs")

@@ -21,6 +21,7 @@ Speed: :class:`LowRankSpeed` times the baseline and one variant per method inter
 """
 from __future__ import annotations
 
+import functools
 import json
 
 from . import common
@@ -51,10 +52,7 @@ VARIANTS = {
 METHOD = {name: (specs[0].split(":")[0] if specs else None) for name, (specs, _) in VARIANTS.items()}
 
 
-def _recipe(**overrides) -> dict:
-    s = SETTINGS
-    return {**dict(model=s["model"], data=s["data"], batch_size=s["batch_size"], seq_len=s["seq_len"], lr=s["lr"],
-                   device=common.PROFILE["device"], flops_budget=s["flops_budget"]), **overrides}
+_recipe = functools.partial(common.family_recipe, SETTINGS, "flops_budget")
 
 
 def baseline_path():
@@ -87,11 +85,10 @@ def _resolve(overrides: dict) -> dict:
     return overrides
 
 
-class LowRank:
+class LowRank(common.BudgetedRuns):
     """Each low-rank method at two ranks, trained to the baseline's model-FLOP budget."""
 
     params = list(VARIANTS)
-    param_names = ["variant"]
 
     def setup_cache(self):
         records = {("baseline",): _train_baseline()}
@@ -103,12 +100,6 @@ class LowRank:
 
     setup_cache.timeout = 3600
 
-    track_seconds_per_mtok = common.seconds_per_mtok
-    track_val_loss_at_budget = common.tracked_field("final_val_loss", unit="nats/token")
-    track_params_bytes = common.tracked_field("memory", "params_bytes", unit="bytes")
-    track_grads_bytes = common.tracked_field("memory", "grads_bytes", unit="bytes")
-    track_optimizer_bytes = common.tracked_field("memory", "optimizer_bytes", unit="bytes")
-    track_activations_bytes = common.tracked_field("memory", "activations_bytes", unit="bytes")
     track_flops_per_step = common.tracked_field("flops_per_step", unit="FLOPs")
 
     def track_trainable_params(self, records, variant):

@@ -12,17 +12,17 @@ ratio) and the layer-tokens saved.
 """
 from __future__ import annotations
 
-import math
+import functools
 
 from . import common
 
 SETTINGS = {
     "quick": dict(model="nano", batch_size=8, seq_len=128, flops_budget=3e10, lr=3e-3, data="synthetic",
-                  n_layer=4),
+                  model_args={"n_layer": 4}),
     "full": dict(model="small", batch_size=16, seq_len=256, flops_budget=3e14, lr=1e-3, data="pycode",
-                 n_layer=None),
+                 model_args={}),
     "gpu": dict(model="gpt2", batch_size=16, seq_len=1024, flops_budget=2e15, lr=6e-4, data="pycode",
-                n_layer=None),
+                model_args={}),
 }[common.profile_name()]
 
 _T = SETTINGS["seq_len"]
@@ -35,28 +35,15 @@ VARIANTS = {
 }
 
 
-def _recipe(**overrides) -> dict:
-    s = SETTINGS
-    model_args = {"n_layer": s["n_layer"]} if s["n_layer"] else {}
-    return {**dict(model=s["model"], data=s["data"], batch_size=s["batch_size"], seq_len=s["seq_len"], lr=s["lr"],
-                   model_args=model_args, device=common.PROFILE["device"]), **overrides}
+_recipe = functools.partial(common.family_recipe, SETTINGS, "model_args")
+#: a track_ of technique_notes["random_ltd"][key] (NaN for the baseline, which drops nothing)
+_note = functools.partial(common.technique_note, "random_ltd")
 
 
-def _note(key: str, unit: str):
-    def track(self, records, variant):
-        notes = records[(variant,)]["technique_notes"].get("random_ltd")
-        # NaN, not None, without the technique (the baseline drops nothing): asv shows NaN as n/a, None as a failure
-        return notes[key] if notes else math.nan
-
-    track.unit = unit
-    return track
-
-
-class RandomLTD:
+class RandomLTD(common.FlopSavingRuns):
     """Each variant trained to the same counted-FLOP budget as the baseline."""
 
     params = list(VARIANTS)
-    param_names = ["variant"]
 
     def setup_cache(self):
         return {(name,): common.train_record(f"ltd-{name}", techniques=techniques,
@@ -65,14 +52,6 @@ class RandomLTD:
 
     setup_cache.timeout = 1800
 
-    track_val_loss_at_budget = common.tracked_field("final_val_loss", unit="nats/token")
-    track_steps_at_budget = common.tracked_field("steps", unit="steps")
-    track_seconds_per_mtok = common.seconds_per_mtok
-    track_counted_flops_per_token = common.counted_flops_per_token
-    track_params_bytes = common.tracked_field("memory", "params_bytes", unit="bytes")
-    track_grads_bytes = common.tracked_field("memory", "grads_bytes", unit="bytes")
-    track_optimizer_bytes = common.tracked_field("memory", "optimizer_bytes", unit="bytes")
-    track_activations_bytes = common.tracked_field("memory", "activations_bytes", unit="bytes")
     track_mean_kept = _note("mean_kept", "tokens")
     track_counted_flops_saved = _note("counted_flops_saved", "ratio")
     track_analytic_flops_saved = _note("analytic_flops_saved", "ratio")

@@ -14,7 +14,7 @@ grows with the mask rate (the notes' ``counted_flops_ratio_vs_baseline``).
 """
 from __future__ import annotations
 
-import math
+import functools
 
 from . import common
 
@@ -36,27 +36,15 @@ for _rate in RATES:
 ALIASES = {"baseline-0.15": "baseline"}  # Recipe's default mlm_rate is 0.15: the same run
 
 
-def _recipe(**overrides) -> dict:
-    s = SETTINGS
-    return {**dict(model=s["model"], data=s["data"], batch_size=s["batch_size"], seq_len=s["seq_len"], lr=s["lr"],
-                   mlm_corrupt="mask", device=common.PROFILE["device"]), **overrides}
+_recipe = functools.partial(common.family_recipe, SETTINGS, mlm_corrupt="mask")
+#: a track_ of technique_notes["mae"][key] (NaN for the baselines, which run the full-sequence encoder)
+_note = functools.partial(common.technique_note, "mae")
 
 
-def _note(key: str, unit: str):
-    def track(self, records, variant):
-        notes = records[(variant,)]["technique_notes"].get("mae")
-        # NaN, not None, without the technique (baselines run the full-sequence encoder): asv shows NaN as n/a, None as a failure
-        return notes[key] if notes else math.nan
-
-    track.unit = unit
-    return track
-
-
-class Mae:
+class Mae(common.FlopSavingRuns):
     """Each variant trained to the same model-FLOP budget; pairs share a mask rate."""
 
     params = list(VARIANTS)
-    param_names = ["variant"]
 
     def setup_cache(self):
         records = {(name,): common.train_record(f"mae-{name}", techniques=techniques,
@@ -68,17 +56,9 @@ class Mae:
 
     setup_cache.timeout = 1800
 
-    track_val_loss_at_budget = common.tracked_field("final_val_loss", unit="nats/token")
-    track_steps_at_budget = common.tracked_field("steps", unit="steps")
-    track_seconds_per_mtok = common.seconds_per_mtok
-    track_params_bytes = common.tracked_field("memory", "params_bytes", unit="bytes")
-    track_grads_bytes = common.tracked_field("memory", "grads_bytes", unit="bytes")
-    track_optimizer_bytes = common.tracked_field("memory", "optimizer_bytes", unit="bytes")
-    track_activations_bytes = common.tracked_field("memory", "activations_bytes", unit="bytes")
     track_visible_fraction = _note("visible_fraction", "ratio")
     track_encoder_flops_ratio = _note("encoder_flops_ratio", "ratio")
     track_counted_flops_ratio_vs_baseline = _note("counted_flops_ratio_vs_baseline", "ratio")
-    track_counted_flops_per_token = common.counted_flops_per_token
 
 
 #: the pair each interleaved comparison times, at one mask rate

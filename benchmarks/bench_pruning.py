@@ -12,6 +12,8 @@ before step 0 there (``at=0``), so the timed steps run the pruned model.
 """
 from __future__ import annotations
 
+import functools
+
 from . import common
 
 SETTINGS = {
@@ -44,10 +46,7 @@ SPEED_VARIANTS = {name: VARIANTS[name][0] for name in ("baseline", "unstructured
 NOTES_KEY = {"unstructured": "prune", "gmp": "gmp", "nm": "prune_nm", "structured": "prune_structured"}
 
 
-def _recipe(**overrides) -> dict:
-    s = SETTINGS
-    return {**dict(model=s["model"], data=s["data"], batch_size=s["batch_size"], seq_len=s["seq_len"], lr=s["lr"],
-                   device=common.PROFILE["device"]), **overrides}
+_recipe = functools.partial(common.family_recipe, SETTINGS)
 
 
 def _notes(record: dict, variant: str) -> dict | None:
@@ -55,11 +54,10 @@ def _notes(record: dict, variant: str) -> dict | None:
     return record["technique_notes"][key] if key else None
 
 
-class Pruning:
+class Pruning(common.BudgetedRuns):
     """Each pruning variant trained to the baseline's model-FLOP budget: loss vs sparsity."""
 
     params = list(VARIANTS)
-    param_names = ["variant"]
 
     def setup_cache(self):
         return {(name,): common.train_record(f"pruning-{name}", techniques=techniques,
@@ -68,12 +66,6 @@ class Pruning:
 
     setup_cache.timeout = 1800
 
-    track_val_loss_at_budget = common.tracked_field("final_val_loss", unit="nats/token")
-    track_seconds_per_mtok = common.seconds_per_mtok
-    track_params_bytes = common.tracked_field("memory", "params_bytes", unit="bytes")
-    track_grads_bytes = common.tracked_field("memory", "grads_bytes", unit="bytes")
-    track_optimizer_bytes = common.tracked_field("memory", "optimizer_bytes", unit="bytes")
-    track_activations_bytes = common.tracked_field("memory", "activations_bytes", unit="bytes")
     track_model_flops_per_step = common.tracked_field("model_flops_per_step", unit="FLOPs")
 
     def track_achieved_sparsity(self, records, variant):

@@ -14,6 +14,7 @@ numpy/pandas suites skip unsupported combinations.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 from . import common
@@ -38,10 +39,7 @@ VARIANTS = {
 SPEED_VARIANTS = ["baseline", "bf16", "int8", "qat-int4"]
 
 
-def _recipe(**overrides) -> dict:
-    s = SETTINGS
-    return {**dict(model=s["model"], data=s["data"], batch_size=s["batch_size"], seq_len=s["seq_len"], lr=s["lr"],
-                   device=common.PROFILE["device"]), **overrides}
+_recipe = functools.partial(common.family_recipe, SETTINGS)
 
 
 def refusal(name: str) -> str | None:
@@ -59,11 +57,10 @@ def refusal(name: str) -> str | None:
     return None
 
 
-class Quant:
+class Quant(common.BudgetedRuns):
     """Each quantized-training variant trained to the same model-FLOP budget as the baseline."""
 
     params = list(VARIANTS)
-    param_names = ["variant"]
 
     def setup_cache(self):
         records = {}
@@ -80,12 +77,6 @@ class Quant:
         if why:
             raise NotImplementedError(why)
 
-    track_val_loss_at_budget = common.tracked_field("final_val_loss", unit="nats/token")
-    track_seconds_per_mtok = common.seconds_per_mtok
-    track_params_bytes = common.tracked_field("memory", "params_bytes", unit="bytes")
-    track_grads_bytes = common.tracked_field("memory", "grads_bytes", unit="bytes")
-    track_optimizer_bytes = common.tracked_field("memory", "optimizer_bytes", unit="bytes")
-    track_activations_bytes = common.tracked_field("memory", "activations_bytes", unit="bytes")
     track_flops_per_step = common.tracked_field("flops_per_step", unit="FLOPs")
 
     def track_weight_bits(self, records, variant):

@@ -10,7 +10,7 @@ stay within the quick profile's time.
 """
 from __future__ import annotations
 
-import math
+import functools
 
 from . import common
 
@@ -28,27 +28,15 @@ VARIANTS = {
 }
 
 
-def _recipe(**overrides) -> dict:
-    s = SETTINGS
-    return {**dict(model=s["model"], data=s["data"], batch_size=s["batch_size"], seq_len=s["seq_len"], lr=s["lr"],
-                   device=common.PROFILE["device"]), **overrides}
+_recipe = functools.partial(common.family_recipe, SETTINGS)
+#: a track_ of technique_notes["seqlen_warmup"][key] (NaN for the baseline, which has no schedule)
+_note = functools.partial(common.technique_note, "seqlen_warmup")
 
 
-def _note(key: str, unit: str):
-    def track(self, records, variant):
-        notes = records[(variant,)]["technique_notes"].get("seqlen_warmup")
-        # NaN, not None, without the technique (the baseline has no schedule): asv shows NaN as n/a, None as a failure
-        return notes[key] if notes else math.nan
-
-    track.unit = unit
-    return track
-
-
-class SeqlenWarmup:
+class SeqlenWarmup(common.FlopSavingRuns):
     """Each variant trained to the same model-FLOP budget as the baseline."""
 
     params = list(VARIANTS)
-    param_names = ["variant"]
 
     def setup_cache(self):
         return {(name,): common.train_record(f"seqlen-{name}", techniques=techniques,
@@ -57,14 +45,6 @@ class SeqlenWarmup:
 
     setup_cache.timeout = 1800
 
-    track_val_loss_at_budget = common.tracked_field("final_val_loss", unit="nats/token")
-    track_steps_at_budget = common.tracked_field("steps", unit="steps")
-    track_seconds_per_mtok = common.seconds_per_mtok
-    track_counted_flops_per_token = common.counted_flops_per_token
-    track_params_bytes = common.tracked_field("memory", "params_bytes", unit="bytes")
-    track_grads_bytes = common.tracked_field("memory", "grads_bytes", unit="bytes")
-    track_optimizer_bytes = common.tracked_field("memory", "optimizer_bytes", unit="bytes")
-    track_activations_bytes = common.tracked_field("memory", "activations_bytes", unit="bytes")
     track_token_fraction = _note("token_fraction", "ratio")
     track_counted_flops_saved = _note("counted_flops_saved", "ratio")
     track_analytic_flops_saved = _note("analytic_flops_saved", "ratio")

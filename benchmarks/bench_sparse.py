@@ -15,6 +15,8 @@ notes give the formula and the break-even).  ``sparse_embedding`` needs an untie
 """
 from __future__ import annotations
 
+import functools
+
 from . import common
 
 SETTINGS = {
@@ -43,17 +45,13 @@ VARIANTS = {
 TRACKED_DENSITIES = (0.01, 0.1, 0.5)
 
 
-def _recipe(**overrides) -> dict:
-    s = SETTINGS
-    return {**dict(model=s["model"], data=s["data"], batch_size=s["batch_size"], seq_len=s["seq_len"], lr=s["lr"],
-                   device=common.PROFILE["device"]), **overrides}
+_recipe = functools.partial(common.family_recipe, SETTINGS)
 
 
-class SparseEmbedding:
+class SparseEmbedding(common.BudgetedRuns):
     """The tied baseline, the untied model and sparse embedding gradients, same budget."""
 
     params = list(VARIANTS)
-    param_names = ["variant"]
 
     def setup_cache(self):
         return {(name,): common.train_record(f"sparse-{name}", techniques=techniques,
@@ -61,13 +59,6 @@ class SparseEmbedding:
                 for name, (techniques, overrides) in VARIANTS.items()}
 
     setup_cache.timeout = 1800
-
-    track_val_loss_at_budget = common.tracked_field("final_val_loss", unit="nats/token")
-    track_seconds_per_mtok = common.seconds_per_mtok
-    track_params_bytes = common.tracked_field("memory", "params_bytes", unit="bytes")
-    track_grads_bytes = common.tracked_field("memory", "grads_bytes", unit="bytes")
-    track_optimizer_bytes = common.tracked_field("memory", "optimizer_bytes", unit="bytes")
-    track_activations_bytes = common.tracked_field("memory", "activations_bytes", unit="bytes")
 
     def _grad(self, records, variant):
         return (records[(variant,)]["technique_notes"].get("sparse_embedding") or {}).get("embedding_grad") or {}

@@ -11,6 +11,8 @@ batch for accumulation, and FLOPs/time/memory vs sequence length for sparse atte
 """
 from __future__ import annotations
 
+import functools
+
 from . import common
 
 SETTINGS = {
@@ -51,10 +53,7 @@ VARIANTS = {
 }
 
 
-def _recipe(**overrides) -> dict:
-    s = SETTINGS
-    return {**dict(model=s["model"], data=s["data"], batch_size=s["batch_size"], seq_len=s["seq_len"], lr=s["lr"],
-                   device=common.PROFILE["device"]), **overrides}
+_recipe = functools.partial(common.family_recipe, SETTINGS)
 
 
 class Techniques:

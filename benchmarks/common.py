@@ -8,8 +8,10 @@ measures, and its JSON record is kept under ``results/runs/<commit>/`` for the p
 """
 from __future__ import annotations
 
+import abc
 import functools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -160,6 +162,16 @@ def with_precision(fields: dict, family: str | None = None) -> dict:
             or any(t.split(":")[0] in PRECISIONS for t in techniques)):
         return fields
     return {**fields, "techniques": [default, *techniques]}
+
+
+def family_recipe(settings: dict, *extra: str, **overrides) -> dict:
+    """Recipe fields from a family's ``SETTINGS``: its ``model``, ``data``, ``batch_size``, ``seq_len``
+    and ``lr``, the ``extra`` keys (a dict value copied), on the profile's device; ``overrides``
+    replace or add fields.  A suite binds it once: ``_recipe = functools.partial(common.family_recipe,
+    SETTINGS)``."""
+    fields = {key: settings[key] for key in ("model", "data", "batch_size", "seq_len", "lr")}
+    fields.update({key: dict(settings[key]) if isinstance(settings[key], dict) else settings[key] for key in extra})
+    return {**fields, "device": PROFILE["device"], **overrides}
 
 
 def recipe(**fields):
@@ -363,3 +375,52 @@ def counted_flops_per_token(self, records, *params):
 
 
 counted_flops_per_token.unit = "FLOPs/token"
+
+
+def technique_note(technique: str, key: str, unit: str, *, optional: bool = False):
+    """An asv ``track_`` method returning ``technique_notes[technique][key]`` of the variant's run
+    (classes whose ``setup_cache`` returns ``{(variant,): record}``), NaN for a run without the
+    technique (a family's baseline): asv shows NaN as n/a, None as a failure.  ``optional``: NaN
+    also where the technique's notes lack ``key`` (a measurement it did not make).  A suite binds
+    its technique once: ``_note = functools.partial(common.technique_note, "token_drop")``."""
+    def track(self, records, variant):
+        notes = records[(variant,)]["technique_notes"].get(technique)
+        if not notes:
+            return math.nan
+        return notes.get(key, math.nan) if optional else notes[key]
+
+    track.unit = unit
+    return track
+
+
+class BudgetedRuns(abc.ABC):
+    """Base of a family's training runs to a fixed budget, as numpy's ``Benchmark`` and pandas'
+    ``BaseIO`` are of their suites: ``setup_cache`` trains one run per grid point and returns
+    ``{(param, ...): record}``; what every such run tracks (the loss the budget buys, seconds per
+    million tokens, exact bytes by component) is here, and a suite adds only what differs.
+
+    Abstract (asv skips abstract classes, so the base is not benchmarked itself): each subclass
+    defines its own ``setup_cache``, since asv keys a cache by the function's source line (one
+    inherited from here would be shared by every family)."""
+
+    param_names = ["variant"]
+
+    track_val_loss_at_budget = tracked_field("final_val_loss", unit="nats/token")
+    track_seconds_per_mtok = seconds_per_mtok
+    track_params_bytes = tracked_field("memory", "params_bytes", unit="bytes")
+    track_grads_bytes = tracked_field("memory", "grads_bytes", unit="bytes")
+    track_optimizer_bytes = tracked_field("memory", "optimizer_bytes", unit="bytes")
+    track_activations_bytes = tracked_field("memory", "activations_bytes", unit="bytes")
+
+    @abc.abstractmethod
+    def setup_cache(self) -> dict:
+        """The class's runs, ``{(param, ...): record}`` (see :func:`train_record`)."""
+
+
+class FlopSavingRuns(BudgetedRuns):
+    """Base of a token-efficiency family (a technique that makes a step cheaper, so the same
+    model-FLOP budget buys more steps): :class:`BudgetedRuns` plus the steps the budget bought and
+    the counted FLOPs per token."""
+
+    track_steps_at_budget = tracked_field("steps", unit="steps")
+    track_counted_flops_per_token = counted_flops_per_token

@@ -156,7 +156,23 @@ def test_every_setup_cache_has_its_own_source_line():
             seen[key] = f"{module.__name__}.{name}"
 
 
-@pytest.mark.parametrize("module", ["bench_seqlen", "bench_ltd", "bench_mae", "bench_tokendrop"])
+def test_base_classes_are_skipped_by_asv_and_their_suites_are_not():
+    """The suites' base classes (``benchmarks.common.BudgetedRuns``, ``FlopSavingRuns``) are
+    abstract, so asv does not benchmark them under ``common.*``: their tracks run only under each
+    suite's name.  A suite class built on them must define its own ``setup_cache`` (asv keys a
+    cache by its source line); without one it would stay abstract and asv would skip it silently."""
+    import inspect
+
+    for module in _suite_modules():
+        bases = (module.common.BudgetedRuns, module.common.FlopSavingRuns)
+        assert all(inspect.isabstract(base) for base in bases)
+        for name, cls in vars(module).items():
+            if isinstance(cls, type) and issubclass(cls, bases[0]):
+                assert not inspect.isabstract(cls), f"{module.__name__}.{name} has no setup_cache of its own"
+                assert cls.setup_cache.__module__ == module.__name__
+
+
+@pytest.mark.parametrize("module", ["bench_seqlen", "bench_ltd", "bench_mae", "bench_tokendrop", "bench_actmem"])
 def test_note_tracks_give_nan_not_none_for_a_run_without_the_technique(module):
     """asv counts a track_ returning None as a failed benchmark (and make bench fails): the
     baseline of a family has no technique notes, so its note tracks are n/a (NaN)."""

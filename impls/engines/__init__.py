@@ -17,6 +17,10 @@ the measurements and checkpoint/resume are the same whichever engine runs:
   Adam), selected by an ``engine``-stage technique (``zero``, ``onebit``); its state is sharded
   (``sharded_state``: each rank's ``save_checkpoint`` files).
 
+What the engines share (the step around the build's hooks, the learning-rate schedule, the loss
+sum with the build's loss terms, the step's token count, evaluation, the clipping rule) is their
+base class, :class:`~impls.engines.base.EngineBase`.
+
 An engine that drives a ``torch.distributed.pipelining`` schedule over several model parts, or
 DeepSpeed's (which owns optimizer, precision and backward itself), plugs in by implementing the
 same protocol and registering here; a technique of the ``engine`` stage selects it by setting

@@ -15,7 +15,7 @@ torch engine:
   on the concatenated batch.  Accumulation runs ``accum_steps`` micro-batches with
   ``set_gradient_accumulation_boundary`` (True on the last only) and one ``engine.step()``.
 * **Learning rate.**  DeepSpeed gets no scheduler; the engine sets every param group's lr to the
-  recipe's :meth:`TorchEngine.lr_at` before each step, so both engines follow one schedule.
+  recipe's :meth:`EngineBase.lr_at` before each step, so both engines follow one schedule.
 * **Clipping.**  ``recipe.grad_clip`` becomes DeepSpeed's ``gradient_clipping`` (the same rule as
   ``torch.nn.utils.clip_grad_norm_``: scale by clip / (norm + 1e-6) when < 1);
   ``last_grad_norm`` is ``engine.get_global_grad_norm()``, the pre-clip global norm.
@@ -37,7 +37,6 @@ torch engine:
 from __future__ import annotations
 
 import copy
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -45,11 +44,10 @@ from pathlib import Path
 import torch
 
 from .. import optimizers
-from ..loss import lm_loss, target_count
 from ..measure import SavedActivations
 from ..measure.flops import DtypeFlopCounterMode as FlopCounterMode
 from ..measure.memory import param_storages, storage_key, tensor_bytes, tensors_in
-from .torch_engine import TorchEngine
+from .base import EngineBase
 
 #: The key under which an engine-stage technique leaves its part of the DeepSpeed config in its
 #: notes (``build.notes[technique]["deepspeed_config"]``); the engine completes it (batch sizes,
@@ -106,7 +104,7 @@ def make_optimizer(name: str, module: torch.nn.Module, lr: float, weight_decay: 
     return opt, f"{type(opt).__module__}.{type(opt).__name__}"
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(EngineBase):
     sharded_state = True
 
     def __init__(self, build, recipe, total_steps: int):
@@ -117,10 +115,8 @@ class DeepSpeedEngine:
         if build.optimizer_wrappers:
             raise ValueError("the deepspeed engine builds its own (partitioned) optimizer: optimizer-stage "
                              "wrappers cannot apply to it")
-        self.build, self.recipe, self.plan, self.total_steps = build, recipe, build.plan, total_steps
+        super().__init__(build, recipe, total_steps)
         self.module = build.model
-        self.device = build.device
-        self.dp = build.dims.dp
         owner, notes = _owner(build)
         part = copy.deepcopy(notes[CONFIG_KEY])
         offload = part.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
@@ -160,33 +156,18 @@ class DeepSpeedEngine:
         notes["optimizer_ran"] = described
         notes["optimizer_name"] = recipe.optimizer
         self.stage = int(config.get("zero_optimization", {}).get("stage", 0))
-        global_batch = recipe.batch_size * self.plan.accum_steps * self.dp
-        ratio = global_batch / recipe.base_batch
-        self.peak_lr = recipe.lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[recipe.lr_scaling]
-        self.last_grad_norm: float | None = None
         self._grads_snapshot: dict | None = None
-
-    lr_at = TorchEngine.lr_at
 
     def autocast(self):
         # DeepSpeed's bf16/fp16 modes hold the module in 16 bit: no autocast on top.
         dtype = None if self.plan.low_precision_params else self.plan.autocast_dtype
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
-    loss_sum = TorchEngine.loss_sum
-
-    def _n_targets(self, y: torch.Tensor) -> torch.Tensor:
-        n_targets = target_count(y)
-        if self.dp > 1:
-            self.build.dims.all_reduce(n_targets, "dp", self.device.type)
-            n_targets = n_targets / self.dp
-        return n_targets.clamp(min=1)
-
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """As :meth:`TorchEngine.forward_backward`, through DeepSpeed's forward and backward: the
         gradients are reduced (and partitioned) by ZeRO at the last micro-batch's boundary (stage
         2/3 reduce bucket by bucket in every micro-batch's backward)."""
-        n_targets = self._n_targets(y)
+        n_targets = self.step_target_count(y)
         chunks = list(zip(x.chunk(self.plan.accum_steps), y.chunk(self.plan.accum_steps)))
         total = torch.zeros((), device=x.device)
         for i, (xm, ym) in enumerate(chunks):
@@ -198,26 +179,16 @@ class DeepSpeedEngine:
             total += loss.detach()
         return total
 
-    def _run_hooks(self, kind: str, *args):
-        for hook in self.build.hooks[kind]:
-            hook(*args)
-
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> float:
-        for hook in self.build.hooks["on_batch"]:
-            x, y = hook(x, y, step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(step)
+    def step_forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self._grads_snapshot is None:  # the first step (of this process): measure the gradients held
-            loss = self._forward_backward_measuring_grads(x, y)
-        else:
-            loss = self.forward_backward(x, y)
-        self._run_hooks("before_step", step)
+            return self._forward_backward_measuring_grads(x, y)
+        return self.forward_backward(x, y)
+
+    def optimizer_step(self) -> None:
         self.ds.step()
         if self.recipe.grad_clip is not None:
             norm = self.ds.get_global_grad_norm()
             self.last_grad_norm = None if norm is None else float(norm)
-        self._run_hooks("after_step", step)
-        return loss.item()
 
     def _forward_backward_measuring_grads(self, x, y) -> torch.Tensor:
         """:meth:`forward_backward`, sampling the gradient bytes held after every parameter's
@@ -242,14 +213,6 @@ class DeepSpeedEngine:
         self._grads_snapshot = best
         return loss
 
-    @torch.no_grad()
-    def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        self.module.eval()
-        with self.autocast():
-            loss = lm_loss(self.module(x), y)  # ZeRO-3 gathers parameters through the module's own hooks
-        self.module.train()
-        return loss.item()
-
     def count_flops(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, int]:
         """Forward and backward of every micro-batch of a step, counted.  Backward is
         ``torch.autograd.grad`` over the trainable parameters: the same gradient computation, but
@@ -257,15 +220,13 @@ class DeepSpeedEngine:
         accumulation) neither reduce nor keep anything — the counting pass leaves no state
         behind (ZeRO-3 still gathers and releases parameters through its module hooks)."""
         params = [p for p in self.module.parameters() if p.requires_grad]
-        n_targets = self._n_targets(y)
+        n_targets = self.step_target_count(y)
         with FlopCounterMode(display=False) as counter:
             for xm, ym in zip(x.chunk(self.plan.accum_steps), y.chunk(self.plan.accum_steps)):
                 with self.autocast():
                     loss = self.loss_sum(xm, ym, self.module(xm)) / n_targets
                 torch.autograd.grad(loss, params, allow_unused=True)
-        frozen = sum(counter.get_flop_counts().get("Frozen", {}).values())
-        # by_dtype: the dtype each counted op ran in, for the MFU denominator (peak.effective_peak)
-        return dict(total=int(counter.get_total_flops()), frozen=int(frozen), by_dtype=dict(counter.flops_by_dtype))
+        return self.flop_counts(counter)
 
     def activation_bytes(self, x: torch.Tensor, y: torch.Tensor) -> int:
         params = list(self.module.parameters())

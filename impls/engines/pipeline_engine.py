@@ -33,7 +33,6 @@ Measurements (``notes["pp"]``, per pipeline rank):
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from types import SimpleNamespace
 
@@ -43,10 +42,10 @@ from torch.distributed.tensor import DTensor
 import torch.nn as nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
-from .. import optimizers
 from ..loss import lm_loss_sum, target_count
 from ..measure import SavedActivations
 from ..techniques.pipeline import bubble_formula
+from .base import EngineBase
 from .torch_engine import TorchEngine
 
 T_FORWARD, T_BACKWARD = 1.0, 2.0  # cost model of the bubble formulas: t_b ≈ 2·t_f
@@ -209,21 +208,14 @@ class PipelineEngine(TorchEngine):
     sharded_state = True  # each rank saves and restores its own stages
 
     def __init__(self, build, recipe, total_steps: int):  # noqa: D107 (TorchEngine's fields, pipeline's parts)
-        self.build, self.recipe, self.plan, self.total_steps = build, recipe, build.plan, total_steps
-        self.device, self.dims, self.dp = build.device, build.dims, build.dims.dp
+        EngineBase.__init__(self, build, recipe, total_steps)  # not TorchEngine's: its model is one part
+        self.dims = build.dims
         self.options = build.notes["pp"]
         self.parts = list(build.model_parts)
         self.module = nn.ModuleList(self.parts)  # this rank's stages: optimizer, state, measurements
-        optimizer = optimizers.build(recipe.optimizer, self.module, recipe.lr, recipe.weight_decay)
-        for wrap in build.optimizer_wrappers:
-            optimizer = wrap(optimizer, build)
-        self.optimizer = optimizer
-        self.local_optimizer = build.local_optimizer or optimizer
+        self.make_optimizer()
         self.train_module = self.module
         self.scaler = None  # fp16 is refused with pp (see the technique's CONFLICTS)
-        ratio = recipe.batch_size * self.plan.accum_steps * self.dp / recipe.base_batch
-        self.peak_lr = recipe.lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[recipe.lr_scaling]
-        self.last_grad_norm: float | None = None
 
         p, v, m = self.options["pp"], self.options["chunks"], self.options["microbatches"]
         self.p, self.v, self.m, self.num_stages = p, v, m, p * v
@@ -303,11 +295,7 @@ class PipelineEngine(TorchEngine):
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
-        n_targets = target_count(y)
-        if self.dp > 1:
-            self.dims.all_reduce(n_targets, "dp", self.device.type)
-            n_targets = n_targets / self.dp
-        self._n_targets = n_targets.clamp(min=1)
+        self._n_targets = self.step_target_count(y)
         self.meter.reset()
         t0 = time.perf_counter()
         with self.autocast():
@@ -348,13 +336,7 @@ class PipelineEngine(TorchEngine):
                     counted.append(norm)
         square = torch.stack(counted).square().sum() if counted else torch.zeros((), device=self.device)
         torch_dist.all_reduce(square, group=self.pp_group)
-        self.last_grad_norm = float(square.sqrt())
-        if math.isfinite(self.last_grad_norm):
-            coef = min(1.0, self.recipe.grad_clip / (self.last_grad_norm + 1e-6))
-            if coef < 1.0:
-                for g in grads:
-                    g.mul_(coef)
-        return self.last_grad_norm
+        return self.clip_to(grads, float(square.sqrt()))
 
     @torch.no_grad()
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> float:

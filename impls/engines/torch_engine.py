@@ -14,7 +14,6 @@ the same world size.
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import torch.distributed as torch_dist
@@ -22,26 +21,18 @@ from torch.distributed.tensor import DTensor
 from ..measure.flops import LocalFlopCounterMode as FlopCounterMode
 
 from .. import optimizers
-from ..build import StepOutput
-from ..loss import lm_loss, lm_loss_sum, target_count
 from ..measure import SavedActivations, model_state_bytes
+from .base import EngineBase
 
 
-class TorchEngine:
+class TorchEngine(EngineBase):
     sharded_state = False
     def __init__(self, build, recipe, total_steps: int):
         if len(build.model_parts) != 1:
             raise ValueError("the torch engine trains one model part; several parts need a pipeline engine")
-        self.build, self.recipe, self.plan, self.total_steps = build, recipe, build.plan, total_steps
+        super().__init__(build, recipe, total_steps)
         self.module = build.model  # the model itself: evaluation, state, measurements
-        self.device = build.device
-        self.dp = build.dims.dp
-        optimizer = optimizers.build(recipe.optimizer, self.module, recipe.lr, recipe.weight_decay)
-        for wrap in build.optimizer_wrappers:
-            optimizer = wrap(optimizer, build)
-        self.optimizer = optimizer
-        # The optimizer holding this rank's state (the sharded optimizer's local one, if any).
-        self.local_optimizer = build.local_optimizer or optimizer
+        self.make_optimizer()
         # What training calls (a DDP wrapper, say), read after the optimizer wrappers: ShardedDDP
         # wraps the model only once its OSS optimizer exists.
         self.train_module = build.train_parts[0]
@@ -61,44 +52,23 @@ class TorchEngine:
                 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
                 self.scaler = ShardedGradScaler(self.device.type, process_group=build.grad_shard_group)
-        global_batch = recipe.batch_size * self.plan.accum_steps * self.dp
-        ratio = global_batch / recipe.base_batch
-        self.peak_lr = recipe.lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[recipe.lr_scaling]
-        #: The global gradient norm before clipping, of the last step (None without --grad-clip).
-        self.last_grad_norm: float | None = None
 
-    def lr_at(self, step: int) -> float:
-        r, peak = self.recipe, self.peak_lr
-        if step < r.lr_warmup:
-            return peak * (step + 1) / r.lr_warmup
-        if r.schedule == "constant":
-            return peak
-        progress = (step - r.lr_warmup) / max(1, self.total_steps - r.lr_warmup)
-        return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-    def autocast(self):
-        dtype = self.plan.autocast_dtype
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+    def make_optimizer(self) -> None:
+        """The recipe's optimizer over :attr:`module`, wrapped by the build's optimizer wrappers
+        (``optimizer``), and the one holding this rank's state (``local_optimizer``: the sharded
+        optimizer's local one, if any)."""
+        build, recipe = self.build, self.recipe
+        optimizer = optimizers.build(recipe.optimizer, self.module, recipe.lr, recipe.weight_decay)
+        for wrap in build.optimizer_wrappers:
+            optimizer = wrap(optimizer, build)
+        self.optimizer = optimizer
+        self.local_optimizer = build.local_optimizer or optimizer
 
     def saved_tensors_hooks(self):
         """The build's saved-tensor hooks (compressed or offloaded activations) around a training
         forward, or nothing."""
         hooks = self.build.saved_tensors_hooks
         return torch.autograd.graph.saved_tensors_hooks(*hooks) if hooks else contextlib.nullcontext()
-
-    def loss_sum(self, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Σ token cross-entropy of the micro-batch plus, for each loss term of the build,
-        weight × term × the micro-batch's target tokens (terms are per-token means, so after the
-        division by the step's token count each is weighted exactly like the LM loss)."""
-        loss = lm_loss_sum(logits, y)
-        if self.build.loss_terms:
-            out = StepOutput(x, y, logits)
-            for term in self.build.loss_terms:
-                if term.weight > 0:
-                    value = term.value(out)
-                    if value is not None:
-                        loss = loss + term.weight * (value * target_count(y))
-        return loss
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Gradients of the mean loss over all target tokens of the step's ``accum_steps``
@@ -111,11 +81,7 @@ class TorchEngine:
         again.
         """
         self.optimizer.zero_grad(set_to_none=True)
-        n_targets = target_count(y)
-        if self.dp > 1:
-            self.build.dims.all_reduce(n_targets, "dp", self.device.type)
-            n_targets = n_targets / self.dp
-        n_targets = n_targets.clamp(min=1)
+        n_targets = self.step_target_count(y)
         chunks = list(zip(x.chunk(self.plan.accum_steps), y.chunk(self.plan.accum_steps)))
         total = torch.zeros((), device=x.device)
         no_sync = self.build.no_sync
@@ -133,17 +99,7 @@ class TorchEngine:
             total += loss.detach()
         return total
 
-    def _run_hooks(self, kind: str, *args):
-        for hook in self.build.hooks[kind]:
-            hook(*args)
-
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> float:
-        for hook in self.build.hooks["on_batch"]:
-            x, y = hook(x, y, step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(step)
-        loss = self.forward_backward(x, y)
-        self._run_hooks("before_step", step)
+    def optimizer_step(self) -> None:
         if self.recipe.grad_clip is not None:
             self.clip_gradients()
         if self.scaler:
@@ -151,8 +107,6 @@ class TorchEngine:
             self.scaler.update()
         else:
             self.optimizer.step()
-        self._run_hooks("after_step", step)
-        return loss.item()
 
     def clip_gradients(self) -> float:
         """Clip the global L2 norm of the gradients to ``recipe.grad_clip`` (after unscaling them,
@@ -184,30 +138,12 @@ class TorchEngine:
         if not all_grads and shard_group is None:
             self.last_grad_norm = 0.0
             return 0.0
-        norm = square.sqrt()
-        self.last_grad_norm = float(norm)
-        if math.isfinite(self.last_grad_norm):
-            # as torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6), never up
-            coef = min(1.0, self.recipe.grad_clip / (self.last_grad_norm + 1e-6))
-            if coef < 1.0:
-                for g in grads:
-                    g.mul_(coef)
-        return self.last_grad_norm
-
-    @torch.no_grad()
-    def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        self.module.eval()
-        with self.autocast():
-            loss = lm_loss(self.module(x), y)
-        self.module.train()
-        return loss.item()
+        return self.clip_to(grads, float(square.sqrt()))
 
     def count_flops(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, int]:
         with FlopCounterMode(display=False) as counter:
             self.forward_backward(x, y)
-        frozen = sum(counter.get_flop_counts().get("Frozen", {}).values())
-        # by_dtype: the dtype each counted op ran in, for the MFU denominator (peak.effective_peak)
-        return dict(total=int(counter.get_total_flops()), frozen=int(frozen), by_dtype=dict(counter.flops_by_dtype))
+        return self.flop_counts(counter)
 
     def activation_bytes(self, x: torch.Tensor, y: torch.Tensor) -> int:
         """Bytes autograd saves for one micro-batch's backward, the parameters excluded.  FSDP2
