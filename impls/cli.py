@@ -17,6 +17,7 @@
     etbench bench-time --machine M --commit SHA      # where the time of a make bench went
     etbench wheelhouse build|install DIR             # offline wheels (make wheelhouse, make setup)
     etbench deepspeed-ops                            # build DeepSpeed's JIT ops (make setup)
+    etbench dryrun --model gpt2-xl --technique fsdp --world-size 64 [--rank R] [--out F]  # one rank on fake tensors
 
 Every ``python -m impls.X`` command is also an ``etbench`` command (:data:`MODULE_COMMANDS`), the
 same parser either way: ``etbench NAME ARGS`` hands ``ARGS`` to the module's own ``main``
@@ -392,6 +393,30 @@ def _cmd_gpu_check(args, argv) -> int:
     return gpucheck.run_cli(args)
 
 
+def _cmd_dryrun(args, argv) -> int:
+    """``etbench dryrun``: the record of one rank built and stepped once on fake tensors, and one
+    line per model-state component against the ZeRO formula."""
+    from . import dryrun
+
+    recipe = recipe_lib.from_args(args)
+    if args.out is not None:
+        check_writable(args.out)
+    dryrun.check(recipe, args.world_size, args.rank)  # bad input: one line, before any work
+    record = dryrun.dry_run(recipe, args.world_size, args.rank)
+    if args.out:
+        train.write_record(record, args.out)
+    memory, states, comm = record["memory"], record.get("model_states") or {}, record.get("comm") or {}
+    mib = 1 << 20
+    print(f"{record['label']}: params {memory['params_bytes'] / mib:.1f} MiB, grads {memory['grads_bytes'] / mib:.1f} "
+          f"MiB, optimizer {memory['optimizer_bytes'] / mib:.1f} MiB per rank"
+          + (f"; vs the formula ×{states['ratio']['total']:.4f} ({states.get('stage_name')})"
+             if (states.get("ratio") or {}).get("total") else "")
+          + (f"; traffic {comm['bytes_per_step'] / mib:.1f} MiB/step, ×{comm['ratio']:.4f} of the formula"
+             if comm.get("ratio") else "")
+          + f"; tracked peak {(record['peak'].get('bytes') or 0) / mib:.0f} MiB; {record['wall_seconds']:.1f} s")
+    return 0
+
+
 def _cmd_deepspeed_ops(args, argv) -> int:
     from .engines import deepspeed_ops
 
@@ -457,6 +482,12 @@ def parser() -> argparse.ArgumentParser:
     commbench.add_arguments(p)
     _oversubscribe_argument(p)
     _timeout_argument(p)
+    p = sub.add_parser("dryrun", help="one rank of a recipe at any world size on fake tensors under the fake process "
+                                      "group: per-rank model-state bytes, collectives, tracked peak (impls.dryrun)")
+    recipe_lib.add_arguments(p)
+    p.add_argument("--world-size", type=int, required=True, metavar="N", help="ranks the run is planned for")
+    p.add_argument("--rank", type=int, default=0, metavar="R", help="which rank to build and step (default 0)")
+    p.add_argument("--out", help="write the JSON record (kind dryrun) here (atomically)")
     sub.add_parser("zoo", help="list model names and parameter counts")
     p = sub.add_parser("peak", help="peak FLOP/s used as the MFU denominator")
     p.add_argument("--device", default="auto")
@@ -532,7 +563,8 @@ def main(argv: list[str] | None = None) -> int:
         return _delegate(argv[0], argv[1:])
     args = parser().parse_args(argv)
     commands = {"run": _cmd_run, "compare": _cmd_compare, "comm": _cmd_comm, "zoo": _cmd_zoo, "peak": _cmd_peak,
-                "plan": _cmd_plan, "gpu-check": _cmd_gpu_check, "deepspeed-ops": _cmd_deepspeed_ops}
+                "plan": _cmd_plan, "gpu-check": _cmd_gpu_check, "deepspeed-ops": _cmd_deepspeed_ops,
+                "dryrun": _cmd_dryrun}
     started = time.time()
     try:
         return commands[args.command](args, argv)

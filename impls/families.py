@@ -23,6 +23,7 @@ HARNESS_OVERHEAD = "harness_overhead"
 COMM = "comm"
 SPARSE_STORAGE = "sparse_storage"
 DATA_COMPRESSION = "data_compression"
+DRYRUN = "dryrun"
 RECORD_KINDS = {
     RUN: "one training run (train.run): recipe, losses, FLOPs, memory, step times",
     INTERLEAVED: "variants timed in interleaved rounds (compare.run): speed-ups with 95% intervals",
@@ -30,6 +31,8 @@ RECORD_KINDS = {
     COMM: "collective bus bandwidth per message size (commbench)",
     SPARSE_STORAGE: "sparse weight storage formats: bytes and matmul time vs density (measure.sparse_storage)",
     DATA_COMPRESSION: "token storage formats: bytes and loader throughput vs step (measure.data_throughput)",
+    DRYRUN: "one rank of a run built and stepped once on fake tensors under the fake process group (dryrun): "
+            "per-rank model-state bytes, collectives, tracked peak",
 }
 
 #: Report sections (one module each under impls/report/): the families each renders beyond the

@@ -73,10 +73,13 @@ class ParallelDims:
         if self.world_size == 1:
             return None
         if self._mesh is None:
+            from torch._subclasses.fake_tensor import unset_fake_temporarily
             from torch.distributed.device_mesh import init_device_mesh
 
             names = self.names
-            self._mesh = init_device_mesh(device_type, tuple(self[n] for n in names), mesh_dim_names=names)
+            # The mesh's rank table is real data, also under a FakeTensorMode (a dry run, impls.dryrun)
+            with unset_fake_temporarily():
+                self._mesh = init_device_mesh(device_type, tuple(self[n] for n in names), mesh_dim_names=names)
         return self._mesh
 
     def rank_in(self, name: str, device_type: str) -> int:

@@ -615,7 +615,7 @@ def run(recipe: Recipe, ctx: dist.DistContext | None = None, *, save_every: int 
             if clipping:
                 norms.append(engine.last_grad_norm)
             if state_bytes is None:  # after the first update: optimizer state exists, gradients still held
-                state_bytes = _state_bytes(session)
+                state_bytes = session_state_bytes(session)
             done = step + 1
             # One verdict for all ranks (outside the timed step), so they stop together.
             bad = not _finite(loss)
@@ -683,7 +683,9 @@ def cores_of_other_processes(ctx: dist.DistContext, start: dict | None, end: dic
     return ctx.all_mean(timing_lib.other_cores(start, end, own) or 0.0)
 
 
-def _state_bytes(session: Session) -> dict:
+def session_state_bytes(session: Session) -> dict:
+    """This rank's model-state bytes as a run records them (after its first update): the engine's
+    params/grads/optimizer bytes, the frozen modules' bytes and the optimizer state by kind."""
     engine = session.engine
     # 8-bit optimizers keep small tensors in fp32: which ones, and their bytes.
     return dict(**engine.state_bytes(), frozen_bytes=session.build.frozen_bytes(),

@@ -123,6 +123,7 @@ MODULES = {
     "impls.planner": EXPERIMENTS,
     "impls.commbench": EXPERIMENTS,
     "impls.predict": EXPERIMENTS,  # a recipe's time and memory, before any run
+    "impls.dryrun": EXPERIMENTS,  # one rank of a run on fake tensors under the fake process group
     "impls.gpucheck": EXPERIMENTS,
     "impls.datacomp": EXPERIMENTS,  # token storage formats against a training step's need
     # report

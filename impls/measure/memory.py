@@ -21,9 +21,18 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def storage_key(t: torch.Tensor) -> tuple[int, int, str]:
-    s = _local(t).untyped_storage()
+def storage_key(t: torch.Tensor) -> tuple:
+    t = _local(t)
+    s = t.untyped_storage()
+    if _is_fake(t):  # a dry run's fake tensor (impls.dryrun): no data pointer, the storage object is its identity
+        return ("fake", s._cdata), s.nbytes(), str(t.device)
     return s.data_ptr(), s.nbytes(), str(t.device)
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor], exclude: set | None = None) -> int:

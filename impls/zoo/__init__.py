@@ -66,8 +66,13 @@ def build(name: str, device: str | torch.device | None = None, **overrides) -> T
     Construction never allocates, so any size can be planned on a laptop and a sharded run can
     materialise only its shard; the eager result is bit-identical to building directly on
     ``device`` with the initialisation in the constructor."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
     cfg = config(name, **overrides)
-    with torch.device("meta"):
+    # Built outside any FakeTensorMode (a dry run, :mod:`impls.dryrun`): meta tensors hold no data
+    # anyway, and a module built on fake meta tensors cannot be moved by ``to_empty`` (torch swaps
+    # fake parameters, and the fake mode's weak references forbid the swap).
+    with unset_fake_temporarily(), torch.device("meta"):
         model = Transformer(cfg)
     device = torch.device(device or "cpu")
     if device.type != "meta":
