@@ -18,6 +18,7 @@
     etbench wheelhouse build|install DIR             # offline wheels (make wheelhouse, make setup)
     etbench deepspeed-ops                            # build DeepSpeed's JIT ops (make setup)
     etbench dryrun --model gpt2-xl --technique fsdp --world-size 64 [--rank R] [--out F]  # one rank on fake tensors
+    etbench dryrun-sweep --model gpt2-xl,llama-7b --world-sizes 8,64,512 --layouts fsdp,tp [--out F]  # a table of them
 
 Every ``python -m impls.X`` command is also an ``etbench`` command (:data:`MODULE_COMMANDS`), the
 same parser either way: ``etbench NAME ARGS`` hands ``ARGS`` to the module's own ``main``
@@ -41,6 +42,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import families
 from . import recipe as recipe_lib
 from . import train
 from .errors import (EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_FAILED, EXIT_INTERRUPTED, ConfigError, OneLineParser,
@@ -417,6 +419,28 @@ def _cmd_dryrun(args, argv) -> int:
     return 0
 
 
+def _cmd_dryrun_sweep(args, argv) -> int:
+    """``etbench dryrun-sweep``: one dry run per (model, world size, layout), one line each
+    (:func:`impls.dryrun.sweep`); every value is checked before the first run."""
+    from . import dryrun
+
+    models, sizes, layouts = dryrun.parse_sweep(args.model, args.world_sizes, args.layouts)
+    if args.out is not None:
+        check_writable(args.out)
+    fields = {"data": args.data} if args.data else {}
+    rows = dryrun.sweep(models, sizes, layouts, batch_size=args.batch_size, seq_len=args.seq_len, rank=args.rank,
+                        fields=fields, progress=lambda row: print(dryrun.table_line(row), flush=True))
+    if args.out:
+        from .provenance import SCHEMA_VERSION, provenance
+
+        train.write_record(dict(kind=families.DRYRUN_SWEEP, schema=SCHEMA_VERSION, **provenance(), batch_size=args.batch_size,
+                                seq_len=args.seq_len, rank=args.rank, tolerance=dryrun.TOLERANCE, rows=rows), args.out)
+    explained = [row for row in rows if row.get("explanation")]
+    for row in explained:
+        print(f"{row['model']} {row['layout']} N={row['world_size']}: {row['explanation']}")
+    return 0
+
+
 def _cmd_deepspeed_ops(args, argv) -> int:
     from .engines import deepspeed_ops
 
@@ -488,6 +512,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, required=True, metavar="N", help="ranks the run is planned for")
     p.add_argument("--rank", type=int, default=0, metavar="R", help="which rank to build and step (default 0)")
     p.add_argument("--out", help="write the JSON record (kind dryrun) here (atomically)")
+    p = sub.add_parser("dryrun-sweep", help="dry runs of models x world sizes x layouts (fsdp: dp=N, tp: tp=N), one "
+                                            "line each: bytes and traffic vs their formulas (impls.dryrun.sweep)")
+    p.add_argument("--model", required=True, metavar="M1,M2", help="zoo names, comma-separated")
+    p.add_argument("--world-sizes", required=True, metavar="N1,N2", help="world sizes, comma-separated (each >= 2)")
+    p.add_argument("--layouts", default="fsdp,tp", metavar="L1,L2", help="fsdp (dp=N) and/or tp (tp=N) "
+                                                                         "(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per rank (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default: %(default)s)")
+    p.add_argument("--rank", type=int, default=0, metavar="R", help="which rank to build and step (default 0)")
+    p.add_argument("--data", help="the data source (default: synthetic over each model's own vocabulary, order 1)")
+    p.add_argument("--out", help="write the rows as JSON (kind dryrun-sweep) here (atomically)")
     sub.add_parser("zoo", help="list model names and parameter counts")
     p = sub.add_parser("peak", help="peak FLOP/s used as the MFU denominator")
     p.add_argument("--device", default="auto")
@@ -564,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     commands = {"run": _cmd_run, "compare": _cmd_compare, "comm": _cmd_comm, "zoo": _cmd_zoo, "peak": _cmd_peak,
                 "plan": _cmd_plan, "gpu-check": _cmd_gpu_check, "deepspeed-ops": _cmd_deepspeed_ops,
-                "dryrun": _cmd_dryrun}
+                "dryrun": _cmd_dryrun, "dryrun-sweep": _cmd_dryrun_sweep}
     started = time.time()
     try:
         return commands[args.command](args, argv)

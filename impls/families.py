@@ -24,6 +24,7 @@ COMM = "comm"
 SPARSE_STORAGE = "sparse_storage"
 DATA_COMPRESSION = "data_compression"
 DRYRUN = "dryrun"
+DRYRUN_SWEEP = "dryrun-sweep"
 RECORD_KINDS = {
     RUN: "one training run (train.run): recipe, losses, FLOPs, memory, step times",
     INTERLEAVED: "variants timed in interleaved rounds (compare.run): speed-ups with 95% intervals",
@@ -33,6 +34,7 @@ RECORD_KINDS = {
     DATA_COMPRESSION: "token storage formats: bytes and loader throughput vs step (measure.data_throughput)",
     DRYRUN: "one rank of a run built and stepped once on fake tensors under the fake process group (dryrun): "
             "per-rank model-state bytes, collectives, tracked peak",
+    DRYRUN_SWEEP: "a table of dry runs over models × world sizes × layouts, each against its formulas (dryrun.sweep)",
 }
 
 #: Report sections (one module each under impls/report/): the families each renders beyond the
