@@ -18,7 +18,8 @@
     etbench wheelhouse build|install DIR             # offline wheels (make wheelhouse, make setup)
     etbench deepspeed-ops                            # build DeepSpeed's JIT ops (make setup)
     etbench dryrun --model gpt2-xl --technique fsdp --world-size 64 [--rank R] [--out F]  # one rank on fake tensors
-    etbench dryrun-sweep --model gpt2-xl,llama-7b --world-sizes 8,64,512 --layouts fsdp,tp [--out F]  # a table of them
+    etbench dryrun-sweep --model gpt2-xl,llama-7b,llama-70b --world-sizes 8,64,512 --layouts ddp,fsdp,fsdp+tp,tp+pp,dp+tp+pp [--out F]
+    etbench plan-calibrate [--out results/atscale/calibration.json]  # planner vs measured step times, ws 1/2/4
 
 Every ``python -m impls.X`` command is also an ``etbench`` command (:data:`MODULE_COMMANDS`), the
 same parser either way: ``etbench NAME ARGS`` hands ``ARGS`` to the module's own ``main``
@@ -37,6 +38,7 @@ file to ``--resume`` from if there is one; no record written, no traceback from 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -419,22 +421,59 @@ def _cmd_dryrun(args, argv) -> int:
     return 0
 
 
+def _utc_now() -> str:
+    """When an artefact was written, ISO 8601 UTC (a checkout's file times say when git wrote it)."""
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _sweep_done(path: str, head: dict) -> list[dict]:
+    """Rows of an earlier ``dryrun-sweep --out path`` with the same batch, sequence, rank and data:
+    reused, not rerun (its other rows are kept in the file).  None if there is no file; a file
+    that is not such a sweep is refused (one line), never overwritten."""
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--out {path} exists and is not a dry-run sweep ({type(e).__name__}); choose another "
+                          f"path or remove it") from None
+    differs = [k for k, v in head.items() if not isinstance(old, dict) or old.get(k) != v]
+    if differs:
+        raise ConfigError(f"--out {path} holds a sweep with other {', '.join(differs)}; choose another path or "
+                          f"remove it (a sweep resumes only with the same batch, sequence, rank and data)")
+    return [r for r in old.get("rows", []) if isinstance(r, dict) and {"model", "world_size", "layout"} <= set(r)]
+
+
 def _cmd_dryrun_sweep(args, argv) -> int:
     """``etbench dryrun-sweep``: one dry run per (model, world size, layout), one line each
-    (:func:`impls.dryrun.sweep`); every value is checked before the first run."""
-    from . import dryrun
+    (:func:`impls.dryrun_sweep.sweep`); every value is checked before the first run."""
+    from . import dryrun_sweep
 
-    models, sizes, layouts = dryrun.parse_sweep(args.model, args.world_sizes, args.layouts)
+    models, sizes, layouts = dryrun_sweep.parse_sweep(args.model, args.world_sizes, args.layouts)
     if args.out is not None:
         check_writable(args.out)
     fields = {"data": args.data} if args.data else {}
-    rows = dryrun.sweep(models, sizes, layouts, batch_size=args.batch_size, seq_len=args.seq_len, rank=args.rank,
-                        fields=fields, progress=lambda row: print(dryrun.table_line(row), flush=True))
-    if args.out:
-        from .provenance import SCHEMA_VERSION, provenance
+    from .provenance import SCHEMA_VERSION, provenance
 
-        train.write_record(dict(kind=families.DRYRUN_SWEEP, schema=SCHEMA_VERSION, **provenance(), batch_size=args.batch_size,
-                                seq_len=args.seq_len, rank=args.rank, tolerance=dryrun.TOLERANCE, rows=rows), args.out)
+    head = dict(kind=families.DRYRUN_SWEEP, schema=SCHEMA_VERSION, batch_size=args.batch_size, seq_len=args.seq_len,
+                rank=args.rank, fields=fields)
+    done = _sweep_done(args.out, head) if args.out else []
+    rows: list[dict] = []
+
+    def progress(row):
+        print(dryrun_sweep.table_line(row), flush=True)
+        rows.append(row)
+        if args.out:  # row by row: an interrupted sweep keeps what it finished (and resumes from it)
+            kept = rows + [r for r in done if (r["model"], r["world_size"], r["layout"]) not in
+                           {(x["model"], x["world_size"], x["layout"]) for x in rows}]
+            train.write_record(dict(head, **provenance(), date=_utc_now(), tolerance=dryrun_sweep.TOLERANCE,
+                                    layouts=dryrun_sweep.LAYOUTS, rows=kept), args.out)
+
+    dryrun_sweep.sweep(models, sizes, layouts, batch_size=args.batch_size, seq_len=args.seq_len, rank=args.rank,
+                       fields=fields, progress=progress, done=done)
     explained = [row for row in rows if row.get("explanation")]
     for row in explained:
         print(f"{row['model']} {row['layout']} N={row['world_size']}: {row['explanation']}")
@@ -459,6 +498,8 @@ DELEGATED = {
     "model-states": ("impls.measure.model_states",
                      "per-rank model-state memory of zoo models under DDP and ZeRO 1/2/3 (see --help)"),
     "wheelhouse": ("impls.wheelhouse", "build or install an offline folder of wheels (see --help)"),
+    "plan-calibrate": ("impls.calibration", "the planner's step time against measured runs at world sizes 1/2/4: "
+                                            "rank correlation and error (see --help)"),
 }
 
 #: Every ``python -m impls.X`` entry point and its ``etbench`` command (``tests/test_cli_commands.py``
@@ -512,12 +553,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, required=True, metavar="N", help="ranks the run is planned for")
     p.add_argument("--rank", type=int, default=0, metavar="R", help="which rank to build and step (default 0)")
     p.add_argument("--out", help="write the JSON record (kind dryrun) here (atomically)")
-    p = sub.add_parser("dryrun-sweep", help="dry runs of models x world sizes x layouts (fsdp: dp=N, tp: tp=N), one "
-                                            "line each: bytes and traffic vs their formulas (impls.dryrun.sweep)")
+    p = sub.add_parser("dryrun-sweep", help="dry runs of models x world sizes x layouts (ddp, fsdp, tp, fsdp+tp, tp+pp, "
+                                            "dp+tp+pp), one line each: bytes, traffic and activations vs their "
+                                            "formulas (impls.dryrun_sweep.sweep)")
     p.add_argument("--model", required=True, metavar="M1,M2", help="zoo names, comma-separated")
     p.add_argument("--world-sizes", required=True, metavar="N1,N2", help="world sizes, comma-separated (each >= 2)")
-    p.add_argument("--layouts", default="fsdp,tp", metavar="L1,L2", help="fsdp (dp=N) and/or tp (tp=N) "
-                                                                         "(default: %(default)s)")
+    p.add_argument("--layouts", default="fsdp,tp", metavar="L1,L2",
+                   help="comma-separated: ddp, fsdp (dp=N), tp (tp=N), fsdp+tp, tp+pp, dp+tp+pp (tp=8 inside a node; "
+                        "see impls.dryrun_sweep.LAYOUTS) (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=1, help="sequences per rank (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default: %(default)s)")
     p.add_argument("--rank", type=int, default=0, metavar="R", help="which rank to build and step (default 0)")

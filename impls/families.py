@@ -25,6 +25,8 @@ SPARSE_STORAGE = "sparse_storage"
 DATA_COMPRESSION = "data_compression"
 DRYRUN = "dryrun"
 DRYRUN_SWEEP = "dryrun-sweep"
+PLAN_CALIBRATION = "plan-calibration"
+RECIPE_PLAN = "recipe-plan"
 RECORD_KINDS = {
     RUN: "one training run (train.run): recipe, losses, FLOPs, memory, step times",
     INTERLEAVED: "variants timed in interleaved rounds (compare.run): speed-ups with 95% intervals",
@@ -35,12 +37,18 @@ RECORD_KINDS = {
     DRYRUN: "one rank of a run built and stepped once on fake tensors under the fake process group (dryrun): "
             "per-rank model-state bytes, collectives, tracked peak",
     DRYRUN_SWEEP: "a table of dry runs over models × world sizes × layouts, each against its formulas (dryrun.sweep)",
+    PLAN_CALIBRATION: "the planner's predicted step time against measured CPU runs at world sizes 1/2/4, with the "
+                      "rank correlation and error (calibration)",
+    RECIPE_PLAN: "whole recipes for a model on D devices ranked by predicted step time, with memory by component, "
+                 "rejections and dry-run verification (recipe_planner)",
 }
 
 #: Report sections (one module each under impls/report/): the families each renders beyond the
 #: generic per-family tables and figures, in the site's order (``findings`` opens the page: it reads
-#: every family and owns none).
-SECTIONS = ("findings", "runs", "data_parallel", "model_parallel", "compression", "tokens", "isoflop")
+#: every family and owns none; ``atscale`` owns none either: it reads the cached dry-run sweep and
+#: planner calibration of ``results/atscale/``, kinds :data:`DRYRUN_SWEEP` and :data:`PLAN_CALIBRATION`).
+SECTIONS = ("findings", "runs", "data_parallel", "model_parallel", "atscale", "compression", "tokens",
+            "isoflop")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -415,13 +415,30 @@ def layer_activation_terms(cfg, s: int, b: int, tp: int = 1, sp: bool = False, a
     sbh = s * b * h
     rep = tp if sp else 1  # what TP alone leaves replicated, SP splits over the sequence
     mlp_tensors = 4 if cfg.mlp == "swiglu" else 2  # GELU: its input and down's; SwiGLU: gate|up, silu, product
+    group = cfg.n_head // (cfg.n_kv_head or cfg.n_head)  # query heads per K/V head (GQA; 1 = MHA)
+    rope = cfg.position == "rope"
     terms = {
         "layernorm_inputs": 2 * e * sbh / rep,
         "qkv_and_mlp_inputs": 2 * e * sbh / rep,
-        "q_k_v": 3 * e * sbh / tp,
         "proj_input": e * sbh / tp,
         "mlp_hidden": mlp_tensors * e * s * b * cfg.d_ff / tp,
     }
+    # qkv's output, (H + 2·Hkv)·Q wide (3sbh for MHA), is kept while SDPA saves a view of it: q
+    # and k unless RoPE rotated them into new tensors, v unless GQA expanded it into a copy.
+    if not rope or group == 1:
+        terms["q_k_v"] = (1 + 2 / group) * e * sbh / tp
+    # Llama-style blocks save more than Korthikanti's GPT block (counted tensor by tensor with
+    # saved-tensor hooks on the zoo's blocks, MHA and GQA, with and without RoPE;
+    # tests/test_planner.py checks the sums):
+    if cfg.norm == "rmsnorm":  # torch's nn.RMSNorm keeps x·rstd for its weight's gradient
+        terms["rmsnorm_normalized"] = 2 * e * sbh / rep
+    if rope:
+        # the rotated q (and k, unless GQA expands it) are new tensors SDPA saves; SDPA's output is
+        # then (B, H, T, Q)-contiguous, so proj's (B, T, C) input is a copy, not a view of it
+        terms["rope_rotated_q_k"] = (2 if group == 1 else 1) * e * sbh / tp
+        terms["attention_output"] = e * sbh / tp
+    if group > 1:  # GQA: repeat_interleave's full-width copies of k and v, which SDPA saves
+        terms["gqa_expanded_k_v"] = 2 * e * sbh / tp
     if dropout:
         terms["dropout_masks"] = 2 * sbh / rep  # 1-byte masks after attention and MLP
     if attention == "stored":
@@ -895,6 +912,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top", default="15", help="ranked layouts printed (default 15)")
     p.add_argument("--show-rejected", default="10", help="rejected layouts printed, per kind (default 10)")
     p.add_argument("--json", metavar="PATH", help="write the whole plan as JSON (atomically)")
+    p.add_argument("--verify", default="0", metavar="K",
+                   help="dry-run the top K layouts as rank 0 (impls.plan_verify): measured bytes and traffic beside "
+                        "the predicted ones (default 0: none)")
+    p.add_argument("--search", default="layouts", help="layouts (default) | recipes: whole recipes (impls.recipe_planner)")
+    from . import recipe_runs  # the recipe search's flags
+
+    recipe_runs.add_arguments(p)
 
 
 def from_args(args) -> dict:
@@ -927,7 +951,8 @@ def from_args(args) -> dict:
                checkpointing=ckpt[args.checkpointing],
                sequence_parallel=(False, True) if args.sequence_parallel else (False,),
                top=_number(args.top, "--top", int, 0, inclusive=True),
-               show_rejected=_number(args.show_rejected, "--show-rejected", int, 0, inclusive=True))
+               show_rejected=_number(args.show_rejected, "--show-rejected", int, 0, inclusive=True),
+               verify=_number(getattr(args, "verify", "0"), "--verify", int, 0, inclusive=True, high=MAX_LAYOUTS))
     if any(v < 2 for v in out["chunks"]):
         raise ConfigError(f"--chunks {args.chunks!r} is invalid; valid: integers >= 2 (v chunks per device)")
     check_inputs(out["model"], hw, out["seq_len"], out["global_batch"], out["precision"], out["attention"],
@@ -986,16 +1011,30 @@ def run_cli(args) -> int:
     computed, the table printed, ``--json`` written atomically."""
     from .files import check_writable, exclusive, write_text
 
+    search = getattr(args, "search", "layouts")
+    if search not in ("layouts", "recipes"):
+        raise ConfigError(f"--search {search!r} is not valid; valid: layouts, recipes")
+    if search == "recipes":
+        from . import recipe_runs
+
+        return recipe_runs.run_cli(args)
     inputs = from_args(args)
     if args.json is not None:
         check_writable(args.json)
-    top, show = inputs.pop("top"), inputs.pop("show_rejected")
+    top, show, verify = inputs.pop("top"), inputs.pop("show_rejected"), inputs.pop("verify")
     model, hw = inputs.pop("model"), inputs.pop("hw")
     with exclusive(args.json):  # one writer per output (a second plan into the same file is refused)
         result = plan(model, hw, **inputs)
-        print(report(result, top, show))
+        print(report(result, top, show), flush=True)
+        out = result.as_dict()
+        if verify:  # the top K dry-run (impls.plan_verify), measured beside predicted
+            from . import plan_verify
+
+            rows = plan_verify.verify(result, verify)
+            print("\n" + plan_verify.table(rows))
+            out["verify"] = {"k": verify, "rank": 0, "rows": rows}
         if args.json is not None:
-            write_text(args.json, json.dumps(result.as_dict(), indent=1, default=str))
+            write_text(args.json, json.dumps(out, indent=1, default=str))
             print(f"-> {args.json}")
     return 0
 

@@ -218,7 +218,7 @@ def classify(runs_dir: Path, candidates: Sequence[Path]) -> tuple[list[Path], li
         warnings.simplefilter("ignore", report.RecordWarning)
         loaded = report.load_all(list(candidates))
     sources = {str(s) for s in loaded.runs["source"]} if "source" in loaded.runs else set()
-    for group in (loaded.refused, loaded.interleaved, loaded.extra, loaded.comm, loaded.storage):
+    for group in (loaded.refused, loaded.interleaved, loaded.extra, loaded.comm, loaded.storage, loaded.atscale):
         sources |= {str(r["source"]) for r in group}
     records = [p for p in candidates if str(p) in sources]
     skipped = [{"source": str(Path(s["source"]).relative_to(runs_dir)) if Path(s["source"]).is_relative_to(runs_dir)

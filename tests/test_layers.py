@@ -124,8 +124,15 @@ MODULES = {
     "impls.commbench": EXPERIMENTS,
     "impls.predict": EXPERIMENTS,  # a recipe's time and memory, before any run
     "impls.dryrun": EXPERIMENTS,  # one rank of a run on fake tensors under the fake process group
+    "impls.recipe_planner": EXPERIMENTS,  # whole recipes ranked by a cost model (etbench plan --search recipes)
+    "impls.recipe_runs": EXPERIMENTS,  # their etbench recipes, dry-run verification, table and command line
+    "impls.selective_recompute": EXPERIMENTS,  # which activation terms to recompute: an exact knapsack
+    "impls.dryrun_sweep": EXPERIMENTS,  # dry runs over models x world sizes x layouts against their formulas
     "impls.gpucheck": EXPERIMENTS,
     "impls.datacomp": EXPERIMENTS,  # token storage formats against a training step's need
+    "impls.plan_verify": EXPERIMENTS,  # etbench plan --verify: planner layouts as recipes, dry-run
+    "impls.calibration": EXPERIMENTS,  # etbench plan-calibrate: predicted vs measured step times
+    "impls.calibration_runs": EXPERIMENTS,  # what plan-calibrate measures: launched compare/run/comm, the peak
     # report
     "impls.publish": REPORT,  # packages records (and report outputs) for the site
     "impls.benchtime": REPORT,  # where a make bench's time went

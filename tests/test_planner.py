@@ -366,3 +366,28 @@ def test_dp_communication_is_the_zero_volume(stage):
     none = planner.predict(counts, Layout(64, 1, 1, stage, "none", 1, 2, 8, False), hw, 2048, 1024, prec,
                            overlap="none")
     assert none.time["dp_comm_exposed"] == pytest.approx(none.time["dp_comm_total"])
+
+
+@pytest.mark.parametrize("model, fields", [
+    ("gpt2", dict(n_head=4)),  # LayerNorm, GELU, learned positions, MHA: Korthikanti's block
+    ("gpt2", dict(n_head=8, n_kv_head=2)),  # ... with GQA
+    ("llama-7b", dict(n_head=4, d_ff=688)),  # RMSNorm, SwiGLU, RoPE, MHA
+    ("llama-7b", dict(n_head=8, n_kv_head=2, d_ff=688)),  # ... with GQA (Llama-2-70B, Llama-3)
+])
+def test_layer_activation_terms_equal_what_a_zoo_block_saves(model, fields):
+    """The planner's per-layer terms, fp32 with the fused attention and no dropout, equal the bytes
+    autograd saves in one zoo block (the run's meter; RoPE's tables, model buffers shared by every
+    layer, excluded)."""
+    from impls import zoo
+    from impls.measure.memory import SavedActivations
+
+    m = zoo.build(model, n_layer=1, d_model=256, vocab_size=128, **fields)
+    s, b = 32, 2
+    x = torch.randn(b, s, 256, requires_grad=True)
+    rope = (m.rope_cos, m.rope_sin) if m.cfg.position == "rope" else None
+    with SavedActivations([*m.parameters(), *m.buffers(), x]) as saved:
+        m.blocks[0](x, rope, None)
+    terms = planner.layer_activation_terms(m.cfg, s, b, act_bytes=4, dropout=False, attention="flash")
+    norm_stats = 2 * s * b * 4 * (1 if m.cfg.norm == "rmsnorm" else 2)  # 1/rms (and the mean) per position
+    # x, the block's input, is excluded here (a leaf): it is half of the two layernorm inputs
+    assert saved.bytes == sum(terms.values()) - terms["layernorm_inputs"] / 2 + norm_stats

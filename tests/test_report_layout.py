@@ -119,9 +119,11 @@ def test_the_record_kinds_are_the_families_tables():
     assert report.OVERHEAD_KIND == families.HARNESS_OVERHEAD
     assert report.COMM_KIND == families.COMM
     assert set(records.STORAGE_KINDS) == {families.SPARSE_STORAGE, families.DATA_COMPRESSION}
-    # (dry runs, impls.dryrun, have no report section yet)
-    assert {families.INTERLEAVED, families.HARNESS_OVERHEAD, families.COMM, *records.STORAGE_KINDS} \
-        == set(families.RECORD_KINDS) - {families.RUN, families.DRYRUN, families.DRYRUN_SWEEP}
+    # the at-scale artefacts (impls.report.atscale) are routed when given as paths
+    assert set(records.ATSCALE_KINDS) == {families.DRYRUN_SWEEP, families.PLAN_CALIBRATION}
+    # (single dry runs, impls.dryrun, and recipe plans have no report section yet)
+    assert {families.INTERLEAVED, families.HARNESS_OVERHEAD, families.COMM, *records.STORAGE_KINDS,
+            *records.ATSCALE_KINDS} == set(families.RECORD_KINDS) - {families.RUN, families.DRYRUN, families.RECIPE_PLAN}
 
 
 #: Every public name of the former impls/report.py and its three section modules.

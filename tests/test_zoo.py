@@ -9,9 +9,10 @@ from impls.errors import ConfigError
 def test_every_zoo_size_builds_on_meta_with_known_parameter_counts():
     counts = {row["name"]: row["params"] for row in zoo.sizes()}
     assert set(counts) == set(zoo.CONFIGS)
-    # Published counts: GPT-2 124M (HF gpt2), Llama-2-7B, Llama-3.2-1B.
+    # Published counts: GPT-2 124M (HF gpt2), Llama-2-7B, Llama-2-70B, Llama-3.2-1B.
     assert counts["gpt2"] == 124_439_808
     assert counts["llama-7b"] == 6_738_415_616
+    assert counts["llama-70b"] == 68_976_648_192
     assert counts["llama-1b"] == 1_235_814_400
     assert 80_000 <= counts["nano"] <= 150_000
     assert 256 <= zoo.config("small").d_model <= 512

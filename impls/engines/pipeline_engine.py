@@ -355,17 +355,29 @@ class PipelineEngine(TorchEngine):
         """Bytes autograd saves for one micro-batch's forward through this rank's stage(s) (the
         loss's included on the last stage), parameters excluded.  Stages after the first are fed
         a zero residual stream of the micro-batch's shape: what a forward saves depends on
-        shapes, not values, and no communication is needed."""
+        shapes, not values, and no communication is needed.  Data parallelism over the stages'
+        DTensors is torch's ``replicate`` (FSDP2 machinery, :mod:`impls.techniques.ddp`): its
+        modules are unsharded first, as the torch engine does under FSDP2, so the parameters the
+        forward computes with (which a matmul saves) are recognised as parameters."""
+        from torch.distributed.fsdp import FSDPModule
+
         rows = x.shape[0] // self.m if x.shape[0] >= self.m else x.shape[0]
         xm, ym = x[:rows].clone(), y[:rows].clone()
         total = 0
         for part in self.parts:
             h = xm if part.is_first else torch.zeros(*xm.shape, part.cfg.d_model, device=x.device,
                                                      requires_grad=True)
-            with SavedActivations(part.parameters()) as saved, self.autocast():
-                out = part(h)
-                if part.is_last:
-                    lm_loss_sum(out, ym)
+            wrapped = [m for m in part.modules() if isinstance(m, FSDPModule)]
+            for module in wrapped:
+                module.unshard()
+            try:
+                with SavedActivations(part.parameters()) as saved, self.autocast():
+                    out = part(h)
+                    if part.is_last:
+                        lm_loss_sum(out, ym)
+            finally:
+                for module in wrapped:
+                    module.reshard()
             total += saved.bytes
         return total
 

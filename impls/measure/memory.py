@@ -95,8 +95,7 @@ def param_storages(params: Iterable[torch.Tensor]) -> dict:
     out = {}
     for p in params:
         if p.device.type != "meta":
-            storage = _local(p).untyped_storage()
-            out[(storage.data_ptr(), storage.nbytes(), str(p.device))] = storage
+            out[storage_key(p)] = _local(p).untyped_storage()
     return out
 
 
@@ -105,7 +104,11 @@ def is_live_param(params: dict, key: tuple) -> bool:
     was freed since (FSDP2 frees its gathered parameters after each block's forward) may hand its
     address to an activation of the same size: that one is not a parameter."""
     storage = params.get(key)
-    return storage is not None and storage.data_ptr() == key[0] and storage.nbytes() == key[1]
+    if storage is None:
+        return False
+    if isinstance(key[0], tuple):  # a fake storage (storage_key): its identity, not an address
+        return storage._cdata == key[0][1] and storage.nbytes() == key[1]
+    return storage.data_ptr() == key[0] and storage.nbytes() == key[1]
 
 
 class SavedActivations:

@@ -18,7 +18,11 @@ which writes into ``OUT_DIR``
   ``data_parallel_scaling.png`` (tokens/s per rank vs 1 rank), ``data_parallel_comm.png``
   (communication bytes measured vs formula), ``comm_busbw.png`` (bus bandwidth vs message
   size) and ``data_parallel_memory.csv`` (GPT-2 1.5B / Llama-7B model states per technique and
-  N_d, a section of ``summary.md``).
+  N_d, a section of ``summary.md``);
+* at scale (:mod:`.atscale`, the cached artefacts of ``results/atscale/`` beside the runs folder:
+  ``etbench dryrun-sweep`` and ``etbench plan-calibrate``): ``atscale_sweep.csv`` and
+  ``atscale_memory.png`` (per-rank bytes and traffic of the big models by layout, against their
+  formulas), ``atscale_calibration.csv``/``.png`` (the planner's step time against measured).
 
 Every record is validated up front by one check (:func:`validate_record`, through :func:`load_all`,
 for the report, ``--compare`` and the site alike): a file that is no usable record (not JSON,
@@ -42,7 +46,8 @@ The package, bottom layer first: :mod:`.records` (the record schema: validation,
 routing, the run and curve frames), :mod:`.tables` and :mod:`.figures` (markdown/HTML tables and the
 Agg figures every section uses), :mod:`.staging` (all outputs or none), :mod:`.interleaved` and
 :mod:`.runs` (the generic per-family section), one module per family section
-(:mod:`.data_parallel`, :mod:`.model_parallel`, :mod:`.compression`, :mod:`.tokens`), each a
+(:mod:`.data_parallel`, :mod:`.model_parallel`, :mod:`.compression`, :mod:`.tokens`) and the
+at-scale artefacts' (:mod:`.atscale`: the cached dry-run sweep and planner calibration), each a
 :class:`.section.Section` registered in :data:`.section.SECTIONS`, :mod:`.compare` (two runs
 directories) and :mod:`.findings`.  This module writes the report from the registered sections
 and keeps every name of the former ``impls/report.py`` importable as ``impls.report.<name>``.
@@ -57,7 +62,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, WriteError
 from ..files import atomic_path, check_writable_dir, clean_stale_in, exclusive, write_text  # noqa: F401
-from . import compression, model_parallel, tokens  # noqa: F401  (impls.report.<section> stay attributes)
+from . import atscale, compression, model_parallel, tokens  # noqa: F401  (impls.report.<section> stay attributes)
 from .compare import (  # noqa: F401
     COMPARE_METHOD, COMPARE_MIN_SAMPLES, COMPARE_RESAMPLES, bootstrap_ratio, compare_html, compare_markdown,
     compare_table, load_compare_side, ratio_agreement, ratio_agreement_markdown, verdict_counts, write_compare)

@@ -65,6 +65,9 @@ OVERHEAD_KIND = families.HARNESS_OVERHEAD
 COMM_KIND = families.COMM
 #: Storage-format measurements: sparse weight formats, and compressed token shards.
 STORAGE_KINDS = (families.SPARSE_STORAGE, families.DATA_COMPRESSION)
+#: Cached at-scale artefacts, written by hand-run commands rather than ``make bench``
+#: (``results/atscale/``): dry-run sweeps and the planner's step-time calibration.
+ATSCALE_KINDS = (families.DRYRUN_SWEEP, families.PLAN_CALIBRATION)
 _INTERLEAVED_STATS = ("seconds_per_step", "tokens_per_second", "speedup")
 
 
@@ -243,6 +246,23 @@ def validate_storage(record: dict) -> None:
         raise RecordError(f"sparse_storage record lacks {exc}") from None
 
 
+def validate_atscale(record) -> None:
+    """Raise :class:`RecordError` unless ``record`` is a usable ``dryrun-sweep`` or
+    ``plan-calibration`` artefact: a ``rows`` list whose every entry names its model, world size
+    and layout (a sweep's skipped rows too), the keys every table of them is keyed by."""
+    rows = record.get("rows") if isinstance(record, dict) else None
+    if not isinstance(rows, list):
+        raise RecordError(f"{record.get('kind')} record: 'rows' is missing or not a list")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise RecordError(f"rows[{i}] is not an object")
+        missing = [key for key in ("model", "world_size", "layout") if row.get(key) is None]
+        if missing:
+            raise RecordError(f"rows[{i}] lacks {', '.join(missing)}")
+        if not is_number(row["world_size"]):
+            raise RecordError(f"rows[{i}].world_size is {row['world_size']!r}, expected a number")
+
+
 def validate_comm(record) -> None:
     """Raise :class:`RecordError` unless ``record`` is a usable ``etbench comm`` record: at least
     one point with a message size and a time or a bandwidth (see :func:`comm_rows`)."""
@@ -373,11 +393,15 @@ class Loaded(NamedTuple):
     #: about with a :class:`RecordWarning`): ``--compare`` lists them instead of calling the run
     #: "only in" the other side.
     skipped: list[dict] = []
+    #: At-scale artefacts given as paths (kinds :data:`ATSCALE_KINDS`: dry-run sweeps, the
+    #: planner's calibration), with ``source``/``family``; :mod:`impls.report.atscale` reads them.
+    atscale: list[dict] = []
 
     def holds_records(self) -> bool:
         """Whether anything usable (or refused) was found: a side of ``--compare`` or the paths of a
         report that hold none of these are bad input."""
-        return not self.runs.empty or any((self.refused, self.interleaved, self.extra, self.comm, self.storage))
+        return not self.runs.empty or any((self.refused, self.interleaved, self.extra, self.comm, self.storage,
+                                           self.atscale))
 
 
 #: kind -> (its check, the :class:`Loaded` list it is routed to).  Any other kind is checked as an
@@ -386,6 +410,7 @@ _ROUTES = {
     OVERHEAD_KIND: (validate_overhead, "extra"),
     COMM_KIND: (validate_comm, "comm"),
     **{kind: (validate_storage, "storage") for kind in STORAGE_KINDS},
+    **{kind: (validate_atscale, "atscale") for kind in ATSCALE_KINDS},
 }
 
 
@@ -396,7 +421,8 @@ def load_all(paths: Sequence[Path]) -> Loaded:
     Files that are none of these are skipped with a :class:`RecordWarning` naming the file.
     """
     records, sources, skipped = [], [], []
-    routed: dict[str, list] = {"refused": [], "interleaved": [], "extra": [], "comm": [], "storage": []}
+    routed: dict[str, list] = {"refused": [], "interleaved": [], "extra": [], "comm": [], "storage": [],
+                               "atscale": []}
 
     def skip(path, reason: str) -> None:
         skipped.append({"source": str(path), "reason": reason})
@@ -435,6 +461,7 @@ def load_all(paths: Sequence[Path]) -> Loaded:
     routed["interleaved"].sort(key=lambda r: (r["family"], r["source"]))
     routed["refused"].sort(key=lambda r: (r["family"], r["label"]))
     routed["comm"].sort(key=lambda r: r["source"])
+    routed["atscale"].sort(key=lambda r: r["source"])
     return Loaded(records_frame(records, sources), skipped=skipped, **routed)
 
 

@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 
 import pandas as pd
 
-from . import compression, data_parallel, findings, model_parallel, runs, tokens
+from . import atscale, compression, data_parallel, findings, model_parallel, runs, tokens
 from .records import Loaded
 
 
@@ -42,5 +42,5 @@ class Section(Protocol):
 
 #: The sections in the order of ``summary.md``.  ``isoflop`` has no report section: its fits are
 #: drawn by :mod:`impls.isoflop` and shown by the site.
-SECTIONS: tuple[Section, ...] = (runs.SECTION, data_parallel.SECTION, model_parallel.SECTION,
+SECTIONS: tuple[Section, ...] = (runs.SECTION, data_parallel.SECTION, model_parallel.SECTION, atscale.SECTION,
                                  compression.SECTION, tokens.SECTION, findings.SECTION)

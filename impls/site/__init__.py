@@ -13,6 +13,7 @@ plugins from public CDNs, so ``results/html`` shows nothing but asv's
   (asv's index moves to ``asv.html``): one section per report section of
   :data:`impls.families.SECTIONS` (:mod:`.sections`: the families' sortable
   tables, interleaved comparisons and run charts, data-parallel, model-parallel,
+  at scale (the cached dry-run sweep and planner calibration of ``results/atscale/``),
   compression, token efficiency, the isoFLOP sweeps) with interactive
   Vega-Lite plots (vega-embed, vendored like asv's scripts) and the report's
   PNGs, a navigation bar, headings and links into asv's per-benchmark graphs

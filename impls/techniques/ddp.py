@@ -14,6 +14,13 @@ The engine divides the loss by the *global* target-token count times the ``dp`` 
 averaging divides by again: the gradient equals that of one process on the concatenated batch.
 This is the default wrap technique whenever the data-parallel size is > 1.  Library:
 ``torch.nn.parallel.DistributedDataParallel`` over the mesh's ``dp`` process group.
+
+``impl``: ``reducer`` (default) is ``DistributedDataParallel``; ``replicate`` is torch's
+composable ``replicate`` (:func:`_apply_replicate`: the same semantics -- whole parameters on
+every rank, gradients all-reduced over ``dp`` -- with one all-reduce per Transformer block and one
+for the root instead of one per bucket).  The same gradient bytes are reduced either way; only the
+call count differs.  ``replicate`` is what runs on fake tensors (``etbench dryrun``: the reducer's
+C++ buckets need real storage) and what DTensor parameters (DP×TP) always use.
 """
 from __future__ import annotations
 
@@ -23,7 +30,8 @@ from ..errors import ConfigError
 
 NAME = "ddp"
 STAGE = "wrap"
-OPTIONS = {"bucket_mb": 25.0}  # torch's default bucket_cap_mb
+OPTIONS = {"bucket_mb": 25.0, "impl": "reducer"}  # torch's default bucket_cap_mb
+CHOICES = {"impl": ("reducer", "replicate")}
 
 
 def configure(plan, options):
@@ -43,7 +51,8 @@ def apply(build, options):
 
     device = build.device
     group = build.dims.group("dp", device.type)
-    if any(isinstance(p, DTensor) for part in build.model_parts for p in part.parameters()):
+    if options["impl"] == "replicate" or any(isinstance(p, DTensor) for part in build.model_parts
+                                              for p in part.parameters()):
         return _apply_replicate(build, options, group)
     build.train_parts = [
         torch.nn.parallel.DistributedDataParallel(
