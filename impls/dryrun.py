@@ -26,6 +26,11 @@ first step and what does not depend on values:
   ``engine.activation_bytes`` meter, parameters excluded by storage identity);
 * ``wall_seconds``: the dry run's own time.
 
+Layouts: DDP, FSDP2, TP (+SP), FSDP×TP on a 2-D mesh, TP×PP and DP×TP×PP.  DDP is built as
+``ddp:impl=replicate`` (:func:`_fake_ready`: the same gradient bytes; the record's ``substituted``
+says so).  On ``micro`` at 4 and 8 ranks every byte and collective equals the real CPU run's
+(``tests/test_dryrun.py``).
+
 Sweeps over models × world sizes × layouts, each against its formulas, are
 :mod:`impls.dryrun_sweep` (``etbench dryrun-sweep``).
 
