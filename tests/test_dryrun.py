@@ -272,19 +272,20 @@ def test_cli_sweep_resumes_from_its_file_and_refuses_another(tmp_path, capsys):
 
 
 def test_a_dry_run_allocates_no_model_sized_memory():
-    """gpt2 (124M parameters, 498 MB of fp32 weights per DDP rank) at 8 ranks: the whole process
-    peaks below one copy of the weights -- the model is materialised from ``meta`` into fake
-    tensors, never into real memory (constant propagation runs only ops on real, non-meta data)."""
+    """Llama-7B's shape (over a 256-symbol vocabulary: 26 GB of fp32 weights per DDP rank) at 8
+    ranks: the whole process peaks far below one copy of the weights -- the model is materialised
+    from ``meta`` into fake tensors, never into real memory (constant propagation runs only ops on
+    real, non-meta data).  The process's own overheads (torch, the data) are well under 3 GB."""
     import subprocess
     import sys
 
     code = ("import resource; from impls import dryrun, train; "
-            "r = train.Recipe(model='gpt2', data='synthetic:vocab=50257,order=1', batch_size=1, seq_len=64, "
+            "r = train.Recipe(model='llama-7b', data='synthetic:vocab=256', batch_size=1, seq_len=64, "
             "device='cpu', steps=1, eval_batches=1); rec = dryrun.dry_run(r, 8); "
             "print(rec['memory']['params_bytes'], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True)
     params_bytes, max_rss = map(int, out.stdout.split()[-2:])
-    assert params_bytes == 124_439_808 * 4 and max_rss < params_bytes, (params_bytes, max_rss)
+    assert params_bytes > 25e9 and max_rss < 3e9, (params_bytes, max_rss)
 
 
 def test_sweep_skips_layouts_that_leave_a_dimension_of_one():
