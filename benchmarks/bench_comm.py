@@ -12,8 +12,6 @@ as lower-is-better; the bandwidths are the exception (higher is better), the sec
 """
 from __future__ import annotations
 
-import sys
-
 from . import common
 
 SCHEMES = ["allreduce", "ps"]
@@ -40,10 +38,10 @@ def comm_record(world_size: int) -> dict:
                                       f"every size × scheme × iteration at ~{link / 1e9:g} GB/s per link, "
                                       f"world size × 2S bytes each (the parameter server's root), + 20 s launch")
     out = common.runs_dir() / "comm" / f"comm-ws{world_size}.json"
-    common._child([sys.executable, "-m", "impls.cli", "comm", "--nproc", str(world_size),
-                   "--sizes", ",".join(SETTINGS["sizes"]), "--schemes", ",".join(SCHEMES),
-                   "--iters", str(SETTINGS["iters"]), "--warmup", str(SETTINGS["warmup"]),
-                   "--device", common.PROFILE["device"], "--out", str(out)], f"etbench comm --nproc {world_size}")
+    common.launch_ranks(["comm", "--sizes", ",".join(SETTINGS["sizes"]), "--schemes", ",".join(SCHEMES),
+                         "--iters", str(SETTINGS["iters"]), "--warmup", str(SETTINGS["warmup"]),
+                         "--device", common.PROFILE["device"], "--out", str(out)], world_size,
+                        f"etbench comm --nproc {world_size}")
     return json.loads(out.read_text())
 
 

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,6 +109,11 @@ def preload() -> None:
         return
     import impls.compare  # noqa: F401
     import impls.train  # noqa: F401  (torch, the engines, the training loop)
+    # Building any model imports dynamo: zoo.build constructs on `meta`, and the meta kernels of
+    # the initialisers (torch._refs.normal_, ...) are wrapped in torch._disable_dynamo, which
+    # imports torch._dynamo on first call -- 0.65 s in every forked child that builds a model
+    # (~40 in the quick profile) against ~3 ms more per fork of a 25 MB bigger server.
+    import torch._dynamo  # noqa: F401
     from impls import data
 
     if PROFILE["data"].split(":")[0] == "synthetic":
@@ -221,8 +225,8 @@ def train_record(name: str, *, nproc: int = 1, **recipe) -> dict:
     The record is kept as ``<runs dir>/<family>/<name>.json``, the family being the name's first
     dash-separated word, so the report plots each benchmark family on its own.  One rank runs in
     this process, through :func:`impls.train.run` as ``etbench run`` does (saving the ~2 s of
-    interpreter and torch start-up per run); several ranks go through ``etbench run --nproc``
-    under torchrun.
+    interpreter and torch start-up per run); several ranks are those of ``etbench run --nproc``,
+    started from this process (:func:`launch_ranks`).
     """
     recipe = with_precision(recipe, name.split("-")[0])
     base_seed = recipe.pop("seed", 0)
@@ -272,18 +276,29 @@ def _train_one(out: Path | None, nproc: int, recipe: dict) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         target = out or Path(tmp) / "record.json"
-        args = [sys.executable, "-m", "impls.cli", "run", "--nproc", str(nproc), "--out", str(target),
-                *to_argv(Recipe(**recipe))]
-        _child(args, f"etbench run {target.stem}")
+        train.validate(Recipe(**recipe), world_size=nproc)  # as `etbench run --nproc` does, before the ranks
+        launch_ranks(["run", "--out", str(target), *to_argv(Recipe(**recipe))], nproc, f"etbench run {target.stem}")
         return json.loads(target.read_text())
 
 
-def _child(args: list[str], what: str) -> None:
-    # asv strips PYTHONPATH from benchmark processes: hand the child our import path explicitly.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    proc = subprocess.run(args, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{what} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+def launch_ranks(cli_args: list[str], nproc: int, what: str) -> None:
+    """``etbench <cli_args> --nproc <nproc>``, its ranks started from this process.
+
+    The ranks are what ``etbench ... --nproc`` starts (:func:`impls.ranks.launch`: torch's elastic
+    agent, one ``python -m impls.ranks impls.cli ...`` per rank), minus the launcher interpreter in
+    between: this process has imported torch and the harness already, so each multi-rank run saves
+    that interpreter's ~2.6 s of imports and ~0.7 s of exit (six such runs in the quick profile).
+    The ranks' failure is one line (the launcher's), raised here with the status."""
+    import contextlib
+    import io
+
+    from impls import ranks
+
+    said = io.StringIO()
+    with contextlib.redirect_stderr(said):
+        status = ranks.launch(["impls.cli", *cli_args], nproc)
+    if status != 0:
+        raise RuntimeError(f"{what} on {nproc} ranks failed ({status}): {said.getvalue().strip()[-4000:]}")
 
 
 def compare_record(family: str, variants: dict[str, dict], *, baseline: str = "baseline", common: dict | None = None,
@@ -305,8 +320,7 @@ def compare_record(family: str, variants: dict[str, dict], *, baseline: str = "b
     with tempfile.TemporaryDirectory() as tmp:
         spec_file = Path(tmp) / "spec.json"
         spec_file.write_text(json.dumps(spec))
-        _child([sys.executable, "-m", "impls.cli", "compare", str(spec_file), "--nproc", str(nproc), "--out", str(out)],
-               f"etbench compare {family}")
+        launch_ranks(["compare", str(spec_file), "--out", str(out)], nproc, f"etbench compare {family}")
     return json.loads(out.read_text())
 
 

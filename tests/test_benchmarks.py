@@ -181,3 +181,36 @@ def test_note_tracks_give_nan_not_none_for_a_run_without_the_technique(module):
     suite = importlib.import_module(f"benchmarks.{module}")
     track = suite._note("counted_flops_saved", "ratio")
     assert math.isnan(track(None, {("baseline",): {"technique_notes": {}}}, "baseline"))
+
+
+@pytest.mark.slow
+def test_a_multi_rank_suite_run_is_the_cli_run_and_its_failure_is_one_line(tmp_path, monkeypatch):
+    """Multi-rank points start their ranks from the benchmark process (common.launch_ranks, no
+    launcher interpreter in between): the record is the one `etbench run --nproc 2` writes (same
+    losses and counted FLOPs), and a rank's failure comes back as its one line."""
+    import json
+    import os
+
+    common = importlib.import_module("benchmarks.common")
+    monkeypatch.setenv("ETBENCH_RUNS_DIR", str(tmp_path / "runs"))
+    common.runs_dir.cache_clear()
+    fields = dict(model="nano", data="synthetic", batch_size=4, seq_len=32, lr=3e-3, steps=3, evaluations=2)
+    try:
+        suite = common.train_record("baseline-nano-ws2", nproc=2, **fields)
+    finally:
+        common.runs_dir.cache_clear()
+    assert (tmp_path / "runs" / "baseline" / "baseline-nano-ws2.json").exists()
+    from impls.recipe import Recipe, to_argv
+
+    cli_out = tmp_path / "cli.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-m", "impls.cli", "run", "--nproc", "2", "--out", str(cli_out),
+                    *to_argv(Recipe(**common.with_precision(dict(fields, seed=0), "baseline")))],
+                   cwd=REPO, env=env, check=True, capture_output=True)
+    cli = json.loads(cli_out.read_text())
+    assert suite["world_size"] == cli["world_size"] == 2
+    assert suite["final_val_loss"] == cli["final_val_loss"]
+    assert suite["flops_per_step"] == cli["flops_per_step"] and suite["steps"] == cli["steps"] == 3
+    with pytest.raises(RuntimeError, match=r"on 2 ranks failed \(\d+\): etbench: error: .*seq_len 4096"):
+        common.launch_ranks(["run", "--model", "nano", "--data", "synthetic", "--steps", "1", "--seq-len", "4096"],
+                            2, "bad run")
