@@ -534,7 +534,6 @@ def sweep(out_dir: str | os.PathLike, budgets: Sequence[float],
     _check_directory(out_dir, _base_signature(base, dataset.content_hash))
     for folder in (out_dir, out_dir / "runs"):
         clean_stale_in(folder)  # temporaries of a sweep killed mid-write
-    runner = runner or train.run
 
     existing = _read_points(out_dir, warn=True)
     rows = [r for r in existing.to_dict("records")]

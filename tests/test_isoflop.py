@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from impls import isoflop, train
 from impls.errors import ConfigError
@@ -317,7 +318,12 @@ def test_sweep_trains_points_side_by_side_in_worker_processes(tmp_path):
     base = dict(data="synthetic", seq_len=16, batch_size=2, eval_batches=1)
     points = isoflop.sweep(tmp_path, [2e8], ["baseline"], ["L2-D8", "L2-D16"], progress=False, workers=2, **base)
     assert list(points["status"]) == ["ok", "ok"] and points["final_val_loss"].notna().all()
-    assert len(list((tmp_path / "runs").glob("*.json"))) == 2
+    records = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json")]
+    assert len(records) == 2
+    # They ran in the workers, on cores // 2 threads each (this process has all the cores): a
+    # sweep that ignored `workers` trained them here, one after the other, and passed the rest.
+    cores = torch.get_num_threads()
+    assert [r["load"]["cores_in_use"] for r in records] == [max(1, cores // 2)] * 2
     runner = CountingRunner()
     again = isoflop.sweep(tmp_path, [2e8], ["baseline"], ["L2-D8", "L2-D16"], runner=runner, progress=False, **base)
     assert runner.calls == [] and list(again["final_val_loss"]) == list(points["final_val_loss"])
