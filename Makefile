@@ -124,7 +124,7 @@ else
 	$(ASV) machine --yes --machine $(ASV_MACHINE) --config $(ASV_CONF) >/dev/null && \
 	$(PY) -m impls.cli peak --device $(BENCH_DEVICE) --bench-log $(PLOTS)/peak.json --phase start && \
 	t1=$$(date +%s) && \
-	ETBENCH_PROFILE=$(PROFILE) ETBENCH_RUNS_DIR=$(CURDIR)/$(RUNS) \
+	ETBENCH_PROFILE=$(PROFILE) ETBENCH_RUNS_DIR=$(CURDIR)/$(RUNS) ETBENCH_BENCH_RUN=$$t0-$$$$ \
 	  $(ASV) run --config $(ASV_CONF) --machine $(ASV_MACHINE) --python=same --set-commit-hash $(COMMIT) --show-stderr \
 	  --launch-method forkserver \
 	  $(if $(BENCH),--bench '$(BENCH)') && \

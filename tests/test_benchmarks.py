@@ -214,3 +214,35 @@ def test_a_multi_rank_suite_run_is_the_cli_run_and_its_failure_is_one_line(tmp_p
     with pytest.raises(RuntimeError, match=r"on 2 ranks failed \(\d+\): etbench: error: .*seq_len 4096"):
         common.launch_ranks(["run", "--model", "nano", "--data", "synthetic", "--steps", "1", "--seq-len", "4096"],
                             2, "bad run")
+
+
+def test_a_recipe_trained_by_one_family_is_reused_by_the_next_within_one_bench_run(tmp_path, monkeypatch):
+    """Within one `make bench` (ETBENCH_BENCH_RUN), the same recipe, ranks and seeds train once:
+    the second family's record is the first's, naming it; another invocation, or none, trains again."""
+    common = importlib.import_module("benchmarks.common")
+    monkeypatch.setenv("ETBENCH_RUNS_DIR", str(tmp_path / "runs"))
+    common.runs_dir.cache_clear()
+    trained = []
+
+    def fake_train_one(out, nproc, recipe):
+        trained.append(recipe)
+        return dict(label="fake", final_val_loss=1.0 + len(trained), seed=recipe["seed"], recipe=recipe)
+
+    monkeypatch.setattr(common, "_train_one", fake_train_one)
+    fields = dict(model="nano", data="synthetic", batch_size=4, seq_len=32, lr=3e-3, flops_budget=1e9)
+    try:
+        monkeypatch.setenv(common.BENCH_RUN_ENV, "run-1")
+        first = common.train_record("technique-baseline", **fields)
+        second = common.train_record("quant-baseline", **dict(fields, evaluations=common.PROFILE["evaluations"]))
+        other = common.train_record("quant-lr", **dict(fields, lr=1e-3))
+        assert len(trained) == 2 and "reused_from" not in first
+        assert second["final_val_loss"] == first["final_val_loss"]
+        assert second["reused_from"] == "technique/technique-baseline.json"
+        assert other["final_val_loss"] != first["final_val_loss"] and "reused_from" not in other
+        assert not list((tmp_path / "runs").rglob(".reuse/*.json"))  # the report reads every *.json there
+        monkeypatch.setenv(common.BENCH_RUN_ENV, "run-2")  # the next make bench measures again
+        assert "reused_from" not in common.train_record("quant-baseline", **fields) and len(trained) == 3
+        monkeypatch.delenv(common.BENCH_RUN_ENV)
+        assert "reused_from" not in common.train_record("quant-baseline", **fields) and len(trained) == 4
+    finally:
+        common.runs_dir.cache_clear()
