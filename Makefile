@@ -83,7 +83,7 @@ ifeq ($(WHEELHOUSE),)
 	@# a changed spec: the old torch goes first (pip keeps an installed 2.13.0+cpu for 'torch==2.13.0 --index-url .../cu130')
 	$(if $(filter changed,$(SPEC_CHANGED)),$(PY) -m pip uninstall -q -y torch)
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,slurm,ray]'
 else
 	@# offline: the interpreter's own (CUDA) torch, visible through --system-site-packages, pinned
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)

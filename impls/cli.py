@@ -491,6 +491,8 @@ def _cmd_deepspeed_ops(args, argv) -> int:
 #: its command runs.  Name -> (module, the line ``etbench --help`` shows).
 DELEGATED = {
     "isoflop": ("impls.isoflop", "isoFLOP sweep: train sizes × budgets × variants, fit optima (see --help)"),
+    "sweep": ("impls.sweep", "a recipe grid or a list of comparisons as jobs: in-process, local, Slurm or Ray "
+                             "(see --help)"),
     "report": ("impls.report", "plots and tables from run records, or --compare two runs directories (see --help)"),
     "site": ("impls.site", "the benchmark site: build, vendor (CDN assets made local), check (see --help)"),
     "publish": ("impls.publish", "publish another machine's records under results/published/ (see --help)"),

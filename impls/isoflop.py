@@ -42,6 +42,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.ticker import NullFormatter
 
+from . import grid
 from . import recipe as recipe_lib
 from . import train, zoo
 from .errors import ConfigError, WriteError
@@ -164,12 +165,13 @@ def widen(points: pd.DataFrame, grids: Mapping[tuple[float, str], list[str]],
 
 def adaptive_sweep(out_dir: str | os.PathLike, budgets: Sequence[float], variants, *, n_sizes: int = 5,
                    max_widenings: int = 3, ladder: Sequence[str] = LADDER, progress: bool = True,
-                   runner: Callable[[train.Recipe], dict] | None = None, workers: int = 1,
+                   runner: Callable[[train.Recipe], dict] | None = None, workers: int = 1, executor=None,
+                   retries: int = 2, threads: int | None = None, force: bool = False,
                    **base) -> tuple[pd.DataFrame, dict[tuple[float, str], list[str]]]:
     """A sweep whose sizes follow the budget: every variant starts from :func:`grid_for_budget`
     and is widened on its own (:func:`widen`) until its minimum is inside its sizes, or
     ``max_widenings`` rounds have passed (the fits then say "optimum outside sampled sizes").
-    Each round trains its new points together (one worker pool).  Resumable like :func:`sweep`:
+    Each round trains its new points together (``workers`` or ``executor``: see :func:`sweep`).  Resumable like :func:`sweep`:
     finished points are never retrained.  Returns the points of the final grids and the grids,
     keyed (budget, variant)."""
     from . import data as data_lib
@@ -182,7 +184,7 @@ def adaptive_sweep(out_dir: str | os.PathLike, budgets: Sequence[float], variant
     for attempt in range(max_widenings + 1):
         planned = [p for (b, v), sizes in grids.items() for p in plan_points([b], {v: names[v]}, sizes, base)]
         points = sweep(out_dir, budgets, names, planned=planned, runner=runner, progress=progress, workers=workers,
-                       **base)
+                       executor=executor, retries=retries, threads=threads, force=force, **base)
         wider = widen(points, grids, ladder)
         if wider == grids or attempt == max_widenings:
             return points, grids
@@ -452,43 +454,44 @@ def _train_point(runner: Callable[[train.Recipe], dict], recipe: train.Recipe) -
         return None
 
 
-def _worker_init(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-
-
-def _pool_point(recipe: train.Recipe) -> dict | None:
-    # JSON round trip: the record crosses the process boundary as the plain data it is on disk.
-    record = _train_point(train.run, recipe)
-    return None if record is None else json.loads(json.dumps(record))
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
-def _train_in_pool(points: list, workers: int, finish: Callable, bar) -> None:
-    """Train ``points`` on ``workers`` processes of ``cores // workers`` threads each, finishing
-    each as it completes (points.csv is rewritten after every one, so a killed sweep resumes).
+def _train_as_jobs(points: list, executor, out_dir: Path, finish: Callable, *, retries: int, threads: int | None,
+                   force: bool, progress: bool) -> None:
+    """Train ``points`` as jobs of ``executor`` (:func:`impls.grid.run`), finishing each point as
+    its job writes its record (points.csv is rewritten after every one, so a killed sweep resumes);
+    a point whose every attempt failed gets a ``failed: ...`` row.
 
     Small models cannot use several cores: one thread runs a step of the sweep's smallest sizes
-    about as fast as two (kernel launch and autograd overhead dominate), so independent points
-    side by side finish the sweep ~1.8x sooner on two cores.  Their per-point step times are
-    measured under each other's load: the records' load flag says so, and the isoFLOP-optimal
-    models' step-time ratios come from an interleaved comparison, not from these times."""
-    import concurrent.futures
-    import multiprocessing
+    about as fast as two (kernel launch and autograd overhead dominate), so jobs side by side on
+    ``cores // jobs`` threads each finish a CPU sweep ~1.8x sooner on two cores.  Their per-point
+    step times are measured under each other's load: the records' load flag says so, and the
+    isoFLOP-optimal models' step-time ratios come from an interleaved comparison, not from these."""
+    from . import grid
 
-    import torch
+    by_key = {}
+    grid_points = []
+    for point in points:
+        seconds, resources = grid.plan_point(point.recipe, 1, cpus_per_rank=threads, force=force)
+        key = Path(point.record_name).stem
+        by_key[key] = point
+        grid_points.append(grid.GridPoint(key=key, recipe=point.recipe, nproc=1, record=out_dir / point.record_name,
+                                          predicted_s=seconds, resources=resources))
 
-    threads = max(1, torch.get_num_threads() // workers)
-    # Not a plain fork (after torch's thread pools have run, a forked child can deadlock) but a
-    # fork server that has only imported this module: its workers start in milliseconds instead of
-    # re-importing torch (~2 s each), and a widening sweep's later pools reuse the same server.
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
-                                                initargs=(threads,)) as pool:
-        futures = {pool.submit(_pool_point, point.recipe): point for point in points}
-        for future in concurrent.futures.as_completed(futures):
-            finish(futures[future], future.result(), trained=True)
+    def done(gp) -> None:
+        finish(by_key[gp.key], read_point_record(gp.record), trained=False)
+
+    def failed(gp, reasons: list[str]) -> None:
+        finish(by_key[gp.key], None, trained=False,
+               status=f"failed: {reasons[-1]} ({len(reasons)} attempts; see jobs.json)")
+
+    grid.run(grid_points, executor, journal=out_dir / "jobs.json", on_done=done, on_failed=failed, retries=retries,
+             threads=threads, force=force, what="isoflop", progress=progress)
 
 
 def _fits_one_step(recipe: train.Recipe, dataset) -> bool:
@@ -510,14 +513,19 @@ def _progress(total: int, enabled: bool):
 def sweep(out_dir: str | os.PathLike, budgets: Sequence[float],
           variants: Sequence[str] | Mapping[str, Sequence[str]], sizes: Sequence[str] = DEFAULT_SIZES, *,
           runner: Callable[[train.Recipe], dict] | None = None, progress: bool = True, workers: int = 1,
+          executor=None, retries: int = 2, threads: int | None = None, force: bool = False,
           planned: Sequence["Point"] | None = None, **base) -> pd.DataFrame:
     """Train every (variant, budget, size) point to its FLOP budget; return the tidy points table.
 
     ``base`` holds the other :class:`~impls.train.Recipe` fields (data, lr, batch_size, seq_len,
     ...).  ``runner`` trains one recipe and returns its record (default :func:`impls.train.run`,
-    in-process; with ``workers`` > 1, in that many worker processes side by side).  Finished
-    points (by variant, budget, size and the full recipe's hash) are kept
-    and not retrained; a budget smaller than one step of a size is recorded as ``skipped``.
+    in-process).  ``executor`` (:mod:`impls.executors`) runs the points as jobs instead
+    (:func:`impls.grid.run`: a job writes its point's record, retried ``retries`` times, each
+    attempt in ``<out_dir>/jobs.json``; ``threads``: torch's threads per job); ``workers`` > 1
+    is submitit's local executor with that many jobs at once, on cores // workers threads each.
+    Finished points (by variant, budget, size and the full recipe's hash) are kept and not
+    retrained; a budget smaller than one step of a size is recorded as ``skipped``; a point
+    whose attempts all failed as ``failed: <reason>`` (not finished: a rerun trains it).
     """
     out_dir = Path(out_dir)
     # ``planned``: points of :func:`plan_points` calls (a grid per variant) instead of the product.
@@ -558,12 +566,12 @@ def sweep(out_dir: str | os.PathLike, budgets: Sequence[float],
     todo = [p for p in points if p.key not in done]
     bar = _progress(len(points), progress)
     bar.update(len(points) - len(todo))
-    def finish(point: Point, record: dict | None, trained: bool) -> None:
+    def finish(point: Point, record: dict | None, trained: bool, status: str = SKIPPED) -> None:
         nonlocal rows
         rows = [r for r in rows if _row_key(r) != point.key]  # a failed earlier attempt is replaced
         if record is not None and trained:
             train.write_record(record, out_dir / point.record_name)
-        rows.append(_row(point, SKIPPED, dataset) if record is None
+        rows.append(_row(point, status, dataset) if record is None
                     else _row(point, record.get("status", "ok"), dataset, record, point.record_name))
         _write_points(out_dir, rows)
         bar.update()
@@ -577,14 +585,22 @@ def sweep(out_dir: str | os.PathLike, budgets: Sequence[float],
             finish(point, None, trained=False)
         else:
             to_train.append(point)
-    if workers > 1 and runner is None and len(to_train) > 1:
-        _train_in_pool(to_train, workers, finish, bar)
+    if executor is None and workers > 1 and runner is None and len(to_train) > 1:
+        from . import executors
+
+        executor = executors.make("local", out_dir / ".jobs", jobs=workers)
+        threads = threads or max(1, _cores() // workers)
+    if executor is not None and to_train:
+        _train_as_jobs(to_train, executor, out_dir, finish, retries=retries, threads=threads, force=force,
+                       progress=progress)
     else:
         for point in to_train:
             bar.set_description(f"{point.variant} {_budget_label(point.budget)} {point.size.name}")
             finish(point, _train_point(runner or train.run, point.recipe), trained=True)
     bar.close()
-    frame = pd.DataFrame([r for r in rows if _row_key(r) in wanted], columns=POINT_COLUMNS)
+    order = {p.key: i for i, p in enumerate(points)}  # the planned order, however the points finished
+    frame = pd.DataFrame(sorted((r for r in rows if _row_key(r) in wanted), key=lambda r: order[_row_key(r)]),
+                         columns=POINT_COLUMNS)
     return frame.reset_index(drop=True)
 
 
@@ -883,6 +899,56 @@ def analyse(points: pd.DataFrame, out_dir: str | os.PathLike, n_col: str = "para
     return dict(fits=fits, power_law=laws, step_time=steps)
 
 
+def predict_study(budgets: Sequence[float], variants: Sequence[str], sizes: str, n_sizes: int, base: dict, *,
+                  cpus_per_rank: int | None = None, force: bool = False) -> str:
+    """What a study costs before it is submitted: its points (the starting grids when ``sizes`` is
+    ``auto``), the jobs they pack into and each job's resources (:func:`impls.grid.plan_point`), and
+    the predicted device-hours -- the planner's time (:mod:`impls.predict`, default rates: see
+    ``etbench plan``) without the time limits' margins."""
+    import contextlib
+
+    from . import data as data_lib
+    from . import dist
+
+    names = resolve_variants(variants)
+    with (dist.planning_for(dist.Target(type="cuda")) if base.get("device") == "cuda" else contextlib.nullcontext()):
+        return _predict_study(budgets, names, sizes, n_sizes, base, cpus_per_rank, force, data_lib)
+
+
+def _predict_study(budgets, names, sizes, n_sizes, base, cpus_per_rank, force, data_lib) -> str:
+    if sizes == "auto":
+        vocab = data_lib.load(base.get("data", train.Recipe.data)).vocab_size
+        points = [p for b in budgets for v in names
+                  for p in plan_points([b], {v: names[v]}, grid_for_budget(b, vocab, n_sizes), base)]
+    else:
+        points = plan_points(budgets, names, _names(sizes), base)
+    planned = []
+    for point in points:
+        seconds, resources = grid.plan_point(point.recipe, 1, cpus_per_rank=cpus_per_rank, force=force)
+        planned.append(grid.GridPoint(key=Path(point.record_name).stem, recipe=point.recipe, nproc=1,
+                                      record=Path(point.record_name), predicted_s=seconds, resources=resources))
+    jobs = grid.pack(planned, slots=None)
+    device = "GPU" if any(p.resources.gpus for p in planned) else "CPU"
+    hours = sum(p.predicted_s * max(1, p.resources.gpus) for p in planned) / 3600
+    shapes: dict = {}
+    for job in jobs:
+        shapes.setdefault(job[0].resources, []).append(job)
+    lines = [f"{len(planned)} points ({len(budgets)} budgets x {len(names)} variants"
+             + (f", {n_sizes} starting sizes each; widening adds points where a minimum sits at an edge)"
+                if sizes == "auto" else ")")
+             + f" in {len(jobs)} jobs: {hours:.2f} predicted {device}-hours",
+             "margins: memory x{mem} over the prediction + {host_base_gib} GiB a rank, time x{time} + "
+             "{job_start_s:.0f} s".format(**grid.MARGINS)]
+    for res, group in shapes.items():
+        lines.append(f"  {len(group)} job(s): {res.gpus} GPU, {res.cpus} CPU, {res.mem_gb} GB, "
+                     f"{max(_job_minutes(j) for j in group)} min limit")
+    return "\n".join(lines)
+
+
+def _job_minutes(job) -> int:
+    return grid.job_resources(job).time_min
+
+
 def _floats(text: str) -> list[float]:
     try:
         return [float(t) for t in text.split(",") if t.strip()]
@@ -905,8 +971,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--grid-sizes", type=int, default=5, metavar="K",
                    help="with --sizes auto: sizes per budget before widening (>= 3; default 5)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
-                   help="train N points side by side, each on cores/N threads (small models cannot use "
-                        "several cores; their per-point step times are then measured under each other's load)")
+                   help="train N points side by side, each on cores/N threads: --executor local --jobs N (small "
+                        "models cannot use several cores; their per-point step times are then measured under "
+                        "each other's load)")
     p.add_argument("--out", required=True, help="sweep directory (resumable)")
     p.add_argument("--isolate", action="store_true",
                    help="train each point in its own subprocess (memory freed, a crash loses one point)")
@@ -917,8 +984,12 @@ def parser() -> argparse.ArgumentParser:
                    help="fit each parabola to the K sizes nearest the lowest loss (default: all)")
     p.add_argument("--retime", type=int, metavar="STEPS",
                    help="re-measure the optimal models' step times together (STEPS-step runs, 3 rounds)")
+    p.add_argument("--predict", action="store_true",
+                   help="print the study's predicted jobs, resources and GPU- or CPU-hours (the starting grids; "
+                        "widening adds points where a minimum sits at an edge) and exit: nothing trains or is written")
     p.add_argument("--n-col", default="params", choices=("params", "matmul_params"),
                    help="the N of the fits: all parameters or those in matmuls")
+    grid.add_arguments(p)
     base = p.add_argument_group("base recipe", "shared by every point; sizes, variants and budgets set the rest")
     recipe_lib.add_arguments(base, defaults=SWEEP_DEFAULTS, fields=BASE_FIELDS)
     return p
@@ -944,15 +1015,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"--workers must be >= 1, got {args.workers}")
         if args.fit_sizes is not None and args.fit_sizes < 3:
             raise ConfigError(f"--fit-sizes must be >= 3, got {args.fit_sizes}")
+        grid.check_arguments(args)
+        if args.executor and (args.workers > 1 or args.isolate):
+            raise ConfigError(f"--executor {args.executor} runs every point as a job; drop "
+                              f"{'--workers' if args.workers > 1 else '--isolate'}")
         base = _base(args)
+        if args.predict:
+            print(predict_study(budgets, _names(args.variants), args.sizes, args.grid_sizes, base,
+                                cpus_per_rank=args.cpus_per_rank, force=args.force))
+            return 0
         runner = subprocess_runner if args.isolate else None
         with exclusive(args.out):  # two sweeps in one folder would train the same points and race on points.csv
-            if args.sizes == "auto":
-                points, _ = adaptive_sweep(args.out, budgets, _names(args.variants), n_sizes=args.grid_sizes,
-                                           runner=runner, workers=args.workers, **base)
-            else:
-                points = sweep(args.out, budgets, _names(args.variants), _names(args.sizes), runner=runner,
-                               workers=args.workers, **base)
+            executor = grid.make_executor(args, Path(args.out) / ".jobs")
+            jobs = dict(executor=executor, retries=args.retries, threads=grid.threads_for(args, executor),
+                        force=args.force)
+            try:
+                if args.sizes == "auto":
+                    points, _ = adaptive_sweep(args.out, budgets, _names(args.variants), n_sizes=args.grid_sizes,
+                                               runner=runner, workers=args.workers, **jobs, **base)
+                else:
+                    points = sweep(args.out, budgets, _names(args.variants), _names(args.sizes), runner=runner,
+                                   workers=args.workers, **jobs, **base)
+            finally:
+                if executor is not None:
+                    executor.close()
             tables = analyse(points, args.out, args.n_col, near_min=args.fit_sizes, retime_steps=args.retime,
                              variants=resolve_variants(_names(args.variants)), **base)
     except ConfigError as e:
@@ -973,6 +1059,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
         print(tables["step_time"].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"\n{len(points)} points, {time.perf_counter() - t0:.1f} s; results in {args.out}")
+    failed = points[points["status"].astype(str).str.startswith("failed")]
+    if len(failed):
+        print(f"etbench isoflop: error: {len(failed)} point(s) failed after their retries ("
+              + ", ".join(f"{r.variant} {_budget_label(float(r.budget))} {r.size}" for r in failed.itertuples())
+              + f"); see {Path(args.out) / 'jobs.json'}; rerun the same command to retry them", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -19,7 +19,8 @@ from .errors import ConfigError
 
 #: distribution name -> the module it provides
 MODULES = {"bitsandbytes": "bitsandbytes", "galore-torch": "galore_torch", "pytorch-optimizer": "pytorch_optimizer",
-           "torchao": "torchao", "peft": "peft", "fairscale": "fairscale", "deepspeed": "deepspeed"}
+           "torchao": "torchao", "peft": "peft", "fairscale": "fairscale", "deepspeed": "deepspeed",
+           "submitit": "submitit", "ray": "ray"}  # the executors' (impls.executors.make)
 RECORD = "etbench-wheelhouse.json"  # impls.wheelhouse.RECORD (not imported: that module is for installs)
 
 

@@ -133,6 +133,8 @@ MODULES = {
     "impls.plan_verify": EXPERIMENTS,  # etbench plan --verify: planner layouts as recipes, dry-run
     "impls.calibration": EXPERIMENTS,  # etbench plan-calibrate: predicted vs measured step times
     "impls.calibration_runs": EXPERIMENTS,  # what plan-calibrate measures: launched compare/run/comm, the peak
+    "impls.grid": EXPERIMENTS,  # a grid's points as jobs: the job, its resources, packing, the executor flags
+    "impls.sweep": EXPERIMENTS,  # etbench sweep: a recipe grid or a list of comparisons, run as jobs
     # report
     "impls.publish": REPORT,  # packages records (and report outputs) for the site
     "impls.benchtime": REPORT,  # where a make bench's time went
@@ -148,6 +150,7 @@ PACKAGES = {
     "impls.engines": BUILD,
     "impls.report": REPORT,
     "impls.site": SITE,
+    "impls.executors": FOUNDATION,  # where jobs run (submitit, Slurm, Ray): no notion of a model
 }
 
 
