@@ -27,6 +27,25 @@ def _recipe(model: str) -> dict:
                 batch_size=P["batch_size"], seq_len=seq_len, device=P["device"])
 
 
+def too_few_steps(model: str, world_size: int) -> str | None:
+    """Why the budget does not measure ``model`` on ``world_size`` ranks (None if it does): the
+    steps it buys (the global batch grows with the ranks) must leave two timed steps after the
+    run's warm-up -- one timed step has no interval, and is not a measurement.  (The quick
+    profile's ``small`` on 2 ranks: 2 steps.)"""
+    from impls import zoo
+    from impls.measure import model_flops_per_step
+    from impls.recipe import Recipe
+
+    fields = _recipe(model)
+    meta = zoo.build(model, device="meta")
+    steps = int(P["flops_budget"] // model_flops_per_step(meta, fields["batch_size"] * world_size, fields["seq_len"]))
+    need = Recipe.timing_warmup + 2
+    if steps >= need:
+        return None
+    return (f"the {P['flops_budget']:.3g}-FLOP budget buys {model} {steps} step(s) on {world_size} rank(s), fewer "
+            f"than {need} ({Recipe.timing_warmup} warm-up + 2 timed): one timed step is not a measurement")
+
+
 class BaselineTraining(common.BudgetedRuns):
     """One training run per (model, world size) to a fixed counted-FLOP budget."""
 
@@ -36,12 +55,13 @@ class BaselineTraining(common.BudgetedRuns):
     def setup_cache(self):
         return {(m, w): common.train_record(f"baseline-{m}-ws{w}", nproc=w, flops_budget=P["flops_budget"],
                                             **_recipe(m))
-                for m in MODELS for w in WORLD_SIZES if common.unsupported_world_size(w) is None}
+                for m in MODELS for w in WORLD_SIZES
+                if common.unsupported_world_size(w) is None and too_few_steps(m, w) is None}
 
     setup_cache.timeout = 3600
 
     def setup(self, records, model, world_size):
-        why = common.unsupported_world_size(world_size)
+        why = common.unsupported_world_size(world_size) or too_few_steps(model, world_size)
         if why:
             raise NotImplementedError(why)
 

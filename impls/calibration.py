@@ -469,7 +469,7 @@ def table(record: dict) -> str:
         if r.get("measured_seconds") is None:
             lines.append(start + f"failed: {r['error']}")
             continue
-        c, (lo, hi) = r["predicted_components"], r["measured_ci"]
+        c, (lo, hi) = r["predicted_components"], r["measured_ci"] or (float("nan"), float("nan"))
         adj = (f"{r['predicted_seconds_load_adjusted']:>6.3f} {r['ratio_load_adjusted']:>5.2f} "
                f"{r['other_processes_cores']:>6.2f}") if r.get("ratio_load_adjusted") is not None else f"{'-':>20}"
         lines.append(start + f"{r['measured_seconds']:>7.3f} [{lo:>6.3f},{hi:>6.3f}] {r['ratio']:>5.2f}{'*' if r['fit'] else ' '}"

@@ -66,7 +66,8 @@ def _from_compare(variant: dict) -> dict:
 
 def _from_run(record: dict) -> dict:
     t = record["step_time"]
-    return dict(seconds=t["median"], ci=list(t["ci95"]), n=t["n"], samples=t["samples"], coverage=0.95,
+    return dict(seconds=t["median"], ci=list(t["ci95"]) if t["ci95"] else None, n=t["n"], samples=t["samples"],
+                coverage=0.95,
                 tokens_per_step=record["tokens_per_step"], traffic_bytes=(record.get("comm") or {}).get("bytes_per_step"),
                 load=record.get("load"), method="etbench run: median of the timed steps, bootstrap interval")
 

@@ -183,8 +183,8 @@ _RUN = {"allreduce": _allreduce, "ps": _param_server}
 
 def _bw(nbytes: float, time_stats: dict) -> dict:
     """A rate from a byte count and time statistics: median and interval (from the time's)."""
-    lo, hi = time_stats["ci95"]
-    return dict(median=nbytes / time_stats["median"], ci95=[nbytes / hi, nbytes / lo])
+    ci = time_stats["ci95"]  # None for one timed iteration: no interval
+    return dict(median=nbytes / time_stats["median"], ci95=[nbytes / ci[1], nbytes / ci[0]] if ci else None)
 
 
 def measure(spec: Spec) -> dict:

@@ -3,7 +3,7 @@ torch that machine already has: ``make wheelhouse`` builds it, ``make setup WHEE
 installs from it.
 
 ``python -m impls.wheelhouse build DIR`` (on a machine with the package index) resolves the
-project's dependencies, its ``[dev]`` extra and its build backend (setuptools) for a target
+project's dependencies, its ``[dev]`` and ``[slurm]`` extras and its build backend (setuptools) for a target
 Python and platform (default CPython 3.12, manylinux x86_64), and puts every one of them in DIR
 as a wheel -- except torch and what only torch needs (triton, the ``nvidia-*`` and ``cuda-*``
 wheels: the target's own CUDA build brings them, and no install from here may replace it).
@@ -233,8 +233,10 @@ def build(out: Path, python: str = DEFAULT_PYTHON, max_mib: float = DEFAULT_MAX_
         _pip(sys.executable, "wheel", "-q", "--no-deps", "-w", str(built), *sources)
         # 2. resolve everything for the target (metadata only), the built wheels as candidates
         report_file = work / "report.json"
-        roots = [f"{project}[dev]", *BUILD_REQUIRES]
-        print(f"wheelhouse: resolving {project.name}[dev] for CPython {python} manylinux x86_64", flush=True)
+        # [slurm]: submitit (pure Python, ~80 kB with cloudpickle) runs `--executor local` and
+        # `--workers N`; [ray] (a ~80 MB wheel) does not travel.
+        roots = [f"{project}[dev,slurm]", *BUILD_REQUIRES]
+        print(f"wheelhouse: resolving {project.name}[dev,slurm] for CPython {python} manylinux x86_64", flush=True)
         _pip(sys.executable, "install", "-q", "--dry-run", "--ignore-installed", "--report", str(report_file),
              "--target", str(work / "target"), "--find-links", str(built), "-c", str(pins_file),
              *target_args(python, glibc_minor), *roots)
@@ -245,7 +247,8 @@ def build(out: Path, python: str = DEFAULT_PYTHON, max_mib: float = DEFAULT_MAX_
                  for i in report["install"]}
         requires, _ = _project_requirements(report)
         env = marker_env(python)
-        root_reqs = [Requirement(r) for r in [*requires, *BUILD_REQUIRES] if applies(Requirement(r), env, {"dev"})]
+        root_reqs = [Requirement(r) for r in [*requires, *BUILD_REQUIRES]
+                     if applies(Requirement(r), env, {"dev", "slurm"})]
         for r in root_reqs:  # evaluated for the target already ('extra == "dev"' would not hold there)
             r.marker = None
         wanted = closure(graph, root_reqs, env, stop=set())

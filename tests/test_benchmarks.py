@@ -246,3 +246,20 @@ def test_a_recipe_trained_by_one_family_is_reused_by_the_next_within_one_bench_r
         assert "reused_from" not in common.train_record("quant-baseline", **fields) and len(trained) == 4
     finally:
         common.runs_dir.cache_clear()
+
+
+def test_a_baseline_point_whose_budget_leaves_one_timed_step_is_skipped_with_the_reason():
+    """One timed step is not a measurement (its "interval" would be a point): the quick profile's
+    small on 2 ranks buys 2 steps, and is skipped, not timed; every other point is trained."""
+    if common_profile() != "quick":
+        pytest.skip("the quick profile's grid")
+    why = bench_baseline.too_few_steps("small", 2)
+    assert why and "buys small 2 step(s) on 2 rank(s), fewer than 4" in why
+    assert [(m, w) for m in bench_baseline.MODELS for w in bench_baseline.WORLD_SIZES
+            if bench_baseline.too_few_steps(m, w)] == [("small", 2)]
+    with pytest.raises(NotImplementedError, match="one timed step is not a measurement"):
+        bench_baseline.BaselineTraining().setup({}, "small", 2)
+
+
+def common_profile() -> str:
+    return importlib.import_module("benchmarks.common").profile_name()

@@ -39,17 +39,18 @@ BOOTSTRAP_RESAMPLES = 2000
 
 
 def step_time_stats(seconds: list[float], seed: int = 0) -> dict:
-    """Median and 95% bootstrap interval of the median of ``seconds`` (at least one sample)."""
+    """Median and 95% bootstrap interval of the median of ``seconds`` (at least one sample).  One
+    sample has no interval (``ci95`` None): ``[x, x]`` would read as an exact measurement."""
     x = np.asarray(seconds, dtype=float)
     if x.size == 0:
         raise ValueError("no timed steps")
     median = float(np.median(x))
     if x.size == 1:
-        low = high = median
-    else:
-        rng = np.random.default_rng(seed)
-        medians = np.median(x[rng.integers(0, x.size, size=(BOOTSTRAP_RESAMPLES, x.size))], axis=1)
-        low, high = (float(v) for v in np.percentile(medians, [2.5, 97.5]))
+        return dict(n=1, median=median, ci95=None, mean=median, min=median, max=median,
+                    method="one timed sample: no interval")
+    rng = np.random.default_rng(seed)
+    medians = np.median(x[rng.integers(0, x.size, size=(BOOTSTRAP_RESAMPLES, x.size))], axis=1)
+    low, high = (float(v) for v in np.percentile(medians, [2.5, 97.5]))
     return dict(n=int(x.size), median=median, ci95=[low, high], mean=float(x.mean()),
                 min=float(x.min()), max=float(x.max()),
                 method=f"percentile bootstrap of the median, {BOOTSTRAP_RESAMPLES} resamples, within run")
