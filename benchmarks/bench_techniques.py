@@ -93,6 +93,11 @@ class TechniqueSpeed:
     setup_cache.timeout = 1800
 
 
+#: The short runs of the memory and FLOP curves below: the run's 2 warm-up steps (Recipe.timing_warmup)
+#: and 2 timed ones -- their time per token is tracked too, and one timed step is not a measurement.
+SHORT_RUN_STEPS = 4
+
+
 class CheckpointCurve:
     """Activation bytes vs counted FLOPs over the checkpointing interval k (every k-th block)."""
 
@@ -100,7 +105,7 @@ class CheckpointCurve:
     param_names = ["every"]
 
     def setup_cache(self):
-        return {(k,): common.train_record(f"checkpoint-curve-every{k}", steps=3,
+        return {(k,): common.train_record(f"checkpoint-curve-every{k}", steps=SHORT_RUN_STEPS,
                                           techniques=[f"checkpoint:every={k}"] if k else [],
                                           **_recipe(model=SETTINGS["curve_model"]))
                 for k in self.params}
@@ -126,7 +131,7 @@ class AccumulationMemory:
                     recipe = _recipe(batch_size=batch)
                 else:  # effective batch 2 is one micro-batch of 2: no accumulation, no technique
                     recipe = _recipe(batch_size=2, techniques=[f"grad_accum:steps={batch // 2}"] if batch > 2 else [])
-                records[how, batch] = common.train_record(f"accum-{how}-{batch}", steps=3, **recipe)
+                records[how, batch] = common.train_record(f"accum-{how}-{batch}", steps=SHORT_RUN_STEPS, **recipe)
         return records
 
     setup_cache.timeout = 600  # eight runs' start-up (asv's default is 60 s)
@@ -147,7 +152,7 @@ class AttentionScaling:
         options = {"math": "", "sdpa": "", "local": f",window={w}", "block": f",block={w // 2},blocks=2",
                    "strided": f",stride={w // 2}"}
         return {(kind, t): common.train_record(
-                    f"attention-{kind}-T{t}", steps=3, techniques=[f"attention:kind={kind}{options[kind]}"],
+                    f"attention-{kind}-T{t}", steps=SHORT_RUN_STEPS, techniques=[f"attention:kind={kind}{options[kind]}"],
                     **_recipe(seq_len=t, batch_size=2, model_args={"block_size": max(t, 128)}))
                 for kind in self.params[0] for t in self.params[1]}
 

@@ -173,12 +173,13 @@ def _rounded_gb(gib: float) -> int:
 
 def pack(points: Sequence[GridPoint], slots: int | None, min_job_s: float = MIN_JOB_S) -> list[list[GridPoint]]:
     """Jobs of points: one each, except points predicted under ``min_job_s`` (with the same
-    resources), which share jobs -- longest first into the least-loaded of ``n`` jobs, ``n`` the
+    resources; a point of unknown cost, predicted 0, keeps its own job), which share jobs -- longest first into the least-loaded of ``n`` jobs, ``n`` the
     fewest that keep ``slots`` busy and give each job ``min_job_s`` of work (LPT scheduling)."""
-    jobs: list[list[GridPoint]] = [[p] for p in points if p.predicted_s >= min_job_s]
+    # A point of unknown cost (predicted 0: a comparison spec) is never packed.
+    jobs: list[list[GridPoint]] = [[p] for p in points if not 0 < p.predicted_s < min_job_s]
     short: dict[Resources, list[GridPoint]] = {}
     for p in points:
-        if p.predicted_s < min_job_s:
+        if 0 < p.predicted_s < min_job_s:
             short.setdefault(p.resources, []).append(p)
     for group in short.values():
         total = sum(p.predicted_s for p in group)
@@ -186,7 +187,7 @@ def pack(points: Sequence[GridPoint], slots: int | None, min_job_s: float = MIN_
         bins: list[list[GridPoint]] = [[] for _ in range(n)]
         loads = [0.0] * n
         for p in sorted(group, key=lambda p: -p.predicted_s):
-            i = loads.index(min(loads))
+            i = min(range(n), key=lambda j: (loads[j], len(bins[j])))
             bins[i].append(p)
             loads[i] += p.predicted_s
         jobs.extend(b for b in bins if b)

@@ -263,3 +263,9 @@ def test_a_baseline_point_whose_budget_leaves_one_timed_step_is_skipped_with_the
 
 def common_profile() -> str:
     return importlib.import_module("benchmarks.common").profile_name()
+
+
+def test_the_short_curve_runs_time_two_steps_after_their_warm_up():
+    from impls.recipe import Recipe
+
+    assert bench_techniques.SHORT_RUN_STEPS - Recipe.timing_warmup == 2

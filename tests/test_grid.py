@@ -208,3 +208,30 @@ def test_a_job_killed_mid_way_is_retried_and_the_sweep_completes_with_the_same_l
     assert list(points["final_val_loss"]) == list(reference["final_val_loss"])
     attempts = [a["outcome"] for e in json.loads((out / "jobs.json").read_text()).values() for a in e["attempts"]]
     assert attempts == ["killed", "ok"], attempts
+
+
+@pytest.mark.slow
+def test_etbench_sweep_runs_a_list_of_comparisons_one_job_each_on_the_local_executor(tmp_path):
+    """A comparison interleaves its variants in one process, so it is one job, never split; the
+    table holds each variant's speed-up over its spec's baseline."""
+    common = dict(model="nano", data="synthetic", seq_len=16, batch_size=2)
+    for name, technique in (("ckpt", "checkpoint:every=1"), ("accum", "grad_accum:steps=2")):
+        (tmp_path / f"{name}.json").write_text(json.dumps(dict(
+            baseline="base", rounds=2, steps=1, warmup=1, common=common,
+            variants={"base": {}, name: {"techniques": [technique]}})))
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"compare": ["ckpt.json", "accum.json"]}))
+    out = tmp_path / "out"
+    done = _etbench("sweep", spec, "--out", out, "--executor", "local", "--jobs", "2")
+    assert done.returncode == 0, done.stderr
+    import csv
+
+    rows = list(csv.DictReader((out / "points.csv").open()))
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    speedups = [json.loads(r["speedups"]) for r in rows]
+    assert set(speedups[0]) == {"base", "ckpt"} and set(speedups[1]) == {"base", "accum"}
+    assert speedups[0]["base"] == 1.0 and speedups[0]["ckpt"] > 0
+    records = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    assert all(r["kind"] == "interleaved" and r["rounds"] == 2 for r in records)
+    journal = json.loads((out / "jobs.json").read_text())
+    assert len(journal) == 2 and all(e["attempts"][-1]["outcome"] == "ok" for e in journal.values())
