@@ -133,6 +133,13 @@ def run_sweep(spec: Spec, out: Path, executor=None, *, retries: int = 2, threads
     stored = out / "sweep.json"
     if stored.exists() and json.loads(stored.read_text()).get("spec") != json.loads(signature):
         raise ConfigError(f"{out} holds another sweep (its sweep.json differs from this spec); give another --out")
+    points = [dataclasses.replace(p, record=out / "runs" / f"{p.key}.json") for p in spec.points]
+    if spec.kind == "runs":  # every unfinished recipe planned (and refused, in one line) before anything is written
+        points = [p if p.record.exists() else
+                  dataclasses.replace(p, **dict(zip(("predicted_s", "resources"),
+                                                    grid.plan_point(p.recipe, p.nproc, cpus_per_rank=threads,
+                                                                    force=force))))
+                  for p in points]
     write_text(stored, json.dumps(dict(spec=json.loads(signature)), indent=1))
     rows: dict[str, dict] = {}
     table = out / "points.csv"
@@ -142,7 +149,6 @@ def run_sweep(spec: Spec, out: Path, executor=None, *, retries: int = 2, threads
     def save() -> None:
         write_text(table, pd.DataFrame(list(rows.values()), columns=COLUMNS).to_csv(index=False))
 
-    points = [dataclasses.replace(p, record=out / "runs" / f"{p.key}.json") for p in spec.points]
     fields = spec.fields
 
     def done(p) -> None:
@@ -162,11 +168,6 @@ def run_sweep(spec: Spec, out: Path, executor=None, *, retries: int = 2, threads
                 done(p)  # written by a job of a killed driver
         else:
             todo.append(p)
-    if spec.kind == "runs":
-        todo = [dataclasses.replace(p, **dict(zip(("predicted_s", "resources"),
-                                                  grid.plan_point(p.recipe, p.nproc, cpus_per_rank=threads,
-                                                                  force=force))))
-                for p in todo]
     if executor is None:
         for p in todo:
             value = grid.run_points(dict(points=[p.payload()], threads=threads, force=force))

@@ -235,3 +235,12 @@ def test_etbench_sweep_runs_a_list_of_comparisons_one_job_each_on_the_local_exec
     assert all(r["kind"] == "interleaved" and r["rounds"] == 2 for r in records)
     journal = json.loads((out / "jobs.json").read_text())
     assert len(journal) == 2 and all(e["attempts"][-1]["outcome"] == "ok" for e in journal.values())
+
+
+def test_a_sweep_recipe_the_planner_refuses_is_one_line_before_anything_is_written(tmp_path):
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"common": dict(model="nano", steps=2, **TINY), "grid": {"seq_len": [16, 4096]}}))
+    out = tmp_path / "out"
+    done = _etbench("sweep", spec, "--out", out)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "seq_len 4096" in done.stderr, done.stderr
+    assert not out.exists() or not any(out.iterdir())
