@@ -36,7 +36,7 @@ from typing import Callable, Sequence
 
 from . import executors, predict, train
 from .errors import ConfigError
-from .executors.base import BAD_INPUT_KEY, Resources, Task
+from .executors.base import Resources, Task
 from .recipe import Recipe, to_argv
 
 #: Margins over the planner's predictions, stated in every sweep's first line: the predicted peak
@@ -73,8 +73,9 @@ class GridPoint:
 
 def run_points(payload: dict) -> dict:
     """The job: train each point of ``payload["points"]`` whose record is not there yet and write
-    its record; return the keys done, or ``{BAD_INPUT_KEY: line}`` for a point its recipe
-    refuses (the same input fails the same way: not retried).
+    its record; return ``{"done": [keys], "refused": {key: line}}`` -- a point its recipe refuses
+    (a ConfigError: the same input fails the same way, so it is not retried) does not stop the
+    job's other points.
 
     ``threads``: torch's intra-op threads (the job's share of its node; a Ray worker would otherwise
     get ``OMP_NUM_THREADS`` = its CPUs, and a different thread count changes a run's floating-point
@@ -85,7 +86,7 @@ def run_points(payload: dict) -> dict:
         torch.set_num_threads(int(payload["threads"]))
     if payload.get("force"):
         os.environ[train.FORCE_ENV] = "1"
-    done = []
+    done, refused = [], {}
     for point in payload["points"]:
         out = Path(point["record"])
         if not out.exists():  # a finished point is never rerun (an earlier attempt wrote it)
@@ -96,10 +97,11 @@ def run_points(payload: dict) -> dict:
                     recipe = Recipe(**point["recipe"])
                     record = train.run(recipe) if point["nproc"] == 1 else _launched(recipe, point["nproc"])
             except ConfigError as e:
-                return {BAD_INPUT_KEY: f"{point['key']}: {e}"}
+                refused[point["key"]] = str(e)
+                continue
             train.write_record(record, out)
         done.append(point["key"])
-    return {"done": done}
+    return {"done": done, "refused": refused}
 
 
 def _launched(recipe: Recipe, nproc: int) -> dict:
@@ -220,8 +222,12 @@ def run(points: Sequence[GridPoint], executor, *, journal: Path, on_done: Callab
                           payload=dict(points=[p.payload() for p in job], threads=threads, force=force)))
 
     def done(task: Task, value: dict) -> None:
+        refused = value.get("refused", {})
         for p in by_key[task.key]:
-            on_done(p)
+            if p.key in refused:
+                on_failed(p, [refused[p.key]])
+            else:
+                on_done(p)
 
     def failed(task: Task, reasons: list[str]) -> None:
         for p in by_key[task.key]:

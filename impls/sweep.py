@@ -171,8 +171,8 @@ def run_sweep(spec: Spec, out: Path, executor=None, *, retries: int = 2, threads
     if executor is None:
         for p in todo:
             value = grid.run_points(dict(points=[p.payload()], threads=threads, force=force))
-            if grid.BAD_INPUT_KEY in value:
-                raise ConfigError(value[grid.BAD_INPUT_KEY])
+            if value["refused"]:
+                raise ConfigError(value["refused"][p.key])
             done(p)
     elif todo:
         grid.run(todo, executor, journal=out / "jobs.json", on_done=done, on_failed=failed, retries=retries,

@@ -244,3 +244,13 @@ def test_a_sweep_recipe_the_planner_refuses_is_one_line_before_anything_is_writt
     done = _etbench("sweep", spec, "--out", out)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "seq_len 4096" in done.stderr, done.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_refused_point_does_not_stop_the_other_points_of_its_job(tmp_path):
+    good = grid.GridPoint(key="good", recipe=Recipe(model="nano", steps=2, evaluations=1, **TINY), nproc=1,
+                          record=tmp_path / "good.json")
+    bad = grid.GridPoint(key="bad", recipe=Recipe(model="nano", steps=2, **{**TINY, "seq_len": 4096}), nproc=1,
+                         record=tmp_path / "bad.json")
+    value = grid.run_points(dict(points=[bad.payload(), good.payload()], threads=1))
+    assert value["done"] == ["good"] and list(value["refused"]) == ["bad"] and "seq_len 4096" in value["refused"]["bad"]
+    assert good.record.exists() and not bad.record.exists()
