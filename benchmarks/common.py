@@ -115,8 +115,11 @@ def preload() -> None:
     # Building any model imports dynamo: zoo.build constructs on `meta`, and the meta kernels of
     # the initialisers (torch._refs.normal_, ...) are wrapped in torch._disable_dynamo, which
     # imports torch._dynamo on first call -- 0.65 s in every forked child that builds a model
-    # (~40 in the quick profile) against ~3 ms more per fork of a 25 MB bigger server.
-    import torch._dynamo  # noqa: F401
+    # (~40 in the quick profile) against ~3 ms more per fork of a 25 MB bigger server.  CPU
+    # profiles only: importing dynamo imports inductor, which asks CUDA whether it is available
+    # (tests/test_profiles.py), and a server that has touched CUDA cannot fork GPU benchmarks.
+    if PROFILE["device"] == "cpu":
+        import torch._dynamo  # noqa: F401
     from impls import data
 
     if PROFILE["data"].split(":")[0] == "synthetic":
